@@ -1,0 +1,1 @@
+"""Device drivers, one small module per device type, found through the `storelink.drivers` entry points."""

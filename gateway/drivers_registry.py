@@ -1,0 +1,68 @@
+"""Finds drivers through the ``storelink.drivers`` entry-point group and validates `[[devices]]` tables.
+
+A retailer adds a driver by shipping a package whose entry point in that group names a ``Driver`` subclass;
+nothing in StoreLink needs to change (the pattern of gpiozero's pin factories).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import ValidationError
+
+from drivers.base import DeviceConfig, Driver
+
+log = logging.getLogger(__name__)
+GROUP = "storelink.drivers"
+
+
+@functools.cache
+def available_drivers() -> dict[str, type[Driver]]:
+    found: dict[str, type[Driver]] = {}
+    for ep in entry_points(group=GROUP):
+        try:
+            cls = ep.load()
+        except Exception as err:  # a broken third-party driver must not stop the gateway
+            log.error("driver entry point %s could not be loaded: %s", ep.name, err)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Driver)):
+            log.error("driver entry point %s does not name a Driver subclass", ep.name)
+            continue
+        found[ep.name] = cls
+    return found
+
+
+def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceConfig], list[str]]:
+    """Validate each table with its driver's model. Returns (configs, problems); problems name the key."""
+    from gateway.config import describe_validation_error
+
+    drivers = available_drivers()
+    configs: list[DeviceConfig] = []
+    problems: list[str] = []
+    seen_ids: set[str] = set()
+    for i, table in enumerate(tables):
+        where = f"devices[{i}]"
+        if isinstance(table.get("id"), str):
+            where += f" (id={table['id']!r})"
+        name = table.get("driver")
+        if not isinstance(name, str):
+            problems.append(f"{where}.driver: required key is missing")
+            continue
+        cls = drivers.get(name)
+        if cls is None:
+            known = ", ".join(sorted(drivers)) or "none installed"
+            problems.append(f"{where}.driver: unknown driver {name!r} (known: {known})")
+            continue
+        try:
+            cfg = cls.config_model.model_validate(table)
+        except ValidationError as err:
+            problems += [f"{where}.{p}" for p in describe_validation_error(err)]
+            continue
+        if cfg.id in seen_ids:
+            problems.append(f"{where}.id: duplicate device id {cfg.id!r}")
+        seen_ids.add(cfg.id)
+        configs.append(cfg)
+    return configs, problems

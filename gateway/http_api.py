@@ -1,0 +1,127 @@
+"""The local HTTP server: the ingest API for in-store systems and the status API.
+
+``POST /api/v1/events`` answers 202 only after the event is committed to the outbox, so a 202 is a promise that
+the event reaches head office. Everything else is read-only unless the caller presents the configured token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from pydantic import TypeAdapter, ValidationError
+
+from gateway.config import describe_validation_error
+from gateway.contract import IngestEvent
+from gateway.outbox import OutboxError, OutboxFull
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+MAX_EVENTS_PER_POST = 1000
+_ingest_list = TypeAdapter(list[IngestEvent])
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def require_token(request: web.Request) -> web.Response | None:
+    """None when the request carries the configured action token; otherwise the 401/403 response to return."""
+    token = request.app[GATEWAY_KEY].config.http.token
+    if not token:
+        return error(403, "actions are disabled: no http.token is configured")
+    given = request.headers.get("Authorization", "")
+    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
+        return error(401, "a valid bearer token is required for this action")
+    return None
+
+
+async def post_events(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    if request.content_length is not None and request.content_length > gw.config.http.max_body:
+        return error(413, f"body larger than {gw.config.http.max_body} bytes")
+    try:
+        raw = await request.read()
+        body = json.loads(raw)
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"body larger than {gw.config.http.max_body} bytes")
+    except (ValueError, UnicodeDecodeError) as err:
+        return error(400, f"body is not valid JSON: {err}")
+    single = isinstance(body, dict)
+    if not single and not isinstance(body, list):
+        return error(422, "body must be an event object or a list of event objects")
+    if isinstance(body, list) and not 1 <= len(body) <= MAX_EVENTS_PER_POST:
+        return error(422, f"a list must hold 1..{MAX_EVENTS_PER_POST} events")
+    try:
+        events = [IngestEvent.model_validate(body)] if single else _ingest_list.validate_python(body)
+    except ValidationError as err:
+        return error(422, "invalid event", problems=describe_validation_error(err))
+    try:
+        accepted = await gw.outbox.put_many([(e.kind, e.device, e.data) for e in events])
+    except OutboxFull as err:
+        log.warning("ingest refused: %s", err)
+        return error(507, str(err))
+    except OutboxError as err:
+        log.error("ingest failed: %s", err)
+        return error(503, str(err))
+    out = [{"id": a.id, "seq": a.seq} for a in accepted]
+    return web.json_response(out[0] if single else {"accepted": out}, status=202)
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[GATEWAY_KEY].status())
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    problems = request.app[GATEWAY_KEY].health_problems()
+    return web.json_response({"ok": not problems, "problems": problems}, status=503 if problems else 200)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except web.HTTPException as exc:
+        if exc.status >= 400 and request.path.startswith("/api/"):
+            return error(exc.status, exc.reason)
+        raise
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    app = web.Application(client_max_size=gateway.config.http.max_body, middlewares=[json_errors])
+    app[GATEWAY_KEY] = gateway
+    app.router.add_post("/api/v1/events", post_events)
+    app.router.add_get("/api/v1/status", get_status)
+    app.router.add_get("/healthz", get_healthz)
+    for extend in gateway.http_extensions:
+        extend(app)
+    return app
+
+
+class HttpServer:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self.runner: web.AppRunner | None = None
+        self.bound: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        host, port = self.gateway.config.http.host_port
+        self.runner = web.AppRunner(build_app(self.gateway), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
+        log.info("http listening on %s:%d", *self.bound)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None

@@ -1,0 +1,142 @@
+"""Runs every configured device driver, restarts the ones that fail, and reports their health.
+
+A driver that raises is marked offline with its error, published retained on its device state topic, and
+started again after an exponential backoff with jitter; it can never take the gateway down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from drivers.base import DeviceConfig, Driver, EventRef, Health
+from gateway.drivers_registry import available_drivers
+from gateway.outbox import iso_ts
+from gateway.uplink import backoff_delay
+
+log = logging.getLogger(__name__)
+
+EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
+StateFn = Callable[[str, dict[str, Any]], None]
+
+
+class DeviceHandle:
+    """One device's context (what the driver sees) and its health record (what the status page sees)."""
+
+    def __init__(self, supervisor: DeviceSupervisor, config: DeviceConfig, store_id: str):
+        self._sup = supervisor
+        self.config = config
+        self.store_id = store_id
+        self.device_id = config.id
+        self.state = Health.OFFLINE
+        self.last_error: str | None = None
+        self.last_seen: float | None = None
+        self.since = time.time()
+        self.restarts = 0
+        self.driver: Driver | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.run_task: asyncio.Task[None] | None = None
+        self.restart_requested = False
+
+    # DeviceContext ---------------------------------------------------------------------------------------
+    async def emit(self, kind: str, data: dict[str, Any]) -> EventRef:
+        return await self._sup.emit(kind, self.device_id, data)
+
+    def set_health(self, state: Health, error: str | None = None) -> None:
+        changed = state != self.state or error != self.last_error
+        if state != self.state:
+            self.since = time.time()
+        self.state = state
+        self.last_error = error
+        if changed:
+            (log.info if state == Health.OK else log.warning)(
+                "device %s is %s%s", self.device_id, state.value, f": {error}" if error else "",
+                extra={"device": self.device_id},
+            )
+            self._sup.publish_state(self)
+
+    def seen(self) -> None:
+        self.last_seen = time.time()
+
+    def service(self, name: str) -> Any:
+        return self._sup.services[name]
+
+    # reporting -------------------------------------------------------------------------------------------
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device_id,
+            "driver": self.config.driver,
+            "state": self.state.value,
+            "last_error": self.last_error,
+            "last_seen": iso_ts(self.last_seen) if self.last_seen else None,
+            "since": iso_ts(self.since),
+        }
+
+
+class DeviceSupervisor:
+    def __init__(self, configs: list[DeviceConfig], store_id: str, emit: EmitFn, publish: StateFn,
+                 state_topic: Callable[[str], str], services: dict[str, Any],
+                 backoff: tuple[float, float] = (1.0, 60.0)):
+        self.emit = emit
+        self._publish = publish
+        self._state_topic = state_topic
+        self.services = services
+        self.backoff = backoff
+        self.devices = {c.id: DeviceHandle(self, c, store_id) for c in configs if c.enabled}
+
+    def publish_state(self, handle: DeviceHandle) -> None:
+        self._publish(self._state_topic(handle.device_id), handle.as_dict())
+
+    def status(self) -> list[dict[str, Any]]:
+        return [h.as_dict() | {"restarts": h.restarts} for h in self.devices.values()]
+
+    def driver(self, device_id: str) -> Driver | None:
+        handle = self.devices.get(device_id)
+        return handle.driver if handle else None
+
+    async def run(self) -> None:
+        drivers = available_drivers()
+        async with asyncio.TaskGroup() as tg:
+            for handle in self.devices.values():
+                handle.task = tg.create_task(self._keep_running(handle, drivers[handle.config.driver]))
+                self.publish_state(handle)
+
+    def restart(self, device_id: str) -> None:
+        """Restart one device's driver now (an operator's command). KeyError for an unknown device."""
+        handle = self.devices[device_id]
+        handle.restart_requested = True
+        if handle.run_task is not None:
+            handle.run_task.cancel()
+
+    async def _keep_running(self, handle: DeviceHandle, cls: type[Driver]) -> None:
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            handle.restart_requested = False
+            try:
+                handle.driver = cls(handle.config, handle)
+                handle.run_task = asyncio.create_task(handle.driver.run(), name=f"driver-{handle.device_id}")
+                await handle.run_task
+                raise RuntimeError("driver stopped by itself")
+            except asyncio.CancelledError:
+                if not handle.restart_requested:
+                    if handle.run_task is not None:
+                        handle.run_task.cancel()
+                    handle.set_health(Health.OFFLINE, None)
+                    raise
+                handle.restarts += 1
+                handle.set_health(Health.OFFLINE, "restarted by operator")
+                attempt = 0
+                continue
+            except Exception as err:
+                handle.restarts += 1
+                handle.set_health(Health.OFFLINE, f"{type(err).__name__}: {err}")
+                log.warning("driver %s failed; restarting", handle.device_id, exc_info=True,
+                            extra={"device": handle.device_id})
+            if time.monotonic() - started > 60:
+                attempt = 0  # it ran a good while: the next failure starts the backoff afresh
+            await asyncio.sleep(backoff_delay(attempt, *self.backoff))
+            attempt += 1

@@ -1,0 +1,313 @@
+"""The MQTT uplink: drains the outbox to head office and dispatches downlink messages.
+
+paho-mqtt runs its network loop in its own thread (``loop_start``); everything it reports is handed to the
+asyncio loop with ``call_soon_threadsafe`` and never under a lock of ours (FIELD-NOTES: a lock held around
+``publish()`` that ``on_publish`` also takes deadlocks). The drain keeps its own in-flight window, well below
+paho's 65,535-message ceiling, and deletes an outbox row only on the PUBACK for that exact message. Messages in
+flight when the link drops stay in paho's session and are resent (DUP) first on reconnect, so order holds; after
+a restart the outbox replays from its oldest row, so duplicates can only be events that were in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gateway import __version__
+from gateway.config import MqttConfig
+from gateway.contract import Topics, topic_matches
+from gateway.outbox import Outbox, iso_ts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Downlink:
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+Handler = Callable[[Downlink], Awaitable[None]]
+
+
+def backoff_delay(attempt: int, low: float, high: float) -> float:
+    """Exponential backoff with full jitter, so 500 stores don't reconnect in the same second."""
+    cap = min(high, low * (2 ** min(attempt, 20)))
+    return random.uniform(low, max(low, cap))
+
+
+class Uplink:
+    def __init__(self, cfg: MqttConfig, store_id: str, outbox: Outbox, *, started_at: float | None = None):
+        self.cfg = cfg
+        self.topics = Topics(store_id, cfg.topic_prefix)
+        self.outbox = outbox
+        self.started_at = started_at or time.time()
+        self.connected = False
+        self.connected_since: float | None = None
+        self.disconnected_since: float | None = time.time()
+        self.last_error: str | None = None
+        self.last_progress = time.monotonic()  # the watchdog reads this
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected_evt = asyncio.Event()
+        self._window_evt = asyncio.Event()
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._cursor = 0  # highest seq handed to paho
+        self._attempt = 0
+        self._handlers: list[tuple[str, int, Handler]] = []
+        self._retained_state: dict[str, bytes] = {}
+        self._birth_extra: dict[str, Any] = {}
+        self._handler_tasks: set[asyncio.Future[None]] = set()
+        self._client = self._make_client()
+
+    # -- setup ----------------------------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.cfg
+        v5 = cfg.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id or f"storelink-{self.topics.store_id}",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+            reconnect_on_failure=True,
+        )
+        client.enable_logger(logging.getLogger("paho"))
+        if cfg.username:
+            client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls is not None:
+            t = cfg.tls
+            client.tls_set(
+                ca_certs=str(t.ca) if t.ca else None,
+                certfile=str(t.cert) if t.cert else None,
+                keyfile=str(t.key) if t.key else None,
+                cert_reqs=ssl.CERT_NONE if t.insecure_skip_verify else ssl.CERT_REQUIRED,
+            )
+            if t.insecure_skip_verify:
+                client.tls_insecure_set(True)
+        client.will_set(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
+        client.max_inflight_messages_set(cfg.max_inflight)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_min)  # type: ignore[arg-type]
+        client.manual_ack_set(True)  # downlink QoS 1 is acknowledged only after its handler ran
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Register before run(); subscriptions are renewed on every connect."""
+        self._handlers.append((topic_filter, qos, handler))
+        if self.connected:
+            self._client.subscribe(topic_filter, qos)
+
+    def set_birth_fields(self, **fields: Any) -> None:
+        self._birth_extra.update(fields)
+
+    # -- paho callbacks (network thread) --------------------------------------------------------------------
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _next_delay(self) -> None:
+        delay = backoff_delay(self._attempt, self.cfg.reconnect_min, self.cfg.reconnect_max)
+        self._attempt += 1
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]  # paho accepts floats
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
+        if reason.is_failure:
+            self._next_delay()
+            self._call(self._set_disconnected, f"broker refused connection: {reason}")
+            return
+        self._attempt = 0
+        client.publish(self.topics.status, self._birth_payload(), qos=1, retain=True)
+        for topic_filter, qos, _h in self._handlers:
+            client.subscribe(topic_filter, qos)
+        for topic, payload in list(self._retained_state.items()):
+            client.publish(topic, payload, qos=1, retain=True)
+        self._call(self._set_connected, bool(getattr(flags, "session_present", False)))
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+        self._next_delay()
+        self._call(self._set_disconnected, f"disconnected: {reason}")
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        self._next_delay()
+        self._call(self._set_disconnected, f"cannot reach broker {self.cfg.host}:{self.cfg.port}")
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
+        self._call(self._acked, mid, reason.is_failure, str(reason))
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        down = Downlink(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            retain=bool(msg.retain),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+        )
+        self._call(self._dispatch, down, msg.mid, msg.qos)
+
+    # -- loop side ------------------------------------------------------------------------------------------
+    def _birth_payload(self) -> str:
+        body = {
+            "state": "online",
+            "store_id": self.topics.store_id,
+            "version": __version__,
+            "started_at": iso_ts(self.started_at),
+            "protocol": self.cfg.protocol,
+            **self._birth_extra,
+        }
+        return json.dumps(body)
+
+    def _set_connected(self, session_present: bool) -> None:
+        self.connected = True
+        self.connected_since = time.time()
+        self.disconnected_since = None
+        self.last_error = None
+        self._connected_evt.set()
+        log.info("uplink connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, session_present)
+
+    def _set_disconnected(self, why: str) -> None:
+        if self.connected or self.last_error != why:
+            log.warning("uplink %s", why)
+        if self.connected:
+            self.disconnected_since = time.time()
+        self.connected = False
+        self.connected_since = None
+        self.last_error = why
+        self._connected_evt.clear()
+
+    def _acked(self, mid: int, failed: bool, reason: str) -> None:
+        seq = self._inflight.pop(mid, None)
+        if seq is None:
+            return  # a birth/state message, not an outbox event
+        self.last_progress = time.monotonic()
+        if failed:
+            # The broker refused this message (quota, authorisation): it stays in the outbox and is sent again
+            # from this seq after a pause. Its row is not deleted.
+            log.error("broker refused event seq %d: %s; will retry", seq, reason)
+            self.last_error = f"broker refused event seq {seq}: {reason}"
+            self._cursor = min(self._cursor, seq - 1)
+        else:
+            self.outbox.ack([seq])
+        self._window_evt.set()
+
+    def _dispatch(self, down: Downlink, mid: int, qos: int) -> None:
+        handlers = [h for f, _q, h in self._handlers if topic_matches(f, down.topic)]
+        task = asyncio.ensure_future(self._run_handlers(down, handlers, mid, qos))
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+
+    async def _run_handlers(self, down: Downlink, handlers: list[Handler], mid: int, qos: int) -> None:
+        for handler in handlers:
+            try:
+                await handler(down)
+            except Exception:
+                # A bad message must never stop the gateway; the handler reports specifics to head office.
+                log.exception("handler for %s failed", down.topic)
+        if qos > 0:
+            self._client.ack(mid, qos)
+
+    # -- public API -----------------------------------------------------------------------------------------
+    def publish_state(self, topic: str, payload: dict[str, Any] | bytes) -> None:
+        """Retained latest-state message; remembered and republished on every reconnect."""
+        data = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+        if self._retained_state.get(topic) == data:
+            return
+        self._retained_state[topic] = data
+        if self.connected:
+            self._client.publish(topic, data, qos=1, retain=True)
+
+    def publish_direct(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                       correlation_data: bytes | None = None) -> None:
+        """A reply or notice that needs no outbox (command responses); lost if the link is down."""
+        props = None
+        if correlation_data is not None and self.cfg.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.CorrelationData = correlation_data
+        self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "connected_since": iso_ts(self.connected_since) if self.connected_since else None,
+            "offline_since": iso_ts(self.disconnected_since) if self.disconnected_since else None,
+            "broker": f"{self.cfg.host}:{self.cfg.port}",
+            "protocol": self.cfg.protocol,
+            "in_flight": len(self._inflight),
+            "last_error": self.last_error,
+        }
+
+    async def run(self) -> None:
+        """Connect and drain until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        props = None
+        if self.cfg.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.cfg.session_expiry
+        self._client.connect_async(
+            self.cfg.host, self.cfg.port, self.cfg.keepalive,
+            clean_start=False if self.cfg.protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
+        self._client.loop_start()  # stop() ends the network thread, after saying goodbye
+        await self._drain()
+
+    async def _drain(self) -> None:
+        window = self.cfg.max_inflight
+        while True:
+            if not self.connected:
+                await self._connected_evt.wait()
+            room = window - len(self._inflight)
+            if room <= 0:
+                self._window_evt.clear()
+                await self._window_evt.wait()
+                continue
+            batch = await asyncio.to_thread(self.outbox.read_after, self._cursor, min(room, 500))
+            if not batch:
+                self.last_progress = time.monotonic()
+                await self.outbox.wait_for_new(1.0)
+                continue
+            for ev in batch:
+                if ev.seq <= self._cursor:
+                    continue  # an older event is being retried; keep order
+                info = self._client.publish(self.topics.event(ev.kind), ev.payload, qos=1)
+                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                    log.error("paho refused to queue seq %d: %s", ev.seq, mqtt.error_string(info.rc))
+                    await asyncio.sleep(1)
+                    break
+                self._inflight[info.mid] = ev.seq
+                self._cursor = ev.seq
+            self.last_progress = time.monotonic()
+
+    async def stop(self, grace: float = 3.0) -> None:
+        """Wait briefly for in-flight PUBACKs, say goodbye (retained offline), disconnect."""
+        deadline = time.monotonic() + grace
+        while self._inflight and self.connected and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if self.connected:
+            info = self._client.publish(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(info.wait_for_publish, 2.0), 2.5)
+            except (TimeoutError, RuntimeError, ValueError):
+                pass
+        self._client.disconnect()
+        self._client.loop_stop()
