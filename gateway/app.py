@@ -92,7 +92,7 @@ class Gateway:
             await self.http.start()
             tasks: list[asyncio.Task[None]] = []
             async with asyncio.TaskGroup() as tg:
-                uplink = tg.create_task(self.uplink.run(), name="uplink")
+                drain = tg.create_task(self.uplink.run(), name="uplink")
                 tasks.append(tg.create_task(self.supervisor.run(), name="devices"))
                 for name, runner in self.parts:
                     tasks.append(tg.create_task(runner(), name=name))
@@ -104,8 +104,7 @@ class Gateway:
                 for task in tasks:
                     task.cancel()
                 await self.http.stop()
-                uplink.cancel()
-            await self.uplink.stop()
+                await self.uplink.stop(drain)
         finally:
             await self.http.stop()
             await asyncio.to_thread(self.outbox.close)

@@ -212,6 +212,11 @@ class Outbox:
             pass
         self._new_event.clear()
 
+    @property
+    def last_seq(self) -> int:
+        """The highest seq committed so far."""
+        return self._next_seq - 1
+
     def oldest_ts(self) -> float | None:
         assert self._reader is not None
         with self._read_lock:

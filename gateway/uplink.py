@@ -11,6 +11,7 @@ a restart the outbox replays from its oldest row, so duplicates can only be even
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -186,6 +187,9 @@ class Uplink:
         log.info("uplink connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, session_present)
 
     def _set_disconnected(self, why: str) -> None:
+        if not self.connected and (self.last_error or "").startswith("broker refused") \
+                and why.startswith("disconnected"):
+            why = self.last_error or why  # the refusal says why; the disconnect that follows it does not
         if self.connected or self.last_error != why:
             log.warning("uplink %s", why)
         if self.connected:
@@ -298,11 +302,22 @@ class Uplink:
                 self._cursor = ev.seq
             self.last_progress = time.monotonic()
 
-    async def stop(self, grace: float = 3.0) -> None:
-        """Wait briefly for in-flight PUBACKs, say goodbye (retained offline), disconnect."""
+    def caught_up(self) -> bool:
+        """Everything committed to the outbox has been published and acknowledged."""
+        return not self._inflight and self._cursor >= self.outbox.last_seq
+
+    async def stop(self, drain_task: asyncio.Task[None] | None = None, grace: float = 3.0) -> None:
+        """Keep draining while connected until caught up (or `grace` passes), then say goodbye and disconnect.
+
+        What is not delivered by then stays in the outbox for the next start.
+        """
         deadline = time.monotonic() + grace
-        while self._inflight and self.connected and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self.connected and not self.caught_up() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        if drain_task is not None:
+            drain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain_task
         if self.connected:
             info = self._client.publish(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
             try:

@@ -47,12 +47,17 @@ class Mosquitto:
         self.port = port or free_port()
         self.workdir = workdir
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
+        self.write_conf(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             f"max_queued_messages 100000\nmax_inflight_messages 0\n{extra_conf}"
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "mosquitto.log"
+
+    def write_conf(self, body: str) -> None:
+        # Run as root, mosquitto would drop to the "mosquitto" user, who cannot read pytest's private tmp dirs.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(user + body)
 
     def start(self) -> Mosquitto:
         if not os.path.exists(MOSQUITTO):

@@ -1,0 +1,109 @@
+"""The outbox on its own: durability rules, gap-free seq, the size cap and a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.config import StorageConfig
+from gateway.outbox import Outbox, OutboxError, OutboxFull
+
+
+def make(tmp_path: Path, **kw: object) -> Outbox:
+    ob = Outbox(StorageConfig(path=tmp_path / "ob.db", **kw))  # type: ignore[arg-type]
+    ob.open()
+    return ob
+
+
+async def test_seq_is_gap_free_and_survives_reopen(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    first = await asyncio.gather(*(ob.put("sale", "till-1", {"n": i}) for i in range(50)))
+    assert sorted(a.seq for a in first) == list(range(1, 51))
+    ob.ack([a.seq for a in first])  # delivered and deleted: the counter must not restart at 1
+    ob.close()
+    ob = make(tmp_path)
+    again = await ob.put("sale", "till-1", {"n": 50})
+    assert again.seq == 51
+    assert ob.stats.depth == 1
+    ob.close()
+
+
+async def test_payload_is_the_published_contract(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    acc = await ob.put("sale", "till-1", {"total": 1299, "text": "Crème brûlée"})
+    [ev] = ob.read_after(0, 10)
+    body = json.loads(ev.payload)
+    assert set(body) == {"id", "seq", "ts", "kind", "device", "data"}
+    assert (body["id"], body["seq"], body["kind"], body["device"]) == (acc.id, acc.seq, "sale", "till-1")
+    assert body["data"] == {"total": 1299, "text": "Crème brûlée"} and body["ts"].endswith("Z")
+    ob.close()
+
+
+async def test_data_that_is_not_json_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    with pytest.raises(OutboxError, match="not JSON"):
+        await ob.put("sale", "till-1", {"bad": float("nan")})
+    with pytest.raises(OutboxError):
+        await ob.put("sale", "till-1", {"bad": object()})
+    assert ob.stats.depth == 0 and (await ob.put("sale", "t", {})).seq == 1
+    ob.close()
+
+
+async def test_cap_evicts_telemetry_oldest_first_and_never_sales(tmp_path: Path) -> None:
+    ob = make(tmp_path, max_events=100)
+    sales = [await ob.put("sale", "till-1", {"n": i}) for i in range(30)]
+    tele = [await ob.put("telemetry", "pi", {"n": i}) for i in range(70)]
+    assert ob.stats.depth == 100 and not ob.stats.alarms
+    newer = [await ob.put("telemetry", "pi", {"n": 100 + i}) for i in range(10)]
+    more_sales = [await ob.put("sale", "till-1", {"n": 100 + i}) for i in range(20)]
+    left = {e.seq for e in ob.read_after(0, 1000)}
+    assert {a.seq for a in sales + more_sales} <= left  # no sale is ever dropped
+    assert {a.seq for a in tele[:30]}.isdisjoint(left)  # the oldest telemetry went first
+    assert {a.seq for a in tele[30:] + newer} <= left
+    assert ob.stats.evicted_total == 30 and ob.stats.depth == 100
+    assert "capacity" in ob.status()["alarms"]
+    ob.close()
+
+
+async def test_full_of_sales_refuses_telemetry_but_still_takes_sales(tmp_path: Path) -> None:
+    ob = make(tmp_path, max_events=100)
+    for i in range(100):
+        await ob.put("sale", "till-1", {"n": i})
+    with pytest.raises(OutboxFull, match="telemetry|critical"):
+        await ob.put("telemetry", "pi", {"cpu": 1})
+    extra = await ob.put("sale", "till-1", {"n": 100})  # a sale is never refused for the cap
+    assert extra.seq == 101  # the refused telemetry did not use up a number
+    status = ob.status()
+    assert status["refused_total"] == 1 and "capacity" in status["alarms"]
+    ob.close()
+
+
+async def test_disk_full_refuses_with_a_clear_error_and_keeps_what_was_accepted(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    kept = [await ob.put("sale", "till-1", {"n": i}) for i in range(20)]
+    assert ob._conn is not None
+    pages = ob._conn.execute("PRAGMA page_count").fetchone()[0]
+    # max_page_count makes SQLite fail exactly as a full disk does (SQLITE_FULL).
+    ob._conn.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(OutboxFull, match="disk full"):
+        await ob.put_many([("sale", "till-1", {"blob": "x" * 5000})] * 50)
+    assert "storage" in ob.status()["alarms"]
+    ob._conn.execute("PRAGMA max_page_count=1073741823")
+    after = await ob.put("sale", "till-1", {"n": "after"})
+    assert after.seq == kept[-1].seq + 1  # the failed batch gave its numbers back
+    assert "storage" not in ob.status()["alarms"]
+    ob.close()
+    conn = sqlite3.connect(tmp_path / "ob.db")
+    assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 21
+
+
+async def test_group_commit_batches_concurrent_callers(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    await asyncio.gather(*(ob.put("sale", "t", {"n": i}) for i in range(2000)))
+    assert ob.stats.depth == 2000
+    assert ob.stats.commits_total < 200  # many events per fsync, not one each
+    ob.close()
