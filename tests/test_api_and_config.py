@@ -63,7 +63,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_protocol_accepts_number_or_text() -> None:
-    with pytest.raises(ConfigError, match="mqtt.protocol"):
+    with pytest.raises(ConfigError, match=r"mqtt\.protocol"):
         parse_config_text(GOOD.replace("port = 1883", "port = 1883\nprotocol = 3.1"))
     assert parse_config_text(GOOD.replace("port = 1883", "port = 1883\nprotocol = 5")).mqtt.protocol == "5"
     assert parse_config_text(GOOD.replace("port = 1883", 'port = 1883\nprotocol = "3.1.1"')).mqtt.protocol == "3.1.1"

@@ -29,11 +29,11 @@ def _base_cfg(tmp_path: Path, port: int, **mqtt_extra: object) -> dict[str, obje
     }
 
 
-async def _run_until(gw: Gateway, cond: object, timeout: float = 15) -> None:
+async def _run_until(gw: Gateway, cond: object, limit_s: float = 15) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(gw.run(stop))
     try:
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + limit_s
         while not cond():  # type: ignore[operator]
             assert not task.done(), task.exception()
             assert asyncio.get_running_loop().time() < deadline, "timed out"
