@@ -23,10 +23,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.config import MqttConfig, StorageConfig  # noqa: E402
-from gateway.outbox import Outbox  # noqa: E402
-from gateway.uplink import Uplink  # noqa: E402
-from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for, write_config  # noqa: E402
+from gateway.config import MqttConfig, StorageConfig
+from gateway.outbox import Outbox
+from gateway.uplink import Uplink
+from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for, write_config
 
 WINDOW = 200
 DATA = {"till": "till-1", "basket": [{"sku": f"SKU{i}", "qty": 1, "price": 199} for i in range(3)]}
@@ -61,7 +61,7 @@ async def drain_rate(workdir: Path, port: int, events: int) -> float:
                 "bench", ob)
     t0 = time.perf_counter()
     task = asyncio.create_task(up.run())
-    while ob.stats.depth > 0:
+    while ob.stats.depth > 0:  # noqa: ASYNC110  (a benchmark poll, 10 ms resolution)
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - t0
     await up.stop(task)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import os
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
