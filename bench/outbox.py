@@ -61,7 +61,7 @@ async def drain_rate(workdir: Path, port: int, events: int) -> float:
                 "bench", ob)
     t0 = time.perf_counter()
     task = asyncio.create_task(up.run())
-    while ob.stats.depth > 0:  # noqa: ASYNC110  (a benchmark poll, 10 ms resolution)
+    while ob.stats.depth > 0:
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - t0
     await up.stop(task)

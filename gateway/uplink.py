@@ -132,6 +132,8 @@ class Uplink:
         self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]  # paho accepts floats
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
+        if client is not self._client:
+            return  # a client replaced by reconfigure(): its news is stale
         if reason.is_failure:
             self._next_delay()
             self._call(self._set_disconnected, f"broker refused connection: {reason}")
@@ -144,18 +146,26 @@ class Uplink:
             client.publish(topic, payload, qos=1, retain=True)
         self._call(self._set_connected, bool(getattr(flags, "session_present", False)))
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+    def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+        if client is not self._client:
+            return
         self._next_delay()
         self._call(self._set_disconnected, f"disconnected: {reason}")
 
-    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+    def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
+        if client is not self._client:
+            return
         self._next_delay()
         self._call(self._set_disconnected, f"cannot reach broker {self.cfg.host}:{self.cfg.port}")
 
-    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
+    def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
+        if client is not self._client:
+            return  # its mids mean nothing to the new client; reconfigure() rewound those events
         self._call(self._acked, mid, reason.is_failure, str(reason))
 
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if client is not self._client:
+            return  # unacknowledged: the broker redelivers it to the session that owns it
         props = getattr(msg, "properties", None)
         down = Downlink(
             topic=msg.topic,
@@ -164,7 +174,7 @@ class Uplink:
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
         )
-        self._call(self._dispatch, down, msg.mid, msg.qos)
+        self._call(self._dispatch, down, msg.mid, msg.qos, client)
 
     # -- loop side ------------------------------------------------------------------------------------------
     def _birth_payload(self) -> str:
@@ -214,13 +224,14 @@ class Uplink:
             self.outbox.ack([seq])
         self._window_evt.set()
 
-    def _dispatch(self, down: Downlink, mid: int, qos: int) -> None:
+    def _dispatch(self, down: Downlink, mid: int, qos: int, client: mqtt.Client) -> None:
         handlers = [h for f, _q, h in self._handlers if topic_matches(f, down.topic)]
-        task = asyncio.ensure_future(self._run_handlers(down, handlers, mid, qos))
+        task = asyncio.ensure_future(self._run_handlers(down, handlers, mid, qos, client))
         self._handler_tasks.add(task)
         task.add_done_callback(self._handler_tasks.discard)
 
-    async def _run_handlers(self, down: Downlink, handlers: list[Handler], mid: int, qos: int) -> None:
+    async def _run_handlers(self, down: Downlink, handlers: list[Handler], mid: int, qos: int,
+                            client: mqtt.Client) -> None:
         for handler in handlers:
             try:
                 await handler(down)
@@ -228,7 +239,7 @@ class Uplink:
                 # A bad message must never stop the gateway; the handler reports specifics to head office.
                 log.exception("handler for %s failed", down.topic)
         if qos > 0:
-            self._client.ack(mid, qos)
+            client.ack(mid, qos)  # the client that received it: a mid belongs to one connection
 
     # -- public API -----------------------------------------------------------------------------------------
     def publish_state(self, topic: str, payload: dict[str, Any] | bytes) -> None:
@@ -263,6 +274,10 @@ class Uplink:
     async def run(self) -> None:
         """Connect and drain until cancelled."""
         self._loop = asyncio.get_running_loop()
+        self._start_client()
+        await self._drain()
+
+    def _start_client(self) -> None:
         props = None
         if self.cfg.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -273,7 +288,33 @@ class Uplink:
             properties=props,
         )
         self._client.loop_start()  # stop() ends the network thread, after saying goodbye
-        await self._drain()
+
+    async def reconfigure(self, cfg: MqttConfig) -> None:
+        """Switch to new broker settings while running (remote config): say goodbye on the old connection,
+        connect a new client with ``cfg``. Nothing accepted is lost: events handed to the old client but not yet
+        acknowledged are still in the outbox and are sent again, in order, on the new connection.
+        """
+        if cfg.topic_prefix != self.cfg.topic_prefix:
+            raise ValueError("mqtt.topic_prefix cannot change while running (every topic would move)")
+        old, was_connected = self._client, self.connected
+        self.cfg = cfg
+        if self._inflight:
+            self._cursor = min(self._cursor, min(self._inflight.values()) - 1)
+            self._inflight.clear()
+        self._attempt = 0
+        self._set_disconnected(f"reconnecting to {cfg.host}:{cfg.port} with new settings")
+        self._client = self._make_client()  # from here on the old client's callbacks are ignored
+        self._window_evt.set()
+        if self._loop is not None:
+            self._start_client()
+
+        def retire() -> None:
+            if was_connected:
+                old.publish(self.topics.status, json.dumps({"state": "offline"}), qos=0, retain=True)
+            old.disconnect()
+            old.loop_stop()
+
+        await asyncio.to_thread(retire)
 
     async def _drain(self) -> None:
         window = self.cfg.max_inflight
@@ -312,7 +353,7 @@ class Uplink:
         What is not delivered by then stays in the outbox for the next start.
         """
         deadline = time.monotonic() + grace
-        while self.connected and not self.caught_up() and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self.connected and not self.caught_up() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if drain_task is not None:
             drain_task.cancel()
