@@ -1,0 +1,228 @@
+"""What the gateway pushed to each electronic shelf label, in SQLite beside the gateway's database.
+
+A push is (version, tag): the content sent, the tag's content hash before the push, and whether the tag has
+confirmed it (the access point reports `pending` back to 0 and a different `hash`). The store survives restarts
+so the price coordinator can ask `confirmed(v)` again after a crash, and an abort can put the previous content
+back: every tag remembers the last content it confirmed.
+
+All methods are blocking; the driver calls them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('prepared', 'committed', 'aborted')),
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pushes (
+    version INTEGER NOT NULL,
+    mac TEXT NOT NULL,
+    sku TEXT NOT NULL,
+    content TEXT NOT NULL,
+    hash_before TEXT NOT NULL,
+    hash_after TEXT,
+    previous_content TEXT,
+    previous_version INTEGER,
+    state TEXT NOT NULL CHECK (state IN ('planned', 'pushed', 'confirmed', 'restore_pending', 'restored',
+                                         'no_restore', 'cancelled')),
+    pushed_at REAL NOT NULL,
+    confirmed_at REAL,
+    PRIMARY KEY (version, mac)
+);
+CREATE INDEX IF NOT EXISTS pushes_state ON pushes (state);
+CREATE TABLE IF NOT EXISTS shown (
+    mac TEXT PRIMARY KEY,
+    sku TEXT NOT NULL,
+    version INTEGER,
+    content TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Push:
+    version: int
+    mac: str
+    sku: str
+    content: str
+    hash_before: str
+    previous_content: str | None
+    state: str
+    pushed_at: float
+
+
+class EslState:
+    def __init__(self, path: Path, synchronous: str = "FULL"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def version_state(self, version: int) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM versions WHERE version=?", (version,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_version(self, version: int, state: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO versions (version, state, updated) VALUES (?, ?, ?) ON CONFLICT (version) DO UPDATE "
+                "SET state=excluded.state, updated=excluded.updated WHERE versions.state != 'aborted'",
+                (version, state, time.time()))
+
+    def plan(self, version: int, tags: list[tuple[str, str]]) -> set[str]:
+        """Record which (mac, sku) the version must reach before anything is sent, so a tag whose upload failed
+        still counts as unconfirmed. Returns the MACs already pushed (a repeated prepare skips them)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO pushes (version, mac, sku, content, hash_before, state, pushed_at) "
+                    "VALUES (?, ?, ?, '', '', 'planned', ?)", [(version, mac, sku, now) for mac, sku in tags])
+                rows = self._db.execute("SELECT mac FROM pushes WHERE version=? AND state!='planned'",
+                                        (version,)).fetchall()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return {r[0] for r in rows}
+
+    def has_shown(self, mac: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM shown WHERE mac=?", (mac,)).fetchone() is not None
+
+    def record_push(self, version: int, mac: str, sku: str, content: str, hash_before: str,
+                    found_on_ap: str | None = None) -> None:
+        """A tag accepted `content` for `version`. The content it confirmed last (or, for a tag this gateway never
+        wrote, what the access point held for it: `found_on_ap`) is kept for an abort."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO pushes (version, mac, sku, content, hash_before, previous_content, previous_version, "
+                "state, pushed_at) SELECT ?, ?, ?, ?, ?, COALESCE(s.content, ?), s.version, 'pushed', ? "
+                "FROM (SELECT 1) LEFT JOIN shown s ON s.mac=? WHERE true ON CONFLICT (version, mac) DO UPDATE SET "
+                "content=excluded.content, hash_before=excluded.hash_before, previous_content="
+                "excluded.previous_content, previous_version=excluded.previous_version, state='pushed', "
+                "pushed_at=excluded.pushed_at WHERE pushes.state='planned'",
+                (version, mac, sku, content, hash_before, found_on_ap, time.time(), mac))
+
+    def unconfirmed(self, version: int | None = None) -> list[Push]:
+        sql = ("SELECT version, mac, sku, content, hash_before, previous_content, state, pushed_at FROM pushes p "
+               "WHERE state='pushed' AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.version=p.version "
+               "AND v.state='aborted')")
+        args: tuple[int, ...] = ()
+        if version is not None:
+            sql, args = sql + " AND version=?", (version,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY pushed_at", args).fetchall()
+        return [Push(*r) for r in rows]
+
+    def confirm(self, version: int, mac: str, new_hash: str) -> None:
+        """The tag shows this push: remember it as the content to restore if a later version is aborted."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT sku, content FROM pushes WHERE version=? AND mac=? AND state='pushed'",
+                                       (version, mac)).fetchone()
+                if row:
+                    self._db.execute("UPDATE pushes SET state='confirmed', hash_after=?, confirmed_at=? "
+                                     "WHERE version=? AND mac=?", (new_hash, now, version, mac))
+                    self._db.execute(
+                        "INSERT INTO shown (mac, sku, version, content, hash) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (mac) DO UPDATE SET sku=excluded.sku, version=excluded.version, "
+                        "content=excluded.content, hash=excluded.hash WHERE shown.version IS NULL "
+                        "OR shown.version <= excluded.version",
+                        (mac, row[0], version, row[1], new_hash))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def all_confirmed(self, version: int) -> bool:
+        with self._lock:
+            state = self._db.execute("SELECT state FROM versions WHERE version=?", (version,)).fetchone()
+            if state is None or state[0] == "aborted":
+                return False
+            left = self._db.execute("SELECT COUNT(*) FROM pushes WHERE version=? AND state!='confirmed'",
+                                    (version,)).fetchone()[0]
+        return int(left) == 0
+
+    def latest_confirmed(self) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(v.version) FROM versions v WHERE v.state != 'aborted' AND NOT EXISTS "
+                "(SELECT 1 FROM pushes p WHERE p.version=v.version AND p.state!='confirmed')").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    def abort(self, version: int) -> None:
+        """Mark the version aborted and every tag it touched as needing its previous content back."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO versions (version, state, updated) VALUES (?, 'aborted', ?) "
+                                 "ON CONFLICT (version) DO UPDATE SET state='aborted', updated=excluded.updated",
+                                 (version, now))
+                self._db.execute("UPDATE pushes SET state='cancelled' WHERE version=? AND state='planned'",
+                                 (version,))
+                self._db.execute("UPDATE pushes SET state='restore_pending' WHERE version=? "
+                                 "AND state IN ('pushed', 'confirmed') AND previous_content IS NOT NULL", (version,))
+                self._db.execute("UPDATE pushes SET state='no_restore' WHERE version=? "
+                                 "AND state IN ('pushed', 'confirmed') AND previous_content IS NULL", (version,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def restores_pending(self) -> list[Push]:
+        with self._lock:
+            rows = self._db.execute("SELECT version, mac, sku, content, hash_before, previous_content, state, "
+                                    "pushed_at FROM pushes WHERE state='restore_pending'").fetchall()
+        return [Push(*r) for r in rows]
+
+    def no_restore(self, version: int) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT sku FROM pushes WHERE version=? AND state='no_restore'",
+                                    (version,)).fetchall()
+        return [r[0] for r in rows]
+
+    def restored(self, version: int, mac: str) -> None:
+        """The previous content went back to the tag: it is again what the tag should show (its hash then is
+        the one the tag had before the aborted push)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT previous_content, hash_before, previous_version FROM pushes "
+                    "WHERE version=? AND mac=? AND state='restore_pending'", (version, mac)).fetchone()
+                if row:
+                    self._db.execute("UPDATE pushes SET state='restored' WHERE version=? AND mac=?", (version, mac))
+                    self._db.execute("UPDATE shown SET content=?, hash=?, version=? WHERE mac=?",
+                                     (row[0], row[1], row[2], mac))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def shown(self) -> dict[str, tuple[str, int | None, str]]:
+        """mac -> (sku, version, hash) of the content each tag last confirmed."""
+        with self._lock:
+            rows = self._db.execute("SELECT mac, sku, version, hash FROM shown").fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}

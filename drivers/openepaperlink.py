@@ -1,0 +1,379 @@
+"""`openepaperlink`: electronic shelf labels behind an OpenEPaperLink access point, over its HTTP API.
+
+Content goes to a tag with `POST /jsonupload` (form fields `mac` and `json`: a list of drawing commands the AP
+renders for the tag); `GET /get_db?mac=` returns the tag record with `hash` (MD5 of the rendered content) and
+`pending` (queued updates the tag has not fetched yet). Tags sleep and check in about every 40 s, so a push is
+confirmed only when the tag's `pending` is back to 0 and its `hash` differs from the hash before the push.
+There is no staged "switch now" in OpenEPaperLink: the price coordinator has to wait for these confirmations.
+
+As a PriceTarget (price_role "label"): prepare pushes new content to the tags of the changed items (items
+without a tag are skipped); confirmed(v) is true once every tag of v confirmed; abort pushes the content each
+tag showed before (retried by the driver's loop until the AP takes it). `tag_states()` reads every tag's
+current hash for the reconciliation audit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, PriceItem
+from drivers.esl_state import EslState, Push
+from drivers.price_text import format_money, unit_price_text
+
+log = logging.getLogger(__name__)
+_MAC = re.compile(r"^(?:[0-9A-F]{12}|[0-9A-F]{16})$")
+
+
+def normalize_mac(mac: str) -> str:
+    """The AP's own spelling: 16 upper-case hex digits (a 6-byte MAC gets the two zero bytes the AP adds)."""
+    m = mac.replace(":", "").replace("-", "").strip().upper()
+    if not _MAC.match(m):
+        raise ValueError(f"{mac!r} is not a tag MAC (12 or 16 hex digits)")
+    return m if len(m) == 16 else "0000" + m
+
+
+def read_tags_file(path: Path) -> dict[str, str]:
+    """`sku,mac` lines (a header line and # comments allowed) -> {sku: mac}. ValueError names the line."""
+    out: dict[str, str] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or row[0].lstrip().startswith("#") or (n == 1 and row[0].strip().lower() == "sku"):
+                continue
+            if len(row) != 2 or not row[0].strip():
+                raise ValueError(f"{path}:{n}: expected 'sku,mac', got {','.join(row)!r}")
+            try:
+                out[row[0].strip()] = normalize_mac(row[1])
+            except ValueError as err:
+                raise ValueError(f"{path}:{n}: {err}") from err
+    return out
+
+
+class TagLayout(BaseModel):
+    """Where the texts go on the tag (pixels) and which of the AP's fonts they use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width: int = Field(296, ge=64, le=1600)
+    height: int = Field(128, ge=32, le=1200)
+    font_name: str = "fonts/bahnschrift20"
+    font_price: str = "fonts/bahnschrift70"
+    font_small: str = "fonts/bahnschrift20"
+    name_chars: int = Field(26, ge=4, le=200, description="longer product names are cut with an ellipsis")
+    color: str = "black"
+
+
+class OpenEPaperLinkConfig(DeviceConfig):
+    driver: Literal["openepaperlink"] = "openepaperlink"
+    url: str = Field(description="the access point, for example http://192.168.1.50")
+    tags: dict[str, str] = Field(default_factory=dict, description="SKU -> tag MAC")
+    tags_file: Path | None = Field(None, description="CSV of sku,mac lines, merged with `tags`")
+    layout: TagLayout = Field(default_factory=TagLayout)  # type: ignore[arg-type]
+    request_timeout: float = Field(5.0, gt=0, le=120)
+    poll_interval: float = Field(10.0, gt=0, le=3600, description="seconds between AP checks")
+    stale_after: float = Field(600.0, gt=0, description="a tag unconfirmed this long makes the device degraded")
+    max_parallel: int = Field(4, ge=1, le=64, description="requests in flight to the AP (an ESP32: keep it low)")
+    state_path: Path | None = Field(None, description="default esl-{id}.db beside the gateway database")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"url must be http://host[:port], got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("tags")
+    @classmethod
+    def _macs(cls, v: dict[str, str]) -> dict[str, str]:
+        return {sku: normalize_mac(mac) for sku, mac in v.items()}
+
+    @model_validator(mode="after")
+    def _one_tag_per_mac(self) -> OpenEPaperLinkConfig:
+        macs = list(self.tag_map().values())
+        dupes = sorted({m for m in macs if macs.count(m) > 1})
+        if dupes:
+            raise ValueError(f"a tag can show one item only; MACs mapped twice: {', '.join(dupes)}")
+        return self
+
+    def tag_map(self) -> dict[str, str]:
+        out = read_tags_file(self.tags_file) if self.tags_file else {}
+        return out | dict(self.tags)
+
+
+def render_tag_content(item: PriceItem, currency: str, version: int, layout: TagLayout) -> str:
+    """The AP's JSON drawing commands ({"text": [x, y, text, font, color]}) for one item. The price version
+    is part of the content, so every version changes the tag's hash and a confirmation is never ambiguous."""
+    name = item.description if len(item.description) <= layout.name_chars else \
+        item.description[: layout.name_chars - 1] + "…"
+    w, h, c = layout.width, layout.height, layout.color
+    elements: list[dict[str, list[Any]]] = [
+        {"text": [4, 2, name, layout.font_name, c]},
+        {"text": [4, h // 5, format_money(item.price, currency), layout.font_price, c]},
+    ]
+    unit = unit_price_text(item, currency)
+    if unit:
+        elements.append({"text": [4, h - 24, unit, layout.font_small, c]})
+    elements.append({"text": [w - 70, h - 24, f"v{version}", layout.font_small, c]})
+    return json.dumps(elements, ensure_ascii=False, separators=(",", ":"))
+
+
+class AccessPointError(ConnectionError):
+    """The AP is unreachable, answered with an error status, or sent something that is not a tag record."""
+
+
+class OpenEPaperLink(Driver):
+    config_model: ClassVar[type[DeviceConfig]] = OpenEPaperLinkConfig
+    capabilities: ClassVar[frozenset[str]] = frozenset({"labels", "price_target", "esl"})
+    price_role = "label"
+
+    def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
+        super().__init__(config, ctx)
+        assert isinstance(config, OpenEPaperLinkConfig)
+        self.cfg = config
+        self.tags = config.tag_map()
+        self._state: EslState | None = None
+        self._state_lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self._limit = asyncio.Semaphore(config.max_parallel)
+        self._wake = asyncio.Event()
+        self._announced: set[int] = set()
+
+    # plumbing -----------------------------------------------------------------------------------------------
+    async def state(self) -> EslState:
+        async with self._state_lock:  # run() and the price coordinator may both ask first
+            if self._state is None:
+                self._state = await self._open_state()
+            return self._state
+
+    async def _open_state(self) -> EslState:
+        path, sync = self.cfg.state_path, "FULL"
+        with contextlib.suppress(KeyError, AttributeError):
+            storage = self.ctx.service("gateway").config.storage
+            sync = storage.synchronous
+            path = path or Path(storage.path).parent / f"esl-{self.cfg.id}.db"
+        if path is None:
+            raise RuntimeError("no state_path and no gateway storage path to put the ESL state beside")
+        return await asyncio.to_thread(EslState, path, sync)
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout))
+        return self._session
+
+    async def _request(self, method: str, path: str, **kw: Any) -> tuple[int, str]:
+        async with self._limit:
+            try:
+                async with self.session().request(method, self.cfg.url + path, **kw) as resp:
+                    return resp.status, await resp.text()
+            except (aiohttp.ClientError, TimeoutError, OSError) as err:
+                raise AccessPointError(f"access point {self.cfg.url} unreachable: "
+                                       f"{type(err).__name__}: {err or 'timed out'}") from err
+
+    async def get_tag(self, mac: str) -> dict[str, Any]:
+        status, text = await self._request("GET", "/get_db", params={"mac": mac})
+        records = self._tag_records(status, text, f"get_db?mac={mac}")
+        if not records:
+            raise AccessPointError(f"tag {mac} is not known to the access point")
+        return records[0]
+
+    async def all_tags(self) -> dict[str, dict[str, Any]]:
+        """Every tag record, following the AP's paging (`pos` and `continu`)."""
+        out: dict[str, dict[str, Any]] = {}
+        pos: int | None = 0
+        while pos is not None:
+            status, text = await self._request("GET", "/get_db", params={"pos": str(pos)} if pos else None)
+            body = self._json(status, text, "get_db")
+            for rec in self._tag_records(status, text, "get_db"):
+                out[rec["mac"]] = rec
+            nxt = body.get("continu")
+            pos = int(nxt) if isinstance(nxt, int) and nxt > pos else None
+        return out
+
+    def _json(self, status: int, text: str, what: str) -> dict[str, Any]:
+        if status != 200:
+            raise AccessPointError(f"{what}: HTTP {status} {text[:100]!r}")
+        try:
+            body = json.loads(text)
+        except ValueError as err:
+            raise AccessPointError(f"{what}: not JSON: {text[:100]!r}") from err
+        if not isinstance(body, dict) or "error" in body:
+            raise AccessPointError(f"{what}: {str(body)[:100]}")
+        return body
+
+    def _tag_records(self, status: int, text: str, what: str) -> list[dict[str, Any]]:
+        tags = self._json(status, text, what).get("tags")
+        if not isinstance(tags, list):
+            raise AccessPointError(f"{what}: no tag list in the answer")
+        for rec in tags:
+            if not (isinstance(rec, dict) and isinstance(rec.get("mac"), str) and isinstance(rec.get("hash"), str)
+                    and isinstance(rec.get("pending"), int)):
+                raise AccessPointError(f"{what}: malformed tag record {str(rec)[:100]}")
+        return tags
+
+    async def upload(self, mac: str, content: str) -> None:
+        status, text = await self._request("POST", "/jsonupload", data={"mac": mac, "json": content})
+        if status != 200:
+            raise AccessPointError(f"jsonupload to {mac}: HTTP {status} {text.strip()[:100]!r}")
+
+    async def _current_content(self, mac: str) -> str | None:
+        """What the AP holds for a tag this gateway never wrote (the AP serves /current/{MAC}.json)."""
+        with contextlib.suppress(AccessPointError):
+            status, text = await self._request("GET", f"/current/{mac}.json")
+            if status == 200 and text.strip().startswith("["):
+                return text
+        return None
+
+    # the loop -----------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        state = await self.state()
+        try:
+            while True:
+                try:
+                    await self._restore(state)
+                    pushes = await asyncio.to_thread(state.unconfirmed)
+                    if pushes:
+                        await self._refresh(state, pushes)
+                    elif self.tags:
+                        await self.get_tag(next(iter(self.tags.values())))
+                    else:
+                        await self.all_tags()
+                    self.ctx.seen()
+                    self._report_stale(await asyncio.to_thread(state.unconfirmed))
+                except AccessPointError as err:
+                    self.ctx.set_health(Health.OFFLINE, str(err))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
+                self._wake.clear()
+        finally:
+            if self._session is not None:
+                await self._session.close()
+
+    def _report_stale(self, pushes: list[Push]) -> None:
+        now = time.time()
+        stale = [p for p in pushes if now - p.pushed_at > self.cfg.stale_after]
+        if stale:
+            macs = ", ".join(sorted({p.mac for p in stale})[:10])
+            self.ctx.set_health(Health.DEGRADED, f"{len(stale)} tag(s) have not taken new content within "
+                                                 f"{self.cfg.stale_after:g}s: {macs}")
+        else:
+            self.ctx.set_health(Health.OK)
+
+    async def _refresh(self, state: EslState, pushes: list[Push]) -> None:
+        """Ask the AP about the pushes still unconfirmed; a tag with pending 0 and a new hash has its content."""
+        if len(pushes) > 20:
+            records = await self.all_tags()
+        else:
+            macs = sorted({p.mac for p in pushes})
+            got = await asyncio.gather(*(self.get_tag(m) for m in macs), return_exceptions=True)
+            for r in got:
+                if isinstance(r, BaseException) and not isinstance(r, AccessPointError):
+                    raise r
+            if got and all(isinstance(r, AccessPointError) for r in got):
+                raise got[0]  # type: ignore[misc]
+            records = {r["mac"]: r for r in got if isinstance(r, dict)}
+        versions = set()
+        for p in pushes:
+            rec = records.get(p.mac)
+            if rec and rec["pending"] == 0 and rec["hash"] != p.hash_before:
+                await asyncio.to_thread(state.confirm, p.version, p.mac, rec["hash"])
+                versions.add(p.version)
+        for v in sorted(versions - self._announced):
+            if await asyncio.to_thread(state.all_confirmed, v):
+                self._announced.add(v)
+                await self.ctx.emit("label", {"event": "esl_confirmed", "version": v})
+
+    async def _restore(self, state: EslState) -> None:
+        for p in await asyncio.to_thread(state.restores_pending):
+            assert p.previous_content is not None
+            await self.upload(p.mac, p.previous_content)
+            await asyncio.to_thread(state.restored, p.version, p.mac)
+
+    # PriceTarget --------------------------------------------------------------------------------------------
+    async def price_prepare(self, change: PriceChange) -> None:
+        state = await self.state()
+        if await asyncio.to_thread(state.version_state, change.version) == "aborted":
+            raise PrepareFailed(f"{self.cfg.id}: price version {change.version} was aborted here")
+        await asyncio.to_thread(state.set_version, change.version, "prepared")
+        mine = [(i, self.tags[i.sku]) for i in change.changed if i.sku in self.tags]
+        done = await asyncio.to_thread(state.plan, change.version, [(m, i.sku) for i, m in mine])
+        todo = [(i, m) for i, m in mine if m not in done]
+
+        async def push(item: PriceItem, mac: str) -> None:
+            content = render_tag_content(item, change.currency, change.version, self.cfg.layout)
+            before = await self.get_tag(mac)
+            found = None if await asyncio.to_thread(state.has_shown, mac) else await self._current_content(mac)
+            await self.upload(mac, content)
+            await asyncio.to_thread(state.record_push, change.version, mac, item.sku, content, before["hash"], found)
+
+        results = await asyncio.gather(*(push(i, m) for i, m in todo), return_exceptions=True)
+        failed = [f"{i.sku}@{m}: {r}" for (i, m), r in zip(todo, results, strict=True) if isinstance(r, Exception)]
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+        if failed:
+            self.ctx.set_health(Health.DEGRADED, failed[0])
+            raise PrepareFailed(f"{self.cfg.id}: {len(failed)} of {len(todo)} tag(s) not updated: "
+                                + "; ".join(failed[:5]))
+        log.info("version %d: content pushed to %d tag(s)", change.version, len(todo), extra={"device": self.cfg.id})
+        self._wake.set()
+
+    async def price_commit(self, version: int) -> None:
+        await asyncio.to_thread((await self.state()).set_version, version, "committed")
+
+    async def price_abort(self, version: int) -> None:
+        state = await self.state()
+        await asyncio.to_thread(state.abort, version)
+        missing = await asyncio.to_thread(state.no_restore, version)
+        if missing:
+            log.warning("version %d aborted; no earlier content known for %d tag(s): %s", version, len(missing),
+                        ", ".join(missing[:20]), extra={"device": self.cfg.id})
+            await self.ctx.emit("label", {"event": "esl_no_restore", "version": version, "skus": missing[:50]})
+        try:
+            await self._restore(state)
+        except AccessPointError as err:  # the loop keeps trying; the abort itself is recorded
+            log.warning("version %d aborted; old content not back yet: %s", version, err,
+                        extra={"device": self.cfg.id})
+            self._wake.set()
+
+    async def price_confirmed(self, version: int) -> bool:
+        state = await self.state()
+        if await asyncio.to_thread(state.all_confirmed, version):
+            return True
+        pushes = await asyncio.to_thread(state.unconfirmed, version)
+        if pushes and await asyncio.to_thread(state.version_state, version) != "aborted":
+            try:
+                await self._refresh(state, pushes)
+            except AccessPointError as err:
+                log.debug("cannot check tags for version %d: %s", version, err)
+        return await asyncio.to_thread(state.all_confirmed, version)
+
+    async def price_reported_version(self) -> int | None:
+        return await asyncio.to_thread((await self.state()).latest_confirmed)
+
+    async def tag_states(self) -> list[dict[str, Any]]:
+        """Every mapped tag as the AP sees it now beside what this gateway last confirmed on it: `drift` is true
+        when a tag with nothing pending shows another hash (content changed behind the gateway's back)."""
+        shown = await asyncio.to_thread((await self.state()).shown)
+        records = await self.all_tags()
+        out = []
+        for sku, mac in sorted(self.tags.items()):
+            rec = records.get(mac)
+            expected = shown.get(mac)
+            out.append({
+                "sku": sku, "mac": mac, "version": expected[1] if expected else None,
+                "expected_hash": expected[2] if expected else None,
+                "hash": rec["hash"] if rec else None, "pending": rec["pending"] if rec else None,
+                "lastseen": rec.get("lastseen") if rec else None,
+                "drift": rec is None or (expected is not None and rec["pending"] == 0 and rec["hash"] != expected[2]),
+            })
+        return out
