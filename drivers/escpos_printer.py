@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import os
 import re
 from typing import Any, ClassVar, Literal
 
@@ -26,6 +27,18 @@ from pydantic import Field, model_validator
 from drivers.base import DeviceConfig, DeviceContext, Driver, Health
 
 log = logging.getLogger(__name__)
+
+
+class _QuietEscpos(logging.Filter):
+    """python-escpos logs "Network printer enabled"/"Closing ..." at INFO on the root logger for every
+    connection: with a status check every 30 s that is thousands of journal lines a day. A filter on the root
+    logger only sees records logged through it directly, so this touches python-escpos's root-level calls only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}escpos{os.sep}" not in record.pathname
+
+
+logging.getLogger().addFilter(_QuietEscpos())
 
 
 class EscposPrinterConfig(DeviceConfig):

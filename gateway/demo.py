@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import random
@@ -29,6 +30,8 @@ log = logging.getLogger("storelink.demo")
 # runs beside it (fake peers, simulated customers) until cancelled.
 DemoExtension = tuple[Callable[[dict[str, Any], Path], None], Callable[[Any], Coroutine[Any, Any, None]]]
 DEMO_EXTENSIONS: list[DemoExtension] = []
+# Modules that append their DemoExtension when imported; one line each.
+DEMO_MODULES: list[str] = ["drivers.labels_demo"]
 
 
 def free_port() -> int:
@@ -95,6 +98,8 @@ async def run_demo(args: argparse.Namespace) -> int:
             "http": {"listen": args.listen},
             "devices": [],
         }
+        for module in DEMO_MODULES:
+            importlib.import_module(module)
         for prepare, _run in DEMO_EXTENSIONS:
             prepare(cfg, work)
         gateway = Gateway(parse_config(cfg, "<demo>"))

@@ -95,3 +95,31 @@ def test_a_wrong_key_names_the_device(tmp_path: Path) -> None:
         parse_config(cfg, "<test>")
     text = err.value.render()
     assert "labels-1" in text and "dpii" in text and "esl-ap" in text and "not a tag MAC" in text
+
+
+async def test_demo_devices_take_a_price_change(tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
+                                                ) -> None:
+    from drivers import labels_demo
+
+    cfg: dict[str, object] = {"store_id": "store-demo", "storage": {"path": str(tmp_path / "gw.db")},
+                              "mqtt": {"port": mosquitto.port}, "http": {"listen": f"127.0.0.1:{free_port()}"}}
+    labels_demo.prepare(cfg, tmp_path)
+    labels_demo._peers["ap"].checkin_delay = 0.2
+    gw = Gateway(parse_config(cfg, "<demo>"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run(stop))
+    peers = asyncio.create_task(labels_demo.run(gw))
+    try:
+        await until(lambda: all(d["state"] == "ok" for d in gw.supervisor.status()), 20, "demo devices ok")
+        change = Change(2, [Item("1001", "4006381333931", 179, "Organic whole milk 1 l", 179, "l"),
+                            Item("1004", None, 1299, "Olive oil 0.75 l", 1732, "l")])
+        targets = [gw.supervisor.driver("labels-1"), gw.supervisor.driver("esl-ap")]
+        for t in targets:
+            await t.price_prepare(change)  # type: ignore[union-attr]
+        for t in targets:
+            await until_async(lambda t=t: t.price_confirmed(2), 20, "demo label confirmed")  # type: ignore[misc]
+        await until(lambda: "Olive oil 0.75 l | €12.99" in capsys.readouterr().out or False, 5, "console line")
+    finally:
+        peers.cancel()
+        stop.set()
+        await asyncio.wait_for(task, 30)
