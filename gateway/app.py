@@ -31,7 +31,9 @@ PartRunner = Callable[[], Coroutine[Any, Any, None]]
 
 # Modules with an `install(gateway: Gateway) -> None` that adds a part (services, MQTT handlers, HTTP routes,
 # status sections, background tasks). One line each; the order is the start order.
-PART_INSTALLERS: list[str] = []
+PART_INSTALLERS: list[str] = [
+    "gateway.prices",
+]
 
 
 class Gateway:

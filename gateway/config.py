@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.prices.models import PricesConfig
+
 STORE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -126,6 +128,7 @@ class GatewayConfig(Strict):
     http: HttpConfig = Field(default_factory=HttpConfig)  # type: ignore[arg-type]
     trust: TrustConfig = Field(default_factory=TrustConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
+    prices: PricesConfig = Field(default_factory=PricesConfig)  # type: ignore[arg-type]
     # Raw device tables; each is validated by its driver's own model (see gateway.drivers_registry), so that a
     # retailer's driver found through an entry point is validated exactly like ours.
     devices: list[dict[str, Any]] = Field(default_factory=list)

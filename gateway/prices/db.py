@@ -1,0 +1,143 @@
+"""The price database: schema, one writer thread, and per-thread readers.
+
+It is a separate SQLite file from the outbox (``prices.db`` beside it by default) so that a 100k-row batch never
+holds the outbox's writer. All writes run on one dedicated thread (``write``), each as one transaction; reads run
+on per-thread connections, which in WAL mode never wait for the writer, so a till's LOOKUP is a single indexed
+read (tens of microseconds) even while a batch is being staged.
+
+Tables (the journal is ``batches.phase`` + ``targets``):
+- ``book``: the prices in force, one row per SKU; ``meta.active_version`` is its version.
+- ``batches``: every batch seen, its manifest and phase; ``staged``: a batch's items once verified;
+  ``raw_chunks``: chunks that arrived before their manifest (unverified, bounded, dropped after a TTL).
+- ``changes``: a batch's diff against the book (old and new price per SKU); while the batch id is in
+  ``transitions`` every lookup of those SKUs answers min(old, new).
+- ``targets``: each device's progress through a batch; ``devices``: each device's last known version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.outbox import open_database
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS book(
+  sku TEXT PRIMARY KEY, gtin TEXT, price INTEGER NOT NULL, unit_price INTEGER, unit_basis TEXT,
+  description TEXT NOT NULL, promotion TEXT) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS book_gtin ON book(gtin) WHERE gtin IS NOT NULL;
+CREATE TABLE IF NOT EXISTS batches(
+  batch_id TEXT PRIMARY KEY, version INTEGER, source TEXT NOT NULL, manifest TEXT, mode TEXT, currency TEXT,
+  effective_at REAL, chunks_total INTEGER, chunks_done INTEGER NOT NULL DEFAULT 0, item_count INTEGER,
+  phase TEXT NOT NULL, reason TEXT, received_at REAL NOT NULL, staged_at REAL, prepare_started REAL,
+  changed INTEGER, decided_at REAL, committed_at REAL, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS batches_phase ON batches(phase);
+CREATE TABLE IF NOT EXISTS raw_chunks(
+  batch_id TEXT NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL, received_at REAL NOT NULL,
+  PRIMARY KEY(batch_id, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunk_done(batch_id TEXT NOT NULL, idx INTEGER NOT NULL,
+  PRIMARY KEY(batch_id, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS staged(
+  batch_id TEXT NOT NULL, sku TEXT NOT NULL, gtin TEXT, price INTEGER NOT NULL, unit_price INTEGER,
+  unit_basis TEXT, description TEXT NOT NULL, promotion TEXT, PRIMARY KEY(batch_id, sku)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes(
+  batch_id TEXT NOT NULL, sku TEXT NOT NULL, old_price INTEGER, new_price INTEGER, kind TEXT NOT NULL,
+  PRIMARY KEY(batch_id, sku)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS changes_sku ON changes(sku);
+CREATE TABLE IF NOT EXISTS transitions(batch_id TEXT PRIMARY KEY, outcome TEXT NOT NULL, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS targets(
+  batch_id TEXT NOT NULL, device TEXT NOT NULL, role TEXT NOT NULL, state TEXT NOT NULL, error TEXT,
+  updated_at REAL NOT NULL, PRIMARY KEY(batch_id, device));
+CREATE TABLE IF NOT EXISTS devices(
+  device TEXT PRIMARY KEY, role TEXT NOT NULL, version INTEGER, stale INTEGER NOT NULL DEFAULT 0,
+  drift TEXT, updated_at REAL NOT NULL);
+"""
+
+
+class PriceDb:
+    def __init__(self, path: Path, synchronous: str = "FULL"):
+        self.path = path
+        self.synchronous = synchronous
+        self._writer: sqlite3.Connection | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prices-db")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    def open(self) -> None:
+        """Open and create the schema (call from a worker thread or before the loop runs)."""
+        self._pool.submit(self._open).result()
+
+    def _open(self) -> None:
+        conn = open_database(self.path, self.synchronous)
+        conn.executescript(SCHEMA)
+        self._writer = conn
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+        self._pool.submit(_close).result()
+        self._pool.shutdown(wait=True)
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    # -- writes -------------------------------------------------------------------------------------------
+    def _in_txn(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._writer
+        if conn is None:
+            raise RuntimeError("price database is not open")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(conn, *args) on the writer thread inside one transaction; returns after COMMIT."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._in_txn, fn, *args)
+
+    def write_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._pool.submit(self._in_txn, fn, *args).result()
+
+    # -- reads --------------------------------------------------------------------------------------------
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read connection (WAL readers never wait for the writer)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA query_only=1")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(reader, *args) in a worker thread (for reads bigger than a point lookup)."""
+        return await asyncio.to_thread(lambda: fn(self.reader(), *args))
+
+
+def get_meta(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return str(row[0]) if row else default
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:
+    conn.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                 (key, str(value)))

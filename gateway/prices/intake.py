@@ -1,0 +1,177 @@
+"""MQTT intake for price batches and the desired version.
+
+Handlers are called by the uplink (one task per message; QoS 1 is acknowledged after the handler returns, so a
+chunk is on disk before the broker forgets it). CPU work (base64, zlib, item validation) runs in worker threads;
+SQLite work on the price database's writer thread; the asyncio loop only routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway.contract import Topics
+from gateway.prices.book import PriceBook
+from gateway.prices.db import PriceDb
+from gateway.prices.models import IN_PROGRESS, ChunkMessage, Desired, Manifest, PricesConfig, Reason
+from gateway.prices.staging import Outcome, Rejected, Staging, _loads_object, decode_chunk
+from gateway.uplink import Downlink
+
+log = logging.getLogger(__name__)
+Emit = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+class Intake:
+    def __init__(self, db: PriceDb, cfg: PricesConfig, staging: Staging, book: PriceBook, topics: Topics,
+                 groups: list[str], emit: Emit, on_change: Callable[[], None], on_complete: Callable[[], None]):
+        self.db = db
+        self.cfg = cfg
+        self.staging = staging
+        self.book = book
+        self.topics = topics
+        self.sources = {topics.prices_batch: "store"} | {topics.group_prices_batch(g): f"group:{g}" for g in groups}
+        self.emit = emit
+        self.on_change = on_change
+        self.on_complete = on_complete
+        self._route = asyncio.Lock()  # manifest acceptance vs. parking a chunk that arrived first
+        self._reported: OrderedDict[tuple[str | None, str], None] = OrderedDict()
+        self.desired: Desired | None = None
+        self._asked: tuple[int, float] | None = None
+        self.last_chunk_at: float | None = None  # monotonic; the bench measures from here
+        self.rejected_total = 0
+
+    def subscriptions(self) -> list[tuple[str, Callable[[Downlink], Awaitable[None]]]]:
+        out: list[tuple[str, Callable[[Downlink], Awaitable[None]]]] = [(t, self.on_batch) for t in self.sources]
+        return [*out, (self.topics.prices_desired, self.on_desired)]
+
+    # -- batches ------------------------------------------------------------------------------------------
+    async def on_batch(self, down: Downlink) -> None:
+        source = self.sources.get(down.topic, "unknown")
+        from_chunk = False
+        try:
+            obj = _loads_object(down.payload)
+            kind = obj.get("type")
+            if kind == "manifest":
+                await self._manifest(down.payload, source)
+            elif kind == "chunk":
+                from_chunk = True
+                await self._chunk(self.staging.parse_chunk(down.payload))
+            else:
+                raise Rejected(Reason.MALFORMED, f"unknown message type {kind!r} (expected manifest or chunk)",
+                               obj.get("batch_id") if isinstance(obj.get("batch_id"), str) else None)
+        except Rejected as rej:
+            await self.reject(rej, source, from_chunk)
+
+    async def reject(self, rej: Rejected, source: str, from_chunk: bool) -> None:
+        self.rejected_total += 1
+        await self.db.write(self.staging.record_rejection, rej, source, from_chunk)
+        key = (rej.batch_id, f"{rej.reason}:{rej.detail}")
+        log.warning("price batch %s rejected (%s): %s", rej.batch_id or "?", rej.reason, rej.detail)
+        if key in self._reported:
+            return  # the same bad message again (a redelivery): reported once is enough
+        self._reported[key] = None
+        while len(self._reported) > 256:
+            self._reported.popitem(last=False)
+        await self.emit("price.rejected", {"batch_id": rej.batch_id, "version": rej.version, "reason": str(rej.reason),
+                                           "detail": rej.detail, "source": source,
+                                           "active_version": self.book.active_version})
+        self.on_change()
+
+    async def _manifest(self, payload: bytes, source: str) -> None:
+        manifest, raw = await asyncio.to_thread(self.staging.check_manifest, payload, source)
+        async with self._route:
+            outcome: Outcome = await self.db.write(self.staging.accept_manifest, manifest, raw, source)
+            parked = (await self.db.write(self.staging.take_parked, manifest.batch_id)
+                      if outcome.accepted_manifest else [])
+        if outcome.duplicate:
+            log.info("batch %s: manifest received again; already in progress", manifest.batch_id)
+            return
+        log.info("batch %s (version %d, %d items in %d chunks) accepted for staging", manifest.batch_id,
+                 manifest.version, manifest.item_count, len(manifest.chunks))
+        self.on_change()
+        for chunk in parked:
+            try:
+                await self._store(manifest, chunk)
+            except Rejected as rej:
+                await self.reject(rej, source, True)
+                return
+
+    async def _chunk(self, chunk: ChunkMessage) -> None:
+        async with self._route:
+            manifest, phase = await self.db.read(self.staging.chunk_target, chunk)
+            if manifest is None:
+                await self.db.write(self.staging.park_chunk, chunk)
+                return
+        if phase != "staging":
+            return  # a redelivered chunk of a batch that is complete, finished or rejected
+        await self._store(manifest, chunk)
+
+    async def _store(self, manifest: Manifest, chunk: ChunkMessage) -> None:
+        if chunk.index >= len(manifest.chunks):
+            raise Rejected(Reason.MALFORMED, f"chunk {chunk.index} but the manifest lists {len(manifest.chunks)}",
+                           manifest.batch_id, manifest.version)
+        ref = manifest.chunks[chunk.index]
+        try:
+            items = await asyncio.to_thread(decode_chunk, chunk.data, manifest.encoding, ref.sha256, ref.items,
+                                            chunk.index)
+        except Rejected as rej:
+            rej.batch_id, rej.version = manifest.batch_id, manifest.version
+            raise
+        complete = await self.db.write(self.staging.store_chunk, manifest.batch_id, chunk.index, items)
+        self.last_chunk_at = time.monotonic()
+        if complete:
+            log.info("batch %s: all %d chunks staged", manifest.batch_id, len(manifest.chunks))
+            self.on_complete()
+        self.on_change()
+
+    # -- desired version ----------------------------------------------------------------------------------
+    async def on_desired(self, down: Downlink) -> None:
+        if not down.payload:
+            self.desired = None  # head office cleared it
+            return
+        try:
+            self.desired = Desired.model_validate_json(down.payload)
+        except ValidationError as err:
+            await self.reject(Rejected(Reason.MALFORMED, f"prices/desired: {err.errors()[0]['msg']}"), "desired",
+                              False)
+            return
+        await self.check_behind()
+
+    async def check_behind(self) -> None:
+        """Ask head office to resend when the desired version is newer than anything this store has or stages."""
+        d = self.desired
+        if d is None:
+            return
+        newest = await self.db.read(lambda c: c.execute(
+            f"SELECT MAX(version) FROM batches WHERE phase IN ({','.join('?' * len(IN_PROGRESS))})",
+            IN_PROGRESS).fetchone()[0])
+        have = max(self.book.active_version, int(newest or 0))
+        if d.version <= have:
+            return
+        now = time.monotonic()
+        if self._asked is not None and self._asked[0] == d.version and now - self._asked[1] < self.cfg.resend_every:
+            return
+        self._asked = (d.version, now)
+        log.info("head office wants price version %d, this store has %d: asking for a resend", d.version, have)
+        await self.emit("price.resend_requested", {"active_version": self.book.active_version,
+                                                   "desired_version": d.version, "desired_batch_id": d.batch_id})
+
+    async def run(self) -> None:
+        """Housekeeping: drop batches that never completed; keep asking while behind."""
+        while True:
+            await asyncio.sleep(min(60.0, self.cfg.resend_every / 2))
+            try:
+                for bid in await self.db.write(self.staging.expire):
+                    await self.reject(Rejected(Reason.MALFORMED, "incomplete: not every chunk arrived in time", bid),
+                                      "store", False)
+                await self.check_behind()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("price intake housekeeping failed")

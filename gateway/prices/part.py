@@ -1,0 +1,75 @@
+"""The price part as the gateway runs it: builds the pieces and runs their loops in one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from gateway.prices.audit import Auditor
+from gateway.prices.book import PriceBook
+from gateway.prices.coordinator import Coordinator
+from gateway.prices.db import PriceDb
+from gateway.prices.intake import Intake
+from gateway.prices.models import PricesConfig
+from gateway.prices.staging import Staging
+from gateway.prices.state import StatePublisher, build_state
+from gateway.prices.targets import Targets
+from gateway.uplink import Downlink
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+EVENT_DEVICE = "prices"  # the `device` of every price.* event
+
+
+class PricesPart:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        conf = gateway.config
+        self.cfg: PricesConfig = conf.prices
+        path = self.cfg.path or conf.storage.path.parent / "prices.db"
+        self.db = PriceDb(path, conf.storage.synchronous)
+        self.ready = asyncio.Event()
+        self.targets = Targets(gateway)
+        self.state = StatePublisher(self.db, self._build_state,
+                                    lambda body: gateway.uplink.publish_state(gateway.topics.prices_state, body))
+        self.book = PriceBook(self.db, is_stale=lambda device: self.auditor.is_stale(device))
+        self.staging = Staging(self.db, self.cfg, conf.store_id, list(conf.groups), list(conf.trust.public_keys))
+        self.coordinator = Coordinator(self.db, self.cfg, self.targets, self.emit, self.state.mark)
+        self.auditor = Auditor(self.db, self.cfg, self.book, self.coordinator, self.emit, self.state.mark)
+        self.intake = Intake(self.db, self.cfg, self.staging, self.book, gateway.topics, list(conf.groups),
+                             self.emit, self.state.mark, self.coordinator.wake.set)
+        for topic, handler in self.intake.subscriptions():
+            gateway.uplink.subscribe(topic, self._when_ready(handler))
+
+    async def emit(self, kind: str, data: dict[str, Any]) -> Any:
+        return await self.gateway.emit(kind, EVENT_DEVICE, data)
+
+    def _when_ready(self, handler: Callable[[Downlink], Awaitable[None]]) -> Callable[[Downlink], Awaitable[None]]:
+        async def wrapped(down: Downlink) -> None:
+            await self.ready.wait()  # a message can arrive before the database is open
+            await handler(down)
+
+        return wrapped
+
+    def _build_state(self, conn: Any) -> dict[str, Any]:
+        devices = [(t.device, t.role) for t in self.targets.all()]
+        return build_state(conn, self.gateway.config.store_id, devices, self.auditor.stale, self.auditor.drift,
+                           self.coordinator.current)
+
+    async def run(self) -> None:
+        await asyncio.to_thread(self.db.open)
+        await self.auditor.load()
+        self.ready.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.state.run(), name="prices-state")
+                tg.create_task(self.coordinator.run(), name="prices-coordinator")
+                tg.create_task(self.auditor.run(), name="prices-audit")
+                tg.create_task(self.intake.run(), name="prices-intake")
+        finally:
+            self.ready.clear()
+            await asyncio.to_thread(self.db.close)

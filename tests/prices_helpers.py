@@ -1,0 +1,87 @@
+"""Helpers for the price tests: a head-office key, batches, a publisher, and a gateway config with targets."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.prices.hq_batch import Batch, build_batch
+from gateway.signing import KeyPair, keygen
+from tests.helpers import Subscriber, wait_for
+
+STORE = "store-0042"
+
+
+def make_key() -> KeyPair:
+    return keygen()
+
+
+def items(n: int, base: int = 100, step: int = 0, prefix: str = "SKU") -> list[dict[str, Any]]:
+    return [{"sku": f"{prefix}{i:06d}", "gtin": f"{4000000000000 + i:013d}", "price": base + i * step,
+             "description": f"Item {i}"} for i in range(n)]
+
+
+def batch(key: KeyPair | None, version: int, rows: list[dict[str, Any]], batch_id: str | None = None,
+          store: str = STORE, **kw: Any) -> Batch:
+    return build_batch(rows, version=version, batch_id=batch_id or f"b{version}", store=store,
+                       key=key.private_b64 if key else None, **kw)
+
+
+class Publisher:
+    """Plays head office's publishing side."""
+
+    def __init__(self, port: int):
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"hq-{time.monotonic_ns()}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def send(self, topic: str, payloads: list[bytes], retain: bool = False) -> None:
+        infos = [self.client.publish(topic, p, qos=1, retain=retain) for p in payloads]
+        for info in infos:
+            info.wait_for_publish(10)
+
+    def batch(self, b: Batch, store: str = STORE) -> None:
+        self.send(f"storelink/{store}/prices/batch", b.messages)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def prices_config(key: KeyPair, extra: str = "", deadline: float = 20.0) -> str:
+    return (f'[trust]\npublic_keys = ["{key.public_b64}"]\n'
+            f"[prices]\nprepare_deadline = {deadline}\ncommit_retry = 0.3\nconfirm_poll = 0.3\nstale_check = 0.5\n"
+            f"abort_hold = 1.0\naudit_interval = 3600\n{extra}")
+
+
+def price_events(sub: Subscriber, kind: str, store: str = STORE) -> list[dict[str, Any]]:
+    return [e for e in sub.events(store) if e["kind"] == kind]
+
+
+def wait_event(sub: Subscriber, kind: str, timeout: float = 20.0, store: str = STORE, **match: Any) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        for e in price_events(sub, kind, store):
+            if all(e["data"].get(k) == v for k, v in match.items()):
+                return e
+        return None
+
+    return wait_for(found, timeout, what=f"{kind} event {match}")  # type: ignore[no-any-return]
+
+
+def latest_state(sub: Subscriber, store: str = STORE) -> dict[str, Any] | None:
+    with sub.lock:
+        bodies = [p for t, p, _r in sub.messages if t == f"storelink/{store}/prices/state" and p]
+    return json.loads(bodies[-1]) if bodies else None
+
+
+def write_items_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    cols = ["sku", "gtin", "price", "description"]
+    lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
