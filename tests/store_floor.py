@@ -1,0 +1,128 @@
+"""A simulated shop floor for the price tests: real till simulators over TCP, a fake ESL access point and a fake
+ZPL printer, run on their own asyncio loop in a thread so the test (and a real `storelink run` subprocess) can
+drive them from plain blocking code.
+
+What the shelf *shows* is modelled as a customer would see it: an ESL tag shows the content it fetched at its
+last check-in (not what was uploaded to the AP and is still pending), a paper label the last one printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from drivers.openepaperlink_sim import FakeAccessPoint, FakeTag
+from drivers.till_sim import TillSimulator
+from drivers.zpl_printer_sim import FakeZplCore, FakeZplPrinter
+
+T = TypeVar("T")
+
+
+def money_to_minor(text: str) -> int:
+    m = re.search(r"(\d+)\.(\d{2})", text)
+    assert m, f"no amount in {text!r}"
+    return int(m.group(1)) * 100 + int(m.group(2))
+
+
+class StoreFloor:
+    def __init__(self, till_ids: list[str], tags: dict[str, str], till_port: int, checkin_delay: float = 0.2,
+                 print_seconds: float = 0.0):
+        self.till_ids = till_ids
+        self.tag_of = tags  # sku -> mac
+        self.till_port = till_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="store-floor", daemon=True)
+        self.thread.start()
+        self.ap = FakeAccessPoint(list(tags.values()), checkin_delay=checkin_delay)
+        self.printer = FakeZplPrinter(FakeZplCore(print_seconds=print_seconds))
+        self.shown: dict[str, str | None] = {}  # mac -> content the tag displays
+        self.ap.on_checkin.append(self._checked_in)
+        self.tills = {t: TillSimulator("127.0.0.1", till_port, t) for t in till_ids}
+        self._keepers: list[asyncio.Future[None]] = []
+        self.call(self.ap.start())
+        self.call(self.printer.start())
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _checked_in(self, tag: FakeTag) -> None:
+        self.shown[tag.mac] = tag.content
+
+    # -- tills --------------------------------------------------------------------------------------------
+    def start_tills(self, ids: list[str] | None = None) -> None:
+        for t in ids or self.till_ids:
+            self._keepers.append(asyncio.run_coroutine_threadsafe(self._keep(self.tills[t]), self.loop))
+
+    async def _keep(self, sim: TillSimulator) -> None:
+        """A till that reconnects whenever the gateway goes away (as a real one would)."""
+        while True:
+            try:
+                await sim.connect()
+                await sim.closed.wait()
+            except (OSError, ConnectionError, TimeoutError, Exception):
+                pass
+            await sim.close()
+            await asyncio.sleep(0.2)
+
+    def stop_tills(self) -> None:
+        for k in self._keepers:
+            k.cancel()
+        self._keepers.clear()
+        for sim in self.tills.values():
+            with contextlib.suppress(Exception):
+                self.call(sim.close())
+
+    def till_versions(self) -> dict[str, int | None]:
+        return {t: sim.version for t, sim in self.tills.items()}
+
+    def lookup(self, till: str, sku: str) -> dict[str, Any] | None:
+        reply = self.call(self.tills[till].lookup(sku), timeout=15)
+        return reply.get("item") if reply.get("type") == "OK" else None
+
+    def till_prices(self, till: str) -> dict[str, int]:
+        """The prices the till itself holds (what it committed), by SKU."""
+        return {k: int(v["price"]) for k, v in self.tills[till].prices.items()}
+
+    # -- the shelf ----------------------------------------------------------------------------------------
+    def tag_price(self, sku: str) -> int | None:
+        content = self.shown.get(self.tag_of[sku])
+        if not content:
+            return None
+        return money_to_minor(json.loads(content)[1]["text"][2])
+
+    def tag_version(self, sku: str) -> int | None:
+        content = self.shown.get(self.tag_of[sku])
+        if not content:
+            return None
+        return int(json.loads(content)[-1]["text"][2].lstrip("v"))
+
+    def printed_labels(self) -> list[list[str]]:
+        return self.printer.core.printed_fields()
+
+    def close(self) -> None:
+        self.stop_tills()
+        with contextlib.suppress(Exception):
+            self.call(self.ap.close())
+        with contextlib.suppress(Exception):
+            self.call(self.printer.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def devices_toml(floor: StoreFloor, zpl: bool = True) -> str:
+    out = ""
+    for t in floor.till_ids:
+        out += (f'[[devices]]\nid = "till-{t}"\ndriver = "till_tcp"\nlisten = "127.0.0.1:{floor.till_port}"\n'
+                f'till_id = "{t}"\nrequest_timeout = 3\n')
+    tags = ", ".join(f'"{sku}" = "{mac}"' for sku, mac in floor.tag_of.items())
+    out += (f'[[devices]]\nid = "esl"\ndriver = "openepaperlink"\nurl = "{floor.ap.url}"\npoll_interval = 0.3\n'
+            f"tags = {{ {tags} }}\n")
+    if zpl:
+        out += (f'[[devices]]\nid = "zpl"\ndriver = "zpl_printer"\nhost = "127.0.0.1"\nport = {floor.printer.port}\n'
+                "poll_interval = 0.5\nretry_interval = 0.3\n")
+    return out
