@@ -84,7 +84,7 @@ def test_price_change_rolls_across_tills_esl_and_printer(rig: Rig, subscriber: S
     assert rig.floor.tag_version("SKU000004") == 1  # unchanged items are not re-rendered
     wait_event(subscriber, "price.confirmed", version=2)
     assert rig.floor.lookup("2", "SKU000002")["price"] == 150  # type: ignore[index]
-    status, state = rig.gw.get("/api/v1/prices/state")  # type: ignore[union-attr]
+    _status, state = rig.gw.get("/api/v1/prices/state")  # type: ignore[union-attr]
     assert state["active_version"] == 2 and state["transition"] == []
     assert {d["state"] for d in state["devices"].values()} == {"current"}
 
