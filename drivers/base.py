@@ -70,7 +70,15 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def run(self) -> None:
-        """Drive the device until cancelled. Raise to report a failure (the supervisor restarts it)."""
+        """Drive the device until cancelled. Raise to report a failure (the supervisor restarts it).
+
+        Report health with ``ctx.set_health``: the supervisor marks a device OFFLINE while it (re)starts and
+        after a failure, so a driver says OK itself once the device answers.
+        """
+
+    def details(self) -> dict[str, Any]:
+        """Driver-specific facts for the status API (peer address, counters, last file written). JSON-able."""
+        return {}
 
 
 # -- price targets ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from gateway.outbox import iso_ts
 from gateway.uplink import backoff_delay
 
 log = logging.getLogger(__name__)
+# last_seen moves with every scan; the retained state carries it, refreshed at most this often.
+SEEN_REPUBLISH_S = 60.0
 
 EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
 StateFn = Callable[[str, dict[str, Any]], None]
@@ -36,6 +38,8 @@ class DeviceHandle:
         self.last_seen: float | None = None
         self.since = time.time()
         self.restarts = 0
+        self.next_start: float | None = None  # when a failed driver is started again (backoff)
+        self._seen_published: float | None = None
         self.driver: Driver | None = None
         self.task: asyncio.Task[None] | None = None
         self.run_task: asyncio.Task[None] | None = None
@@ -59,7 +63,9 @@ class DeviceHandle:
             self._sup.publish_state(self)
 
     def seen(self) -> None:
-        self.last_seen = time.time()
+        self.last_seen = now = time.time()
+        if self._seen_published is None or now - self._seen_published >= SEEN_REPUBLISH_S:
+            self._sup.publish_state(self)
 
     def service(self, name: str) -> Any:
         return self._sup.services[name]
@@ -88,10 +94,22 @@ class DeviceSupervisor:
         self.devices = {c.id: DeviceHandle(self, c, store_id) for c in configs if c.enabled}
 
     def publish_state(self, handle: DeviceHandle) -> None:
+        handle._seen_published = handle.last_seen
         self._publish(self._state_topic(handle.device_id), handle.as_dict())
 
     def status(self) -> list[dict[str, Any]]:
-        return [h.as_dict() | {"restarts": h.restarts} for h in self.devices.values()]
+        return [self._status_of(h) for h in self.devices.values()]
+
+    @staticmethod
+    def _status_of(handle: DeviceHandle) -> dict[str, Any]:
+        out = handle.as_dict() | {"restarts": handle.restarts,
+                                  "next_start": iso_ts(handle.next_start) if handle.next_start else None}
+        if handle.driver is not None:
+            try:
+                out["details"] = handle.driver.details()
+            except Exception as err:  # a driver's broken report must not break the status page
+                out["details"] = {"error": f"{type(err).__name__}: {err}"}
+        return out
 
     def driver(self, device_id: str) -> Driver | None:
         handle = self.devices.get(device_id)
@@ -138,5 +156,10 @@ class DeviceSupervisor:
                             extra={"device": handle.device_id})
             if time.monotonic() - started > 60:
                 attempt = 0  # it ran a good while: the next failure starts the backoff afresh
-            await asyncio.sleep(backoff_delay(attempt, *self.backoff))
+            delay = backoff_delay(attempt, *self.backoff)
+            handle.next_start = time.time() + delay
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                handle.next_start = None
             attempt += 1

@@ -1,0 +1,249 @@
+"""A till simulator speaking the StoreLink till protocol: for tests, ``storelink demo``, and for POS vendors to
+try their integration against (``python -m drivers.till_sim --connect 127.0.0.1:7700 --till-id 1``).
+
+It connects, says HELLO with its price version, sends sales and lookups, and answers the gateway's PREPARE /
+COMMIT / ABORT / VERSION / PING like a real till: prices are staged per version and switched on COMMIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from drivers import till_protocol as tp
+
+log = logging.getLogger(__name__)
+
+
+class TillSimulator:
+    def __init__(self, host: str, port: int, till_id: str, *, secret: str | None = None, version: int | None = None,
+                 answer_gateway: bool = True, refuse_prepare: str | None = None):
+        self.host, self.port, self.till_id, self.secret = host, port, till_id, secret
+        self.version = version  # the price version this till charges with
+        self.answer_gateway = answer_gateway  # False: a till that hangs (tests of the gateway's timeouts)
+        self.refuse_prepare = refuse_prepare  # an error text: refuse every PREPARE with it
+        self.prices: dict[str, dict[str, Any]] = {}
+        self.staged: dict[int, list[dict[str, Any]]] = {}
+        self.received: list[dict[str, Any]] = []  # every request the gateway sent
+        self.hello_reply: dict[str, Any] | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+
+    # -- connection -------------------------------------------------------------------------------------------
+    async def connect(self) -> dict[str, Any]:
+        """Connect and say HELLO; returns the gateway's reply (TillError when it refuses)."""
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=16 * 1024 * 1024)
+        self.closed.clear()
+        self._task = asyncio.create_task(self._read_loop(), name=f"till-sim-{self.till_id}")
+        hello: dict[str, Any] = {"type": "HELLO", "till_id": self.till_id, "protocol": tp.PROTOCOL_VERSION,
+                                 "version": self.version, "staged": max(self.staged, default=None)}
+        if self.secret:
+            hello["secret"] = self.secret
+        self.hello_reply = await self.request(hello)
+        return self.hello_reply
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._writer.wait_closed()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.closed.set()
+
+    async def send_raw(self, data: bytes) -> None:
+        assert self._writer is not None, "not connected"
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def request(self, message: dict[str, Any], timeout: float = 10.0, raise_error: bool = True) -> dict[str, Any]:
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await self.send_raw(tp.encode({**message, "id": rid}))
+            async with asyncio.timeout(timeout):
+                reply = await fut
+        finally:
+            self._pending.pop(rid, None)
+        if raise_error and reply.get("type") == "ERROR":
+            raise TillError(reply)
+        return reply
+
+    async def sale(self, sale: dict[str, Any]) -> dict[str, Any]:
+        return await self.request({"type": "SALE", "sale": sale})
+
+    async def lookup(self, sku: str) -> dict[str, Any]:
+        return await self.request({"type": "LOOKUP", "sku": sku}, raise_error=False)
+
+    async def next_reply(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next reply with no request of ours behind it (an answer to raw bytes sent with send_raw)."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[-1] = fut
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self._pending.pop(-1, None)
+
+    # -- the gateway's side -------------------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        try:
+            while (line := await self._reader.readline()):
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    log.warning("gateway sent a line that is not JSON: %r", line[:80])
+                    continue
+                if msg.get("type") in ("OK", "ERROR"):
+                    fut = self._pending.get(msg.get("re")) if isinstance(msg.get("re"), int) else None
+                    fut = fut or self._pending.get(-1)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                    continue
+                self.received.append(msg)
+                if self.answer_gateway:
+                    await self.send_raw(tp.encode({"re": msg.get("id"), **self._answer(msg)}))
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed.set()
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("gateway closed the connection"))
+
+    def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
+        kind, v = msg.get("type"), msg.get("version")
+        if kind == "PING":
+            return {"type": "OK"}
+        if kind == "VERSION":
+            return {"type": "OK", "version": self.version, "staged": max(self.staged, default=None)}
+        if not isinstance(v, int):
+            return {"type": "ERROR", "code": tp.BAD_REQUEST if kind else tp.UNKNOWN_TYPE, "error": "no version"}
+        if kind == "PREPARE":
+            if self.refuse_prepare:
+                return {"type": "ERROR", "code": "refused", "error": self.refuse_prepare}
+            if msg.get("part") == 1:
+                self.staged[v] = []
+            self.staged.setdefault(v, []).extend(msg.get("items") or [])
+            return {"type": "OK", "version": v}
+        if kind == "COMMIT":
+            if v == self.version:
+                return {"type": "OK", "version": v}  # repeated COMMIT: already on it
+            if v not in self.staged:
+                return {"type": "ERROR", "code": tp.NOT_STAGED, "error": f"version {v} is not staged"}
+            for item in self.staged.pop(v):
+                self.prices[item["sku"]] = item
+            self.version = v
+            return {"type": "OK", "version": v}
+        if kind == "ABORT":
+            self.staged.pop(v, None)
+            return {"type": "OK"}
+        return {"type": "ERROR", "code": tp.UNKNOWN_TYPE, "error": f"unknown type {kind!r}"}
+
+
+class TillError(Exception):
+    def __init__(self, reply: dict[str, Any]):
+        super().__init__(f"{reply.get('code')}: {reply.get('error')}")
+        self.reply = reply
+        self.code = reply.get("code")
+
+
+_receipts = itertools.count(1)
+
+
+def make_sale(till_id: str, price_version: int | None = None, lines: int = 2) -> dict[str, Any]:
+    """A plausible sale (anonymous: no customer data, tender type only)."""
+    items: list[dict[str, Any]] = [
+        {"sku": f"{4006381333900 + random.randint(0, 99)}", "qty": random.choice([1, 1, 2]),
+         "price": random.choice([99, 149, 249, 499, 1299])} for _ in range(lines)]
+    total = sum(int(i["qty"]) * int(i["price"]) for i in items)
+    return {"sale_id": f"T{till_id}-{int(time.time())}-{next(_receipts):05d}",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "currency": "EUR", "total": total,
+            "price_version": price_version, "lines": items, "payments": [{"tender": "card", "amount": total}]}
+
+
+async def run_till(sim: TillSimulator, every: float, skus: list[str], say: Any = print) -> None:
+    """Keep connected (reconnecting with backoff), post a sale and do a lookup every `every` seconds."""
+    delay = 0.5
+    while True:
+        try:
+            await sim.connect()
+            say(f"[till {sim.till_id}] connected to {sim.host}:{sim.port}")
+            delay = 0.5
+            while not sim.closed.is_set():
+                sale = make_sale(sim.till_id, sim.version)
+                reply = await sim.sale(sale)
+                say(f"[till {sim.till_id}] SALE {sale['sale_id']} {sale['total'] / 100:.2f} EUR -> stored "
+                    f"(seq {reply.get('seq')})")
+                if skus:
+                    sku = random.choice(skus)
+                    res = await sim.lookup(sku)
+                    text = json.dumps(res["item"]) if res["type"] == "OK" else f"{res['code']}: {res['error']}"
+                    say(f"[till {sim.till_id}] LOOKUP {sku} -> {text}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sim.closed.wait(), every)
+        except (OSError, ConnectionError, TimeoutError, TillError) as err:
+            say(f"[till {sim.till_id}] {type(err).__name__}: {err}; retrying in {delay:.1f} s")
+        await sim.close()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)
+
+
+# -- storelink demo ---------------------------------------------------------------------------------------------
+
+def _demo_prepare(cfg: dict[str, Any], workdir: Path) -> None:
+    port = tp_free_port()
+    cfg["devices"].append({"id": "till-1", "driver": "till_tcp", "listen": f"127.0.0.1:{port}", "till_id": "1"})
+
+
+async def _demo_run(gateway: Any) -> None:
+    dev = next(d for d in gateway.config.device_configs if d.id == "till-1")
+    host, port = tp.parse_address(dev.listen)
+    await run_till(TillSimulator(host, port, "1", version=0), 4.0, ["4006381333931", "4006381333948"],
+                   lambda line: print(line, flush=True))
+
+
+def tp_free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+DEMO_EXTENSION = (_demo_prepare, _demo_run)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--connect", default=f"127.0.0.1:{tp.DEFAULT_PORT}", help="gateway till port (HOST:PORT)")
+    p.add_argument("--till-id", default="1")
+    p.add_argument("--secret", default=None)
+    p.add_argument("--every", type=float, default=5.0, help="seconds between sales")
+    p.add_argument("--lookup", action="append", default=[], help="a SKU to look up after each sale (repeatable)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    host, port = tp.parse_address(args.connect, default_host="127.0.0.1")
+    sim = TillSimulator(host, port, args.till_id, secret=args.secret, version=0)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_till(sim, args.every, args.lookup))
+
+
+if __name__ == "__main__":
+    main()
