@@ -75,8 +75,10 @@ def _subcommands() -> list[Subcommand]:
         ("run", "run the gateway until SIGTERM/SIGINT", _args_run, cmd_run),
     ]
     from gateway.demo import SUBCOMMAND as demo
+    from gateway.prices.hq import SUBCOMMAND as hq
 
     subs.append(demo)
+    subs.append(hq)
     return subs
 
 
