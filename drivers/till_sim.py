@@ -15,7 +15,6 @@ import json
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 from drivers import till_protocol as tp
@@ -203,31 +202,6 @@ async def run_till(sim: TillSimulator, every: float, skus: list[str], say: Any =
         await sim.close()
         await asyncio.sleep(delay)
         delay = min(delay * 2, 30.0)
-
-
-# -- storelink demo ---------------------------------------------------------------------------------------------
-
-def _demo_prepare(cfg: dict[str, Any], workdir: Path) -> None:
-    port = tp_free_port()
-    cfg["devices"].append({"id": "till-1", "driver": "till_tcp", "listen": f"127.0.0.1:{port}", "till_id": "1"})
-
-
-async def _demo_run(gateway: Any) -> None:
-    dev = next(d for d in gateway.config.device_configs if d.id == "till-1")
-    host, port = tp.parse_address(dev.listen)
-    await run_till(TillSimulator(host, port, "1", version=0), 4.0, ["4006381333931", "4006381333948"],
-                   lambda line: print(line, flush=True))
-
-
-def tp_free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-DEMO_EXTENSION = (_demo_prepare, _demo_run)
 
 
 def main() -> None:

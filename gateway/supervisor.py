@@ -94,7 +94,7 @@ class DeviceSupervisor:
         self.devices = {c.id: DeviceHandle(self, c, store_id) for c in configs if c.enabled}
 
     def publish_state(self, handle: DeviceHandle) -> None:
-        handle._seen_published = handle.last_seen
+        handle._seen_published = time.time()
         self._publish(self._state_topic(handle.device_id), handle.as_dict())
 
     def status(self) -> list[dict[str, Any]]:
