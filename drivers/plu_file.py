@@ -31,6 +31,8 @@ DEFAULT_COLUMNS: tuple[Column, ...] = ("sku", "gtin", "description", "price", "u
 class PluFileConfig(DeviceConfig):
     directory: Path = Field(description="the directory the POS imports from")
     file_name: str = Field("prices_{version}.csv", description="placeholders: {version} {store_id} {device}")
+    contents: Literal["changes", "full"] = Field(
+        "changes", description="changes: the items of this version only; full: the whole price book at it")
     columns: list[Column] = Field(default_factory=lambda: list(DEFAULT_COLUMNS), min_length=1)
     header: bool = Field(True, description="first line names the columns")
     header_names: dict[str, str] = Field(default_factory=dict, description="column -> header text")
@@ -87,14 +89,21 @@ def format_amount(value: int | None, cfg: PluFileConfig) -> str:
     return f"{'-' if value < 0 else ''}{whole}{cfg.decimal_separator}{frac:0{cfg.decimals}d}"
 
 
-def render(change: PriceChange, cfg: PluFileConfig) -> tuple[bytes, list[str]]:
+def full_list(book: Any, change: PriceChange) -> list[Any]:
+    """Every item of the price book with this change applied, in SKU order (reads SQLite: call in a thread)."""
+    changed = {i.sku: i for i in change.changed}
+    items = [changed.pop(i.sku, i) for i in book.iter_items()]
+    return sorted(items + list(changed.values()), key=lambda i: str(i.sku))
+
+
+def render(change: PriceChange, cfg: PluFileConfig, items: list[Any] | None = None) -> tuple[bytes, list[str]]:
     """The file's bytes, and the SKUs whose text the encoding could not represent (written with '?')."""
     out = io.StringIO()
     writer = csv.writer(out, delimiter=cfg.delimiter, lineterminator="\r\n" if cfg.line_ending == "crlf" else "\n")
     if cfg.header:
         writer.writerow([cfg.header_names.get(c, c) for c in cfg.columns])
     lossy: list[str] = []
-    for item in change.changed:
+    for item in change.changed if items is None else items:
         values = {
             "sku": item.sku, "gtin": item.gtin or "", "description": item.description,
             "price": format_amount(item.price, cfg), "unit_price": format_amount(item.unit_price, cfg),
@@ -175,7 +184,14 @@ class PluFileDriver(Driver):
 
     # -- PriceTarget ------------------------------------------------------------------------------------------
     async def price_prepare(self, change: PriceChange) -> None:
-        data, lossy = render(change, self.cfg)
+        items = None
+        if self.cfg.contents == "full":
+            try:
+                book = self.ctx.service("prices")
+            except KeyError:
+                raise PrepareFailed(f"{self.cfg.id}: contents = 'full' needs the price book (no 'prices')") from None
+            items = await asyncio.to_thread(full_list, book, change)
+        data, lossy = await asyncio.to_thread(render, change, self.cfg, items)
         if lossy:
             log.warning("%s: %d item texts not representable in %s were written with '?' (sku %s...)",
                         self.cfg.id, len(lossy), self.cfg.encoding, ", ".join(lossy[:5]),
