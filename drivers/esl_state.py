@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS pushes (
     state TEXT NOT NULL CHECK (state IN ('planned', 'pushed', 'confirmed', 'restore_pending', 'restored',
                                          'no_restore', 'cancelled')),
     pushed_at REAL NOT NULL,
+    uploaded_at REAL,
     confirmed_at REAL,
     PRIMARY KEY (version, mac)
 );
@@ -88,7 +89,7 @@ class EslState:
 
     def plan(self, version: int, tags: list[tuple[str, str]]) -> set[str]:
         """Record which (mac, sku) the version must reach before anything is sent, so a tag whose upload failed
-        still counts as unconfirmed. Returns the MACs already pushed (a repeated prepare skips them)."""
+        still counts as unconfirmed. Returns the MACs the AP already took (a repeated prepare skips them)."""
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -96,7 +97,7 @@ class EslState:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO pushes (version, mac, sku, content, hash_before, state, pushed_at) "
                     "VALUES (?, ?, ?, '', '', 'planned', ?)", [(version, mac, sku, now) for mac, sku in tags])
-                rows = self._db.execute("SELECT mac FROM pushes WHERE version=? AND state!='planned'",
+                rows = self._db.execute("SELECT mac FROM pushes WHERE version=? AND uploaded_at IS NOT NULL",
                                         (version,)).fetchall()
                 self._db.execute("COMMIT")
             except BaseException:
@@ -104,23 +105,34 @@ class EslState:
                 raise
         return {r[0] for r in rows}
 
-    def has_shown(self, mac: str) -> bool:
+    def record_pushes(self, version: int, pushes: list[tuple[str, str, str, str, str | None]]) -> None:
+        """(mac, sku, content, hash_before, found_on_ap) for each tag about to get `content`, in one transaction
+        and before the uploads: a crash mid-upload leaves these tags `pushed`, so an abort still restores them.
+        The content each tag confirmed last (or, for a tag this gateway never wrote, what the access point held
+        for it: found_on_ap) is kept for that abort. A tag already pushed keeps its first hash_before."""
+        now = time.time()
         with self._lock:
-            return self._db.execute("SELECT 1 FROM shown WHERE mac=?", (mac,)).fetchone() is not None
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO pushes (version, mac, sku, content, hash_before, previous_content, "
+                    "previous_version, state, pushed_at) SELECT ?, ?, ?, ?, ?, COALESCE(s.content, ?), s.version, "
+                    "'pushed', ? FROM (SELECT 1) LEFT JOIN shown s ON s.mac=? WHERE true "
+                    "ON CONFLICT (version, mac) DO UPDATE SET content=excluded.content, "
+                    "hash_before=excluded.hash_before, previous_content=excluded.previous_content, "
+                    "previous_version=excluded.previous_version, state='pushed', pushed_at=excluded.pushed_at "
+                    "WHERE pushes.state='planned'",
+                    [(version, mac, sku, content, before, found, now, mac)
+                     for mac, sku, content, before, found in pushes])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
-    def record_push(self, version: int, mac: str, sku: str, content: str, hash_before: str,
-                    found_on_ap: str | None = None) -> None:
-        """A tag accepted `content` for `version`. The content it confirmed last (or, for a tag this gateway never
-        wrote, what the access point held for it: `found_on_ap`) is kept for an abort."""
+    def mark_uploaded(self, version: int, macs: list[str]) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT INTO pushes (version, mac, sku, content, hash_before, previous_content, previous_version, "
-                "state, pushed_at) SELECT ?, ?, ?, ?, ?, COALESCE(s.content, ?), s.version, 'pushed', ? "
-                "FROM (SELECT 1) LEFT JOIN shown s ON s.mac=? WHERE true ON CONFLICT (version, mac) DO UPDATE SET "
-                "content=excluded.content, hash_before=excluded.hash_before, previous_content="
-                "excluded.previous_content, previous_version=excluded.previous_version, state='pushed', "
-                "pushed_at=excluded.pushed_at WHERE pushes.state='planned'",
-                (version, mac, sku, content, hash_before, found_on_ap, time.time(), mac))
+            self._db.executemany("UPDATE pushes SET uploaded_at=? WHERE version=? AND mac=?",
+                                 [(time.time(), version, m) for m in macs])
 
     def unconfirmed(self, version: int | None = None) -> list[Push]:
         sql = ("SELECT version, mac, sku, content, hash_before, previous_content, state, pushed_at FROM pushes p "

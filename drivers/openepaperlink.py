@@ -308,21 +308,38 @@ class OpenEPaperLink(Driver):
         done = await asyncio.to_thread(state.plan, change.version, [(m, i.sku) for i, m in mine])
         todo = [(i, m) for i, m in mine if m not in done]
 
-        async def push(item: PriceItem, mac: str) -> None:
-            content = render_tag_content(item, change.currency, change.version, self.cfg.layout)
-            before = await self.get_tag(mac)
-            found = None if await asyncio.to_thread(state.has_shown, mac) else await self._current_content(mac)
-            await self.upload(mac, content)
-            await asyncio.to_thread(state.record_push, change.version, mac, item.sku, content, before["hash"], found)
-
-        results = await asyncio.gather(*(push(i, m) for i, m in todo), return_exceptions=True)
-        failed = [f"{i.sku}@{m}: {r}" for (i, m), r in zip(todo, results, strict=True) if isinstance(r, Exception)]
+        # Many tags: one paged sweep of the AP's database reads every hash before the pushes (far fewer requests
+        # than one get_db per tag); a few tags: ask for each.
+        failed: list[str] = []
+        try:
+            if len(todo) > 20:
+                records = await self.all_tags()
+            else:
+                got = await asyncio.gather(*(self.get_tag(m) for _i, m in todo), return_exceptions=True)
+                records = {m: r for (_i, m), r in zip(todo, got, strict=True) if isinstance(r, dict)}
+                failed += [f"{i.sku}@{m}: {r}" for (i, m), r in zip(todo, got, strict=True) if isinstance(r, Exception)]
+        except AccessPointError as err:
+            self.ctx.set_health(Health.OFFLINE, str(err))
+            raise PrepareFailed(f"{self.cfg.id}: {err}") from err
+        failed += [f"{i.sku}@{m}: tag {m} is not known to the access point" for i, m in todo
+                   if m not in records and not any(f.startswith(f"{i.sku}@{m}:") for f in failed)]
+        todo = [(i, m) for i, m in todo if m in records]
+        known = set((await asyncio.to_thread(state.shown)).keys())
+        found = await asyncio.gather(*(self._current_content(m) for _i, m in todo if m not in known))
+        found_by_mac = dict(zip([m for _i, m in todo if m not in known], found, strict=True))
+        contents = {m: render_tag_content(i, change.currency, change.version, self.cfg.layout) for i, m in todo}
+        await asyncio.to_thread(state.record_pushes, change.version, [
+            (m, i.sku, contents[m], records[m]["hash"], found_by_mac.get(m)) for i, m in todo])
+        results = await asyncio.gather(*(self.upload(m, contents[m]) for _i, m in todo), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
+        await asyncio.to_thread(state.mark_uploaded, change.version,
+                                [m for (_i, m), r in zip(todo, results, strict=True) if r is None])
+        failed += [f"{i.sku}@{m}: {r}" for (i, m), r in zip(todo, results, strict=True) if isinstance(r, Exception)]
         if failed:
             self.ctx.set_health(Health.DEGRADED, failed[0])
-            raise PrepareFailed(f"{self.cfg.id}: {len(failed)} of {len(todo)} tag(s) not updated: "
+            raise PrepareFailed(f"{self.cfg.id}: {len(failed)} of {len(mine)} tag(s) not updated: "
                                 + "; ".join(failed[:5]))
         log.info("version %d: content pushed to %d tag(s)", change.version, len(todo), extra={"device": self.cfg.id})
         self._wake.set()
