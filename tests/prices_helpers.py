@@ -55,6 +55,10 @@ class Publisher:
 
 
 def prices_config(key: KeyPair, extra: str = "", deadline: float = 20.0) -> str:
+    import os
+
+    if os.environ.get("STORELINK_TEST_DEBUG"):
+        extra = '[logging]\nlevel = "DEBUG"\n' + extra
     return (f'[trust]\npublic_keys = ["{key.public_b64}"]\n'
             f"[prices]\nprepare_deadline = {deadline}\ncommit_retry = 0.3\nconfirm_poll = 0.3\nstale_check = 0.5\n"
             f"abort_hold = 1.0\naudit_interval = 3600\n{extra}")

@@ -35,6 +35,20 @@ from gateway.prices.models import Change, PricesConfig
 from gateway.prices.targets import Targets
 
 log = logging.getLogger(__name__)
+
+
+def release_memory() -> None:
+    """Give the memory of a big batch back to the OS (a Pi has little): collect, then trim glibc's heap."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the memory is reused by the next batch instead
+
+
 Emit = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
@@ -121,6 +135,7 @@ class Coordinator:
             finally:
                 self.current = None
                 self.on_change()
+                await asyncio.to_thread(release_memory)
 
     async def drive(self, batch_id: str) -> None:
         """Move one batch from wherever its journal stands to done or aborted."""
@@ -150,9 +165,11 @@ class Coordinator:
         if b.phase == "committed":
             await self._commit_all(b)
             await self._set_phase(b.batch_id, "done")
+            timings = await self._timings(b.batch_id)
             await self.db.write(lambda c: c.execute("DELETE FROM staged WHERE batch_id=?", (b.batch_id,)))
             await self.emit("price.committed", {"batch_id": b.batch_id, "version": b.version, "changed": b.changed,
-                                                "devices": await self._device_states(b.batch_id)})
+                                                "devices": await self._device_states(b.batch_id),
+                                                "timings": timings})
             self._follow(b.batch_id, b.version, committed=True)
         elif b.phase == "aborting":
             reason = await self.db.read(lambda c: c.execute("SELECT reason FROM batches WHERE batch_id=?",
@@ -163,6 +180,19 @@ class Coordinator:
             await self.emit("price.aborted", {"batch_id": b.batch_id, "version": b.version, "reason": reason,
                                               "devices": await self._device_states(b.batch_id)})
             self._follow(b.batch_id, b.version, committed=False)
+
+    async def _timings(self, batch_id: str) -> dict[str, float | None]:
+        """Seconds from the last chunk's arrival to the book switch and to every target committed."""
+        row = await self.db.read(lambda c: c.execute(
+            "SELECT last_chunk_at, staged_at, committed_at, updated_at FROM batches WHERE batch_id=?",
+            (batch_id,)).fetchone())
+        last, staged, committed, done = row
+
+        def gap(a: float | None, b: float | None) -> float | None:
+            return round(b - a, 3) if a and b else None
+
+        return {"last_chunk_to_staged_s": gap(last, staged), "last_chunk_to_book_s": gap(last, committed),
+                "last_chunk_to_committed_s": gap(last, done)}
 
     async def _supersede_older(self, b: BatchRow) -> None:
         older = await self.db.read(lambda c: [r[0] for r in c.execute(
@@ -210,11 +240,17 @@ class Coordinator:
         deadline_wall = started + self.cfg.prepare_deadline
         deadline = time.monotonic() + max(0.0, deadline_wall - time.time())
 
+        # Each driver turns the change into its own wire form (a till: one dict per item), so a 100k-item change
+        # sent to ten tills at once would hold ten copies; bound the items being prepared at any moment.
+        parallel = max(1, self.cfg.prepare_items_in_flight // max(1, len(change.changed)))
+        gate = asyncio.Semaphore(parallel)
+
         async def one(device: str) -> None:
             drv = await self.targets.wait_driver(device, deadline)
             if drv is None:
                 raise PrepareFailed(f"{device} is offline")
-            await drv.price_prepare(change)
+            async with gate:
+                await drv.price_prepare(change)
             await self._set_target(b.batch_id, device, "prepared")
             crash_point("mid_prepare")
 
@@ -268,19 +304,30 @@ class Coordinator:
             rows = await self._targets_of(b.batch_id, states)
             if not rows:
                 return
-            for device, role, _state in rows:
+
+            async def one(device: str, role: str) -> bool:
                 drv = self.targets.driver(device)
                 if drv is None:
-                    continue
+                    return False
                 try:
                     await getattr(drv, f"price_{action}")(b.version)
                 except Exception as err:
                     log.info("batch %s: %s to %s failed (%s); retrying", b.batch_id, action.upper(), device, err)
-                    continue
-                await self._set_target(b.batch_id, device, done_state)
-                if action == "commit":
-                    await self._set_reported(device, role, b.version)
-                    crash_point("mid_commit")
+                    return False
+                return True
+
+            # the first target alone (so a crash test can stop between the first and the rest), then the others
+            # at once; their outcomes are journalled in one transaction
+            first = [rows[0]] if await one(*rows[0][:2]) else []
+            if first:
+                await self._record_delivered(b, first, done_state, action)
+                crash_point(f"mid_{action}")
+            rest = rows[1:]
+            results = await asyncio.gather(*(one(d, r) for d, r, _s in rest))
+            await self._record_delivered(b, [row for row, ok in zip(rest, results, strict=True) if ok],
+                                         done_state, action)
+            if bool(first) and all(results):
+                return
             if time.monotonic() > give_up:
                 for device, role, _state in await self._targets_of(b.batch_id, states):
                     log.warning("batch %s: %s never reached %s; marking it stale", b.batch_id, action, device)
@@ -289,18 +336,30 @@ class Coordinator:
                 return
             await asyncio.sleep(self.cfg.commit_retry)
 
+    async def _record_delivered(self, b: BatchRow, rows: list[tuple[str, str, str]], done_state: str,
+                                action: str) -> None:
+        if not rows:
+            return
+        now = time.time()
+
+        def txn(conn: Any) -> None:
+            for device, role, _s in rows:
+                conn.execute("UPDATE targets SET state=?, error=NULL, updated_at=? WHERE batch_id=? AND device=?",
+                             (done_state, now, b.batch_id, device))
+                if action == "commit":
+                    conn.execute(
+                        "INSERT INTO devices(device, role, version, stale, updated_at) VALUES(?,?,?,0,?) "
+                        "ON CONFLICT(device) DO UPDATE SET version=excluded.version, stale=0, "
+                        "updated_at=excluded.updated_at", (device, role, b.version, now))
+
+        await self.db.write(txn)
+        self.on_change()
+
     async def _commit_all(self, b: BatchRow) -> None:
         await self._deliver(b, ("prepared",), "committed", "commit")
 
     async def _abort_all(self, b: BatchRow) -> None:
         await self._deliver(b, ("preparing", "prepared", "failed"), "aborted", "abort")
-
-    async def _set_reported(self, device: str, role: str, version: int) -> None:
-        await self.db.write(lambda c: c.execute(
-            "INSERT INTO devices(device, role, version, stale, updated_at) VALUES(?,?,?,0,?) ON CONFLICT(device) "
-            "DO UPDATE SET version=excluded.version, stale=0, updated_at=excluded.updated_at",
-            (device, role, version, time.time())))
-        self.on_change()
 
     async def _device_states(self, batch_id: str) -> dict[str, str]:
         return await self.db.read(lambda c: dict(c.execute("SELECT device, state FROM targets WHERE batch_id=?",
@@ -330,6 +389,8 @@ class Coordinator:
                                                 ("committed" if committed else "aborted", batch_id)))
         every = ("preparing", "prepared", "failed", "committed", "aborted", "stale")
         labels = [d for d, r, _s in await self._targets_of(batch_id, every) if r == "label"]
+        log.info("batch %s: waiting for %s to confirm %s", batch_id, ", ".join(labels) or "no label",
+                 "the new prices" if committed else "the old prices are back")
         since = time.monotonic()
         while labels:
             waiting = []
@@ -347,6 +408,8 @@ class Coordinator:
                     ok = False
                 if not ok:
                     waiting.append(device)
+            if waiting != labels:
+                log.debug("batch %s: labels still to confirm: %s", batch_id, ", ".join(waiting) or "none")
             labels = waiting
             if labels:
                 await asyncio.sleep(self.cfg.confirm_poll)

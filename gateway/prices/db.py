@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS batches(
   batch_id TEXT PRIMARY KEY, version INTEGER, source TEXT NOT NULL, manifest TEXT, mode TEXT, currency TEXT,
   effective_at REAL, chunks_total INTEGER, chunks_done INTEGER NOT NULL DEFAULT 0, item_count INTEGER,
   phase TEXT NOT NULL, reason TEXT, received_at REAL NOT NULL, staged_at REAL, prepare_started REAL,
-  changed INTEGER, decided_at REAL, committed_at REAL, updated_at REAL NOT NULL);
+  changed INTEGER, decided_at REAL, committed_at REAL, last_chunk_at REAL, updated_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS batches_phase ON batches(phase);
 CREATE TABLE IF NOT EXISTS raw_chunks(
   batch_id TEXT NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL, received_at REAL NOT NULL,

@@ -39,7 +39,10 @@ class Intake:
         self.emit = emit
         self.on_change = on_change
         self.on_complete = on_complete
-        self._route = asyncio.Lock()  # manifest acceptance vs. parking a chunk that arrived first
+        self._route = asyncio.Lock()
+        # Chunks arrive in a burst; decoding them all at once would hold every item in memory while they queue
+        # for the single writer. Two at a time keeps the CPU and the writer busy and memory flat.
+        self._decoding = asyncio.Semaphore(2)  # manifest acceptance vs. parking a chunk that arrived first
         self._reported: OrderedDict[tuple[str | None, str], None] = OrderedDict()
         self.desired: Desired | None = None
         self._asked: tuple[int, float] | None = None
@@ -61,7 +64,7 @@ class Intake:
                 await self._manifest(down.payload, source)
             elif kind == "chunk":
                 from_chunk = True
-                await self._chunk(self.staging.parse_chunk(down.payload))
+                await self._chunk(self.staging.parse_chunk(down.payload), time.time())
             else:
                 raise Rejected(Reason.MALFORMED, f"unknown message type {kind!r} (expected manifest or chunk)",
                                obj.get("batch_id") if isinstance(obj.get("batch_id"), str) else None)
@@ -97,12 +100,12 @@ class Intake:
         self.on_change()
         for chunk in parked:
             try:
-                await self._store(manifest, chunk)
+                await self._store(manifest, chunk, time.time())
             except Rejected as rej:
                 await self.reject(rej, source, True)
                 return
 
-    async def _chunk(self, chunk: ChunkMessage) -> None:
+    async def _chunk(self, chunk: ChunkMessage, received_at: float) -> None:
         async with self._route:
             manifest, phase = await self.db.read(self.staging.chunk_target, chunk)
             if manifest is None:
@@ -110,20 +113,23 @@ class Intake:
                 return
         if phase != "staging":
             return  # a redelivered chunk of a batch that is complete, finished or rejected
-        await self._store(manifest, chunk)
+        await self._store(manifest, chunk, received_at)
 
-    async def _store(self, manifest: Manifest, chunk: ChunkMessage) -> None:
+    async def _store(self, manifest: Manifest, chunk: ChunkMessage, received_at: float) -> None:
         if chunk.index >= len(manifest.chunks):
             raise Rejected(Reason.MALFORMED, f"chunk {chunk.index} but the manifest lists {len(manifest.chunks)}",
                            manifest.batch_id, manifest.version)
         ref = manifest.chunks[chunk.index]
-        try:
-            items = await asyncio.to_thread(decode_chunk, chunk.data, manifest.encoding, ref.sha256, ref.items,
-                                            chunk.index)
-        except Rejected as rej:
-            rej.batch_id, rej.version = manifest.batch_id, manifest.version
-            raise
-        complete = await self.db.write(self.staging.store_chunk, manifest.batch_id, chunk.index, items)
+        async with self._decoding:
+            try:
+                rows = await asyncio.to_thread(decode_chunk, chunk.data, manifest.encoding, ref.sha256, ref.items,
+                                               chunk.index, manifest.batch_id)
+            except Rejected as rej:
+                rej.batch_id, rej.version = manifest.batch_id, manifest.version
+                raise
+            complete = await self.db.write(self.staging.store_chunk, manifest.batch_id, chunk.index, rows,
+                                           received_at)
+            del rows
         self.last_chunk_at = time.monotonic()
         if complete:
             log.info("batch %s: all %d chunks staged", manifest.batch_id, len(manifest.chunks))

@@ -32,6 +32,8 @@ class PricesConfig(StrictFrozen):
 
     path: Path | None = Field(None, description="price book database; default: prices.db beside storage.path")
     prepare_deadline: float = Field(60.0, gt=0, description="seconds every target has to prepare before ABORT")
+    prepare_items_in_flight: int = Field(200_000, ge=1, description="bounds memory: targets prepare in parallel "
+                                         "only while their changes together hold at most this many items")
     commit_retry: float = Field(2.0, gt=0, description="seconds between re-sending COMMIT/ABORT to a target")
     confirm_poll: float = Field(2.0, gt=0, description="seconds between checks that labels show the new prices")
     abort_hold: float = Field(600.0, ge=0, description="seconds lookups keep min(old, new) after an abort when a "

@@ -80,7 +80,8 @@ def _brief(err: ValidationError) -> str:
     return "; ".join(parts) + more
 
 
-def decode_chunk(data_b64: str, encoding: str, expected_sha: str, expected_items: int, index: int) -> list[ItemIn]:
+def decode_chunk(data_b64: str, encoding: str, expected_sha: str, expected_items: int, index: int,
+                 batch_id: str) -> list[tuple[Any, ...]]:
     """Check one chunk against the signed manifest and parse its items (CPU work: call from a worker thread)."""
     try:
         raw = base64.b64decode(data_b64, validate=True)
@@ -104,7 +105,8 @@ def decode_chunk(data_b64: str, encoding: str, expected_sha: str, expected_items
         raise Rejected(Reason.MALFORMED, f"chunk {index}: {_brief(err)}") from None
     if len(items) != expected_items:
         raise Rejected(Reason.MALFORMED, f"chunk {index} holds {len(items)} items, the manifest says {expected_items}")
-    return items
+    # rows, not models: a tuple is a fraction of a pydantic object's size, and this is what SQLite takes
+    return [_item_row(batch_id, it) for it in items]
 
 
 def _item_row(batch_id: str, it: ItemIn) -> tuple[Any, ...]:
@@ -228,7 +230,8 @@ class Staging:
         conn.execute("DELETE FROM raw_chunks WHERE batch_id=?", (batch_id,))
         return [ChunkMessage(type="chunk", batch_id=batch_id, index=i, data=d.decode()) for i, d in rows]
 
-    def store_chunk(self, conn: sqlite3.Connection, batch_id: str, index: int, items: list[ItemIn]) -> bool:
+    def store_chunk(self, conn: sqlite3.Connection, batch_id: str, index: int, rows: list[tuple[Any, ...]],
+                    received_at: float) -> bool:
         """Writer transaction: insert a verified chunk's items; True when the batch is now complete."""
         row = conn.execute("SELECT phase, chunks_total FROM batches WHERE batch_id=?", (batch_id,)).fetchone()
         if row is None or row[0] != "staging":
@@ -237,12 +240,13 @@ class Staging:
             return False  # QoS 1 duplicate
         try:
             conn.executemany("INSERT INTO staged(batch_id, sku, gtin, price, unit_price, unit_basis, description, "
-                             "promotion) VALUES(?,?,?,?,?,?,?,?)", [_item_row(batch_id, it) for it in items])
+                             "promotion) VALUES(?,?,?,?,?,?,?,?)", rows)
         except sqlite3.IntegrityError:
             raise Rejected(Reason.MALFORMED, f"chunk {index} repeats a SKU already in this batch", batch_id) from None
         conn.execute("INSERT INTO chunk_done(batch_id, idx) VALUES(?,?)", (batch_id, index))
-        conn.execute("UPDATE batches SET chunks_done = chunks_done + 1, updated_at=? WHERE batch_id=?",
-                     (time.time(), batch_id))
+        conn.execute("UPDATE batches SET chunks_done = chunks_done + 1, updated_at=?, "
+                     "last_chunk_at = MAX(COALESCE(last_chunk_at, 0), ?) WHERE batch_id=?",
+                     (time.time(), received_at, batch_id))
         done = conn.execute("SELECT chunks_done, chunks_total FROM batches WHERE batch_id=?", (batch_id,)).fetchone()
         if done[0] >= done[1]:
             conn.execute("UPDATE batches SET phase='staged', staged_at=?, updated_at=? WHERE batch_id=?",
