@@ -118,8 +118,8 @@ class TillTcpDriver(Driver):
         await conn.send({"type": "OK", "re": rid, "store_id": self.ctx.store_id, "device": self.device_id,
                          "protocol": tp.PROTOCOL_VERSION, "gateway": GATEWAY_VERSION,
                          "ping_s": self.cfg.ping_interval})
+        self.ctx.seen()  # before the health change, so the retained OK state carries last_seen
         self._refresh_health()
-        self.ctx.seen()
         keeper = asyncio.create_task(self._keep_alive(conn), name=f"till-{self.device_id}-ping")
         try:
             await self._serve(conn)

@@ -47,6 +47,10 @@ def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceCon
         where = f"devices[{i}]"
         if isinstance(table.get("id"), str):
             where += f" (id={table['id']!r})"
+            # Checked on the raw id, so a duplicate is reported even when the first table has other errors.
+            if table["id"] in seen_ids:
+                problems.append(f"{where}.id: duplicate device id {table['id']!r}")
+            seen_ids.add(table["id"])
         name = table.get("driver")
         if not isinstance(name, str):
             problems.append(f"{where}.driver: required key is missing")
@@ -61,8 +65,5 @@ def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceCon
         except ValidationError as err:
             problems += [f"{where}.{p}" for p in describe_validation_error(err)]
             continue
-        if cfg.id in seen_ids:
-            problems.append(f"{where}.id: duplicate device id {cfg.id!r}")
-        seen_ids.add(cfg.id)
         configs.append(cfg)
     return configs, problems
