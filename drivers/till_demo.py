@@ -5,6 +5,7 @@ into the demo's work directory (`pos-import/`) whenever the price part rolls out
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ def prepare(cfg: dict[str, Any], workdir: Path) -> None:
 async def run(gateway: Any) -> None:
     dev = next(d for d in gateway.config.device_configs if d.id == "till-1")
     host, port = tp.parse_address(dev.listen)
+    for _ in range(50):  # the driver opens the till port just after the gateway is ready
+        if "waiting for till" in (gateway.supervisor.devices["till-1"].last_error or ""):
+            break
+        await asyncio.sleep(0.1)
     await run_till(TillSimulator(host, port, "1", version=0), 4.0, DEMO_SKUS, lambda line: print(line, flush=True))
 
 
