@@ -39,9 +39,7 @@ arch=$(dpkg --print-architecture)
 key=$(printf '%s\n' "$RELEASE" "$arch" "$PACKAGES" "$MIRROR" | sha256sum | cut -c1-12)
 tarball=$CACHE/$RELEASE-$arch-minbase-$key.tar
 # A run killed half-way may have left /proc mounted in the old root: never rm -rf through it.
-for m in "$WORK/root/proc"; do
-    if mountpoint -q "$m"; then umount -l "$m"; fi
-done
+if mountpoint -q "$WORK/root/proc"; then umount -l "$WORK/root/proc"; fi
 rm -rf --one-file-system "$WORK/root"
 mkdir -p "$WORK/root"
 if [[ -s $tarball ]]; then

@@ -81,11 +81,9 @@ EOF
 
 # 4. Enabled at boot; SSH off unless the installer turns it on; time sync on (prices have effective_at).
 in_root systemctl enable storelink.service storelink-provision.service >/dev/null 2>&1
-for unit in systemd-timesyncd.service; do
-    if [[ -e $ROOT/usr/lib/systemd/system/$unit || -e $ROOT/lib/systemd/system/$unit ]]; then
-        in_root systemctl enable "$unit" >/dev/null 2>&1
-    fi
-done
+if [[ -e $ROOT/usr/lib/systemd/system/systemd-timesyncd.service || -e $ROOT/lib/systemd/system/systemd-timesyncd.service ]]; then
+    in_root systemctl enable systemd-timesyncd.service >/dev/null 2>&1
+fi
 for unit in ssh.service sshswitch.service; do
     if [[ -e $ROOT/usr/lib/systemd/system/$unit || -e $ROOT/lib/systemd/system/$unit ]]; then
         in_root systemctl disable "$unit" >/dev/null 2>&1 || true

@@ -19,9 +19,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS_DIR = ROOT / "systemd"
-UNITS = ["storelink.service", "storelink-recover.service", "storelink-recover.timer"]
+UNITS = ["storelink.service", "storelink-recover.service", "storelink-recover.timer", "storelink-provision.service"]
 INSTALLED_STORELINK = "/opt/storelink/venv/bin/storelink"
 LOCAL_STORELINK = str(Path(sys.executable).parent / "storelink")
+INSTALLED_PROVISION = "/opt/storelink/bin/storelink-provision"
+LOCAL_PROVISION = str(ROOT / "image/provision/storelink-provision")
 MAX_EXPOSURE = 2.5
 
 
@@ -52,7 +54,8 @@ def unit_copy(tmp_path: Path) -> Path:
     assert Path(LOCAL_STORELINK).exists(), LOCAL_STORELINK
     for name in UNITS:
         text = (UNITS_DIR / name).read_text()
-        (tmp_path / name).write_text(text.replace(INSTALLED_STORELINK, LOCAL_STORELINK))
+        text = text.replace(INSTALLED_STORELINK, LOCAL_STORELINK).replace(INSTALLED_PROVISION, LOCAL_PROVISION)
+        (tmp_path / name).write_text(text)
     return tmp_path
 
 
@@ -126,6 +129,7 @@ def test_service_contract() -> None:
     assert one("Unit.StartLimitBurst") and one("Unit.StartLimitIntervalSec")
     assert one("Unit.OnFailure") == "storelink-recover.timer"
     assert one("Install.WantedBy") == "multi-user.target"
+    assert "storelink-provision.service" in one("Unit.After"), "config is moved into place before the start"
     # Groups come from sysusers memberships; SupplementaryGroups= would fail the start where one is missing.
     assert "Service.SupplementaryGroups" not in e
 
@@ -178,3 +182,11 @@ def _group_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    scripts = [ROOT / "image/provision/storelink-provision", *sorted((ROOT / "image").glob("*.sh")),
+               *sorted((ROOT / "image/stage-storelink").rglob("*.sh"))]
+    result = subprocess.run([tool("shellcheck"), "--severity=warning", *map(str, scripts)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

@@ -1,0 +1,211 @@
+"""The appliance image, as far as it can be built here: image/chroot-test.sh debootstraps a Debian root, installs
+the wheel with the same script the pi-gen stage runs, and provisions it from a fake boot partition. These tests
+check what the SD card would hold: files, owners, modes, enabled units, and no secrets left on the boot side.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
+
+from gateway import __version__
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "image/chroot-test.sh"
+pytestmark = pytest.mark.slow
+
+GOOD_CONFIG = """\
+store_id = "store-0042"
+[mqtt]
+host = "broker.example.invalid"
+port = 8883
+[mqtt.tls]
+ca = "/etc/storelink/tls/ca.pem"
+cert = "/etc/storelink/tls/client.pem"
+key = "/etc/storelink/tls/client.key"
+[storage]
+path = "/var/lib/storelink/storelink.db"
+[http]
+listen = "127.0.0.1:8080"
+"""
+
+
+@dataclass
+class Image:
+    root: Path
+    boot_files: dict[str, bytes]
+    seconds: float
+
+    @property
+    def boot(self) -> Path:
+        return self.root / "boot/firmware/storelink"
+
+    def chroot(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = ["chroot", str(self.root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+        if user:
+            cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"]
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+
+    def provision(self) -> subprocess.CompletedProcess[str]:
+        proc = self.root / "proc"
+        subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True)
+        try:
+            return self.chroot("/usr/bin/env", "STORELINK_DATA_PARTITION=off", "STORELINK_OVERLAY=off",
+                               "/opt/storelink/bin/storelink-provision")
+        finally:
+            subprocess.run(["umount", "-l", str(proc)], check=True)
+
+    def ids(self, name: str, db: str) -> int:
+        for line in (self.root / "etc" / db).read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == name:
+                return int(fields[2])
+        raise AssertionError(f"{name} not in {db}")
+
+
+def make_boot_files() -> dict[str, bytes]:
+    """What the installer copies to the boot partition: config, CA, client cert and key, head-office keys."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "store-0042")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    ho_key = ed25519.Ed25519PrivateKey.generate().public_key()
+    return {
+        "storelink.toml": GOOD_CONFIG.encode(),
+        "ca.pem": cert.public_bytes(serialization.Encoding.PEM),
+        "client.pem": cert.public_bytes(serialization.Encoding.PEM),
+        "client.key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()),
+        "trust/head-office-2026.pub": ho_key.public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo),
+        "README-installer.txt": b"not ours: provisioning must leave this in place\n",
+    }
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
+    assert os.geteuid() == 0, "the image test needs root (debootstrap, chroot); CI runs as root"
+    assert shutil.which("debootstrap"), "debootstrap is missing: scripts/test.sh installs it"
+    work = tmp_path_factory.mktemp("image")
+    boot_src = work / "bootfiles"
+    files = make_boot_files()
+    for rel, data in files.items():
+        (boot_src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (boot_src / rel).write_bytes(data)
+    started = time.monotonic()
+    result = subprocess.run([str(SCRIPT), str(work), str(boot_src)], capture_output=True, text=True, timeout=900)
+    seconds = time.monotonic() - started
+    steps = [line for line in result.stdout.splitlines() if line.startswith("==")]
+    print(f"chroot-test.sh took {seconds:.0f} s: {steps}")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    yield Image(work / "root", files, seconds)
+    proc = work / "root/proc"
+    if os.path.ismount(proc):
+        subprocess.run(["umount", "-l", str(proc)], check=False)
+    shutil.rmtree(work / "root", ignore_errors=True)
+
+
+def mode_owner(path: Path) -> tuple[int, int, int]:
+    st = path.lstat()
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
+def test_storelink_runs_inside_the_root(image: Image) -> None:
+    version = image.chroot("/opt/storelink/venv/bin/storelink", "--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"storelink {__version__}"
+    check = image.chroot("/opt/storelink/venv/bin/storelink", "check-config", "/etc/storelink/storelink.toml",
+                         user="storelink")
+    assert check.returncode == 0, check.stderr
+    assert "ok" in check.stdout
+
+
+def test_installed_files_owners_and_modes(image: Image) -> None:
+    r = image.root
+    uid, gid = image.ids("storelink", "passwd"), image.ids("storelink", "group")
+    assert os.access(r / "opt/storelink/venv/bin/storelink", os.X_OK)  # what storelink.service's ExecStart runs
+    assert mode_owner(r / "opt/storelink/bin/storelink-provision") == (0o755, 0, 0)
+    for unit in ("storelink.service", "storelink-provision.service", "storelink-recover.service",
+                 "storelink-recover.timer"):
+        assert mode_owner(r / "usr/lib/systemd/system" / unit) == (0o644, 0, 0)
+        assert (r / "usr/lib/systemd/system" / unit).read_bytes() == (REPO / "systemd" / unit).read_bytes()
+    wants = r / "etc/systemd/system/multi-user.target.wants"
+    assert (wants / "storelink.service").is_symlink() and (wants / "storelink-provision.service").is_symlink()
+    assert (r / "usr/lib/udev/rules.d/99-storelink.rules").is_file()
+    assert "RuntimeWatchdogSec=15s" in (r / "etc/systemd/system.conf.d/storelink-watchdog.conf").read_text()
+    assert "RequiresMountsFor=/var/lib/storelink" in (
+        r / "etc/systemd/system/storelink.service.d/data-partition.conf").read_text()
+    fstab = (r / "etc/fstab").read_text()
+    assert fstab.count("LABEL=storelink-data /var/lib/storelink ext4") == 1
+    assert "STORELINK_VERSION=" + __version__ in (r / "etc/storelink-image").read_text()
+
+    shell = (r / "etc/passwd").read_text().split("storelink:", 1)[1].splitlines()[0]
+    assert shell.endswith(":/var/lib/storelink:/usr/sbin/nologin")
+    groups = {line.split(":")[0]: line.split(":")[3].split(",") for line in (r / "etc/group").read_text().splitlines()}
+    assert sorted(g for g, members in groups.items() if "storelink" in members) == ["dialout", "gpio", "input", "lp"]
+
+    assert mode_owner(r / "etc/storelink") == (0o750, 0, gid)
+    assert mode_owner(r / "var/lib/storelink") == (0o750, uid, gid)
+    for rel in ("storelink.toml", "tls/ca.pem", "tls/client.pem", "tls/client.key", "trust/head-office-2026.pub"):
+        path = r / "etc/storelink" / rel
+        assert mode_owner(path) == (0o640, 0, gid), rel
+        assert path.read_bytes() == image.boot_files[rel.replace("tls/", "")], rel
+    assert mode_owner(r / "etc/storelink/tls") == (0o750, 0, gid)
+    # Nothing world-readable under /etc/storelink, and the gateway cannot rewrite its own config or keys.
+    for path in (r / "etc/storelink").rglob("*"):
+        assert not path.lstat().st_mode & 0o007, path
+        assert path.lstat().st_uid == 0, path
+
+
+def test_secrets_removed_from_the_boot_partition(image: Image) -> None:
+    left = sorted(p.relative_to(image.boot).as_posix() for p in image.boot.rglob("*"))
+    assert left == ["README-installer.txt"], "only the file provisioning does not know stays"
+    report = (image.boot.parent / "storelink-provisioned.txt").read_text()
+    assert f"storelink {__version__}" in report
+    key_body = image.boot_files["client.key"].decode().splitlines()[1]
+    assert key_body not in report and "PRIVATE KEY" not in report
+
+
+def test_bad_config_is_reported_and_secrets_still_leave(image: Image) -> None:
+    image.boot.mkdir(parents=True, exist_ok=True)
+    (image.boot / "storelink.toml").write_text(GOOD_CONFIG.replace("port = 8883", "port = 8883\nprot = 1"))
+    (image.boot / "client.key").write_bytes(image.boot_files["client.key"])
+    result = image.provision()
+    assert result.returncode != 0
+    error = (image.boot.parent / "storelink-provision-error.txt").read_text()
+    assert "mqtt.prot" in error and "unknown key" in error
+    assert not (image.boot / "client.key").exists() and not (image.boot / "storelink.toml").exists()
+    assert not (image.boot.parent / "storelink-provisioned.txt").exists()
+
+    # The installer fixes the config on the card and reboots: provisioning runs again and succeeds.
+    (image.boot / "storelink.toml").write_bytes(image.boot_files["storelink.toml"])
+    result = image.provision()
+    assert result.returncode == 0, result.stderr
+    assert not (image.boot.parent / "storelink-provision-error.txt").exists()
+    assert (image.root / "etc/storelink/storelink.toml").read_bytes() == image.boot_files["storelink.toml"]
+
+
+def test_provisioning_with_nothing_to_do_changes_nothing(image: Image) -> None:
+    before = {p: p.stat().st_mtime_ns for p in (image.root / "etc/storelink").rglob("*")}
+    result = image.provision()
+    assert result.returncode == 0, result.stderr
+    assert "nothing to provision" in result.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in (image.root / "etc/storelink").rglob("*")}
