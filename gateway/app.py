@@ -33,6 +33,7 @@ PartRunner = Callable[[], Coroutine[Any, Any, None]]
 # status sections, background tasks). One line each; the order is the start order.
 PART_INSTALLERS: list[str] = [
     "gateway.prices",
+    "gateway.remote_config",
 ]
 
 

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from gateway.prices.models import PricesConfig
+from gateway.remote_models import CartSettings, RemoteConfigSettings
 
 STORE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -129,6 +130,8 @@ class GatewayConfig(Strict):
     trust: TrustConfig = Field(default_factory=TrustConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
     prices: PricesConfig = Field(default_factory=PricesConfig)  # type: ignore[arg-type]
+    remote: RemoteConfigSettings = Field(default_factory=RemoteConfigSettings)  # type: ignore[arg-type]
+    cart: CartSettings = Field(default_factory=CartSettings)  # type: ignore[arg-type]
     # Raw device tables; each is validated by its driver's own model (see gateway.drivers_registry), so that a
     # retailer's driver found through an entry point is validated exactly like ours.
     devices: list[dict[str, Any]] = Field(default_factory=list)

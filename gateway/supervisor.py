@@ -7,6 +7,7 @@ started again after an exponential backoff with jitter; it can never take the ga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 SEEN_REPUBLISH_S = 60.0
 
 EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
-StateFn = Callable[[str, dict[str, Any]], None]
+StateFn = Callable[[str, dict[str, Any] | bytes], None]
 
 
 class DeviceHandle:
@@ -91,7 +92,9 @@ class DeviceSupervisor:
         self._state_topic = state_topic
         self.services = services
         self.backoff = backoff
+        self.store_id = store_id
         self.devices = {c.id: DeviceHandle(self, c, store_id) for c in configs if c.enabled}
+        self._tg: asyncio.TaskGroup | None = None
 
     def publish_state(self, handle: DeviceHandle) -> None:
         handle._seen_published = time.time()
@@ -118,9 +121,35 @@ class DeviceSupervisor:
     async def run(self) -> None:
         drivers = available_drivers()
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
             for handle in self.devices.values():
                 handle.task = tg.create_task(self._keep_running(handle, drivers[handle.config.driver]))
                 self.publish_state(handle)
+            # Devices added later by replace() join this TaskGroup, so it must outlive the initial set.
+            await asyncio.Event().wait()
+
+    async def replace(self, configs: list[DeviceConfig]) -> dict[str, list[str]]:
+        """Apply a new device list live (remote config): stop removed or changed devices, start new or changed
+        ones; untouched devices keep running. Returns the device ids by what happened to them."""
+        wanted = {c.id: c for c in configs if c.enabled}
+        changed = [d for d, h in self.devices.items() if d in wanted and wanted[d] != h.config]
+        removed = [d for d in self.devices if d not in wanted]
+        added = [d for d in wanted if d not in self.devices]
+        for dev in removed + changed:
+            handle = self.devices.pop(dev)
+            if handle.task is not None:
+                handle.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handle.task
+        drivers = available_drivers()
+        for dev in changed + added:
+            handle = self.devices[dev] = DeviceHandle(self, wanted[dev], self.store_id)
+            if self._tg is not None:
+                handle.task = self._tg.create_task(self._keep_running(handle, drivers[handle.config.driver]))
+            self.publish_state(handle)
+        for dev in removed:
+            self._publish(self._state_topic(dev), b"")  # clears the retained state of a device that is gone
+        return {"added": added, "changed": changed, "removed": removed}
 
     def restart(self, device_id: str) -> None:
         """Restart one device's driver now (an operator's command). KeyError for an unknown device."""

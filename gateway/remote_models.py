@@ -1,0 +1,102 @@
+"""Config sections and payloads of remote config, commands and the kiosk cart (imported by gateway.config).
+
+Kept free of gateway imports so that gateway.config can import it without a cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEVICE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RemoteConfigSettings(_Strict):
+    """``[remote]``: how remote config and commands behave."""
+
+    rollback_after: float = Field(
+        60.0, ge=1, le=3600, description="seconds a config with new [mqtt] settings has to reach the broker"
+    )
+    command_max_age: float = Field(
+        300.0, ge=5, le=86400, description="signed commands issued longer ago than this are refused (replay)"
+    )
+
+
+class CartSettings(_Strict):
+    """``[cart]``: the kiosk's online cart (gateway/kiosk_cart.py)."""
+
+    enabled: bool = True
+    printer: str | None = Field(None, pattern=DEVICE_ID_RE, description="device id of the kiosk's receipt printer")
+    timeout: float = Field(8.0, gt=0, le=60, description="seconds to wait for head office's answer")
+    kiosk_origin: str | None = Field(None, description="Origin allowed to call the cart API from the kiosk browser")
+
+
+# -- payloads ----------------------------------------------------------------------------------------------------
+class ConfigDesired(BaseModel):
+    """The signed payload on ``{base}/config/desired`` (inside the signing envelope)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["storelink.config"]
+    store_id: str
+    version: int = Field(ge=1)
+    config: dict[str, Any]
+
+
+ConfigStatus = Literal["applied", "accepted", "rejected", "rolled_back"]
+
+
+class ConfigReported(BaseModel):
+    """Retained on ``{base}/config/reported``.
+
+    ``applied``: running and saved. ``accepted``: saved, some sections (``restart_required``) take effect at the
+    next start. ``rejected``: not used, ``errors`` by key. ``rolled_back``: the new [mqtt] did not reach the
+    broker within [remote] rollback_after; the previous config runs again.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    status: ConfigStatus
+    version: int | None = Field(description="the version this report is about (None: could not be read)")
+    running_version: int
+    errors: dict[str, str] = Field(default_factory=dict)
+    changed: list[str] = Field(default_factory=list)
+    restart_required: list[str] = Field(default_factory=list)
+    ts: str
+
+
+class SignedCommand(BaseModel):
+    """The signed payload of a command that changes something."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["storelink.command"]
+    store_id: str
+    command: str
+    id: str = Field(min_length=8, max_length=64, description="unique per command; replays are refused")
+    issued_at: float = Field(description="Unix time; older than [remote] command_max_age is refused")
+    args: dict[str, Any] = Field(default_factory=dict)
+    reply_to: str | None = None
+    correlation_id: str | None = None
+
+
+class CommandRequest(BaseModel):
+    """An unsigned command (read-only ones: ping, status); reply_to/correlation_id are the MQTT 3.1.1 fallback."""
+
+    model_config = ConfigDict(extra="forbid")
+    args: dict[str, Any] = Field(default_factory=dict)
+    reply_to: str | None = None
+    correlation_id: str | None = None
+
+
+class CommandResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ok: bool
+    command: str
+    result: Any = None
+    error: str | None = None
+    code: Literal["bad_request", "unknown_command", "bad_args", "unauthorized", "unavailable", "failed"] | None = None
+    correlation_id: str | None = None
+    ts: str
