@@ -29,6 +29,8 @@ class _Part:
     max_silence: float
     last_beat: float
     stalled: bool = False
+    # For parts that already record their own progress time (``outbox.last_progress``): read, not pushed.
+    probe: Callable[[], float] | None = None
 
 
 class ProgressWatchdog:
@@ -74,6 +76,17 @@ class ProgressWatchdog:
 
         return beat
 
+    def watch(self, name: str, max_silence: float, last_progress: Callable[[], float]) -> None:
+        """Like :meth:`register`, for a part that keeps its own progress timestamp.
+
+        ``last_progress()`` returns when the part last made progress, on the watchdog's clock
+        (``time.monotonic`` by default), e.g. ``wd.watch("outbox", 30, lambda: outbox.last_progress)``.
+        It is called from the event loop every round, so it must only read a value.
+        """
+        self.register(name, max_silence)
+        with self._lock:
+            self._parts[name].probe = last_progress
+
     def unregister(self, name: str) -> None:
         """Stop watching a part that ended on purpose (a driver removed by a config change)."""
         with self._lock:
@@ -84,7 +97,16 @@ class ProgressWatchdog:
         now = self._clock()
         stalled: list[tuple[str, float]] = []
         with self._lock:
-            snapshot = [(name, part, now - part.last_beat) for name, part in self._parts.items()]
+            parts = list(self._parts.items())
+        snapshot = []
+        for name, part in parts:
+            last = part.last_beat
+            if part.probe is not None:
+                try:
+                    last = max(last, part.probe())
+                except Exception:  # a broken probe is a part we cannot vouch for: treat it as silent
+                    log.exception("watchdog: reading the progress of %s failed", name)
+            snapshot.append((name, part, now - last))
         for name, part, silent in snapshot:
             if silent > part.max_silence:
                 stalled.append((name, silent))

@@ -70,6 +70,32 @@ def test_registration_counts_as_first_beat_and_names_are_unique() -> None:
     assert wd.check_and_ping()
 
 
+def test_watch_reads_a_parts_own_progress_timestamp() -> None:
+    clock = FakeClock()
+
+    class Outbox:
+        last_progress = clock.now
+
+    outbox = Outbox()
+    wd = ProgressWatchdog(10.0, clock=clock, notifier=lambda _m: True)
+    wd.watch("outbox", 5, lambda: outbox.last_progress)
+    clock.now += 4
+    assert wd.check_and_ping()
+    clock.now += 2
+    assert not wd.check_and_ping(), "6 s since the outbox last made progress"
+    outbox.last_progress = clock.now
+    assert wd.check_and_ping()
+
+    def broken() -> float:
+        raise RuntimeError("probe failed")
+
+    wd.watch("broken", 5, broken)
+    assert wd.check_and_ping(), "registration still counts as the first beat"
+    clock.now += 6
+    outbox.last_progress = clock.now
+    assert not wd.check_and_ping()
+
+
 def test_a_late_timer_means_an_unresponsive_loop() -> None:
     wd = ProgressWatchdog(10.0, clock=FakeClock(), notifier=lambda _m: True)
     assert wd.check_and_ping(loop_lag=1.0)
