@@ -71,6 +71,20 @@ class Topics:
     def command_filter(self) -> str:
         return f"{self.base}/cmd/+"
 
+    def command_reply(self, name: str) -> str:
+        """Replies to commands that named no response topic (MQTT 3.1.1 without reply_to)."""
+        return f"{self.base}/cmd-reply/{name}"
+
+    @property
+    def cart_request(self) -> str:
+        """Uplink, QoS 1, not retained: the kiosk asks head office for a signed-in customer's cart."""
+        return f"{self.base}/cart/request"
+
+    @property
+    def cart_response(self) -> str:
+        """Downlink: head office's answer, matched by correlation data (MQTT 5) or correlation_id (3.1.1)."""
+        return f"{self.base}/cart/response"
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -1,0 +1,248 @@
+"""Commands from head office on ``{base}/cmd/{name}``, and the same actions from the local status page.
+
+MQTT 5: the reply goes to the request's response topic with its correlation data. MQTT 3.1.1 has neither, so a
+request may carry ``reply_to`` and ``correlation_id`` in its JSON; without any reply target the reply goes to
+``{base}/cmd-reply/{name}`` so that no error is ever silent. Read-only commands (``ping``, ``status``) may be
+sent unsigned; commands that change something must be a signed envelope (gateway.signing) whose payload names
+this store and this command, carries a unique id and is recent (``[remote] command_max_age``): a recorded
+command cannot be replayed. The status page calls ``Commands.run`` directly behind the ``http.token``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.config import describe_validation_error
+from gateway.outbox import iso_ts
+from gateway.remote_models import DEVICE_ID_RE, CommandRequest, CommandResponse, SignedCommand
+from gateway.signing import SignatureError, verify
+from gateway.uplink import Downlink
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+SKU_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
+
+
+class CommandError(Exception):
+    def __init__(self, code: str, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoArgs(_Args):
+    pass
+
+
+class ReprintArgs(_Args):
+    skus: list[str] | None = Field(None, min_length=1, max_length=10_000)
+    all: bool = False
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ReprintArgs:
+        if (self.skus is None) == (not self.all):
+            raise ValueError("give either skus (a list) or all=true")
+        return self
+
+
+class RestartArgs(_Args):
+    device: str = Field(pattern=DEVICE_ID_RE)
+
+
+@dataclass(frozen=True)
+class Command:
+    args: type[_Args]
+    changes_something: bool
+    run: Callable[[Any], Awaitable[Any]]
+    help: str
+
+
+@dataclass(frozen=True)
+class _ReprintChange:
+    """A PriceChange (drivers.base) that re-sends the active prices of some items to the label targets."""
+
+    version: int
+    batch_id: str
+    currency: str
+    changed: list[Any]
+
+
+class Commands:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self._seen_ids: dict[str, float] = {}  # signed command id -> when it may be forgotten
+        self.counts: dict[tuple[str, str], int] = {}  # (command, outcome) -> n, for /metrics
+        self.table: dict[str, Command] = {
+            "ping": Command(NoArgs, False, self._ping, "answers pong"),
+            "status": Command(NoArgs, False, self._status, "the status API document"),
+            "reprint-labels": Command(ReprintArgs, True, self._reprint, "print/push labels again: skus or all"),
+            "resync-prices": Command(NoArgs, True, self._resync, "re-check devices and ask for a resend if behind"),
+            "restart-device": Command(RestartArgs, True, self._restart, "restart one device's driver"),
+        }
+
+    # -- shared by MQTT and HTTP -------------------------------------------------------------------------------
+    async def run(self, name: str, raw_args: Any) -> Any:
+        cmd = self.table.get(name)
+        if cmd is None:
+            raise CommandError("unknown_command", f"unknown command {name!r} (known: {', '.join(self.table)})")
+        if not isinstance(raw_args, dict):
+            raise CommandError("bad_args", "args must be a JSON object")
+        try:
+            args = cmd.args.model_validate(raw_args)
+        except ValidationError as err:
+            raise CommandError("bad_args", "; ".join(describe_validation_error(err))) from None
+        return await cmd.run(args)
+
+    def _count(self, name: str, outcome: str) -> None:
+        key = (name if name in self.table else "(unknown)", outcome)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    # -- the MQTT handler --------------------------------------------------------------------------------------
+    async def on_command(self, down: Downlink) -> None:
+        name = down.topic.rsplit("/", 1)[-1]
+        reply_to, corr_id = down.response_topic, None
+        try:
+            try:
+                body = json.loads(down.payload) if down.payload else {}
+            except (ValueError, UnicodeDecodeError) as err:
+                raise CommandError("bad_request", f"payload is not JSON: {err}") from None
+            req: SignedCommand | CommandRequest
+            if isinstance(body, dict) and "sig" in body:
+                req = self._verify_signed(name, body)
+                signed = True
+            else:
+                try:
+                    req = CommandRequest.model_validate(body)
+                except ValidationError as err:
+                    raise CommandError("bad_request", "; ".join(describe_validation_error(err))) from None
+                signed = False
+            reply_to, corr_id = reply_to or req.reply_to, req.correlation_id
+            cmd = self.table.get(name)
+            if cmd is not None and cmd.changes_something and not signed:
+                raise CommandError("unauthorized", f"{name} changes something: it must be signed")
+            result = await self.run(name, req.args)
+            response = CommandResponse(ok=True, command=name, result=result, correlation_id=corr_id,
+                                       ts=iso_ts(time.time()))
+            self._count(name, "ok")
+        except CommandError as err:
+            log.warning("command %s refused: %s", name, err.message)
+            response = CommandResponse(ok=False, command=name, error=err.message, code=err.code,  # type: ignore[arg-type]
+                                       correlation_id=corr_id, ts=iso_ts(time.time()))
+            self._count(name, err.code)
+        except Exception as err:  # a failing command must answer, never take the gateway down
+            log.exception("command %s failed", name)
+            response = CommandResponse(ok=False, command=name, error=f"{type(err).__name__}: {err}", code="failed",
+                                       correlation_id=corr_id, ts=iso_ts(time.time()))
+            self._count(name, "failed")
+        topic = reply_to or self.gateway.topics.command_reply(name)
+        if "+" in topic or "#" in topic:
+            topic = self.gateway.topics.command_reply(name)  # a wildcard is no place to publish
+        self.gateway.uplink.publish_direct(topic, response.model_dump_json(exclude_none=True).encode(),
+                                           correlation_data=down.correlation_data)
+
+    def _verify_signed(self, name: str, body: dict[str, Any]) -> SignedCommand:
+        gw = self.gateway
+        try:
+            payload = verify(body, gw.config.trust.public_keys)
+        except SignatureError as err:
+            raise CommandError("unauthorized", f"signature: {err.reason}") from None
+        try:
+            cmd = SignedCommand.model_validate(payload)
+        except ValidationError as err:
+            raise CommandError("bad_request", "; ".join(describe_validation_error(err))) from None
+        if cmd.store_id != gw.config.store_id:
+            raise CommandError("unauthorized", f"signed for store {cmd.store_id!r}, not this one")
+        if cmd.command != name:
+            raise CommandError("unauthorized", f"signed for command {cmd.command!r}, sent as {name!r}")
+        now, max_age = time.time(), gw.config.remote.command_max_age
+        if not -60 <= now - cmd.issued_at <= max_age:  # a minute of clock skew either way
+            raise CommandError("unauthorized", f"issued_at is outside the last {max_age:g}s: refused as a replay")
+        self._seen_ids = {k: v for k, v in self._seen_ids.items() if v > now}
+        if cmd.id in self._seen_ids:
+            raise CommandError("unauthorized", f"command id {cmd.id} was already used: refused as a replay")
+        self._seen_ids[cmd.id] = now + max_age + 120
+        return cmd
+
+    # -- the commands ------------------------------------------------------------------------------------------
+    async def _ping(self, _args: NoArgs) -> dict[str, Any]:
+        from gateway import __version__
+
+        return {"pong": True, "version": __version__, "config_version": self.gateway.config.config_version}
+
+    async def _status(self, _args: NoArgs) -> dict[str, Any]:
+        return self.gateway.status()
+
+    async def _restart(self, args: RestartArgs) -> dict[str, Any]:
+        try:
+            self.gateway.supervisor.restart(args.device)
+        except KeyError:
+            known = ", ".join(self.gateway.supervisor.devices) or "none"
+            raise CommandError("bad_args", f"no device {args.device!r} (devices: {known})") from None
+        return {"restarting": args.device}
+
+    def _prices(self) -> Any:
+        part = self.gateway.services.get("price_coordinator")
+        if part is None or self.gateway.services.get("prices") is None:
+            raise CommandError("unavailable", "this gateway runs no price book (the prices part is not installed)")
+        return part
+
+    async def _reprint(self, args: ReprintArgs) -> dict[str, Any]:
+        part = self._prices()
+        book = self.gateway.services["prices"]
+        if book.active_version <= 0:
+            raise CommandError("unavailable", "no active price list yet: nothing to print")
+        wanted = None if args.all else set(args.skus or [])
+        items = [it for it in book.iter_items() if wanted is None or it.sku in wanted]
+        missing = sorted(wanted - {it.sku for it in items}) if wanted is not None else []
+        if missing:
+            raise CommandError("bad_args", f"not in the active price list: {', '.join(missing[:20])}")
+        labels = [t for t in part.targets.all() if t.role == "label"]
+        if not labels:
+            raise CommandError("unavailable", "no label printers or shelf-label systems are configured")
+        change = _ReprintChange(book.active_version, f"reprint-{uuid.uuid4().hex[:12]}", book.currency or "",
+                                items)
+        results: dict[str, str] = {}
+        for target in labels:
+            drv = part.targets.driver(target.device)
+            if drv is None:
+                results[target.device] = "offline"
+                continue
+            try:
+                await drv.price_prepare(change)
+                await drv.price_commit(change.version)
+                results[target.device] = "sent"
+            except Exception as err:
+                results[target.device] = f"failed: {err}"
+        if not any(r == "sent" for r in results.values()):
+            raise CommandError("failed", "no label device took the reprint: " +
+                               "; ".join(f"{d}: {r}" for d, r in results.items()))
+        return {"items": len(items), "version": change.version, "devices": results}
+
+    async def _resync(self, _args: NoArgs) -> dict[str, Any]:
+        part = self._prices()
+        drift = await part.auditor.audit()
+        await part.intake.check_behind()  # asks head office for a resend when the desired version is newer
+        part.coordinator.wake.set()  # and lets a batch that was waiting on a device try again
+        desired = part.intake.desired
+        return {"active_version": part.book.active_version,
+                "desired_version": desired.version if desired is not None else None, "drift": drift}
+
+
+def install(gateway: Gateway) -> None:
+    commands = Commands(gateway)
+    gateway.services["commands"] = commands
+    gateway.uplink.subscribe(gateway.topics.command_filter, commands.on_command)
