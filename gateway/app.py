@@ -34,7 +34,6 @@ PartRunner = Callable[[], Coroutine[Any, Any, None]]
 PART_INSTALLERS: list[str] = [
     "gateway.prices",
     "gateway.remote_config",
-    "gateway.kiosk",
     "gateway.commands",
 ]
 
