@@ -34,6 +34,7 @@ PartRunner = Callable[[], Coroutine[Any, Any, None]]
 PART_INSTALLERS: list[str] = [
     "gateway.prices",
     "gateway.remote_config",
+    "gateway.kiosk",
     "gateway.commands",
 ]
 
