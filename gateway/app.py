@@ -36,6 +36,7 @@ PART_INSTALLERS: list[str] = [
     "gateway.remote_config",
     "gateway.kiosk",
     "gateway.commands",
+    "gateway.status_page",
 ]
 
 

@@ -1,0 +1,99 @@
+"""``GET /metrics``: Prometheus exposition via prometheus-client, read from the status at scrape time.
+
+A custom collector on the gateway's own registry (not the process-global one) so that two gateways in one
+test process never share series, and so that every figure is exactly what the status API says at that moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+DEVICE_STATES = ("ok", "degraded", "offline")
+CONFIG_RESULTS = ("applied", "accepted", "rejected", "rolled_back")
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+class GatewayCollector(Collector):
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gateway
+        status = gw.status()
+        up, ob = status["uplink"], status["outbox"]
+        yield GaugeMetricFamily("storelink_uptime_seconds", "seconds since the gateway started",
+                                _num(status["uptime_s"]))
+        yield GaugeMetricFamily("storelink_uplink_connected", "1 when connected to the broker",
+                                1.0 if up["connected"] else 0.0)
+        yield GaugeMetricFamily("storelink_uplink_in_flight", "events published, awaiting PUBACK",
+                                _num(up["in_flight"]))
+        yield GaugeMetricFamily("storelink_outbox_depth", "events waiting in the outbox", _num(ob["depth"]))
+        yield GaugeMetricFamily("storelink_outbox_bytes", "payload bytes waiting in the outbox", _num(ob["bytes"]))
+        yield GaugeMetricFamily("storelink_outbox_oldest_age_seconds", "age of the oldest undelivered event",
+                                _num(ob["oldest_undelivered_age_s"]))
+        for name in ("accepted", "delivered", "evicted", "refused"):
+            yield CounterMetricFamily(f"storelink_outbox_{name}", f"events {name} since start",
+                                      _num(ob[f"{name}_total"]))
+        alarms = GaugeMetricFamily("storelink_outbox_alarm", "1 while an outbox alarm is raised", labels=["alarm"])
+        for alarm in ob["alarms"]:
+            alarms.add_metric([alarm], 1.0)
+        yield alarms
+
+        state = GaugeMetricFamily("storelink_device_state", "1 for the state each device is in",
+                                  labels=["device", "driver", "state"])
+        restarts = CounterMetricFamily("storelink_device_restarts", "driver restarts", labels=["device"])
+        for dev in status["devices"]:
+            for s in DEVICE_STATES:
+                state.add_metric([dev["device"], dev["driver"], s], 1.0 if dev["state"] == s else 0.0)
+            restarts.add_metric([dev["device"]], _num(dev.get("restarts")))
+        yield state
+        yield restarts
+
+        config = status.get("config") or {}
+        yield GaugeMetricFamily("storelink_config_version", "running config version", _num(config.get("version")))
+        last = (config.get("last_result") or {}).get("status")
+        result = GaugeMetricFamily("storelink_config_last_result", "1 for the last remote config result",
+                                   labels=["status"])
+        for s in CONFIG_RESULTS:
+            result.add_metric([s], 1.0 if last == s else 0.0)
+        yield result
+
+        prices = status.get("prices")
+        if isinstance(prices, dict) and "active_version" in prices:
+            yield GaugeMetricFamily("storelink_prices_active_version", "active price version",
+                                    _num(prices["active_version"]))
+            stale = sum(1 for d in (prices.get("devices") or {}).values() if d.get("state") == "stale")
+            yield GaugeMetricFamily("storelink_prices_stale_devices", "price devices behind the active version",
+                                    float(stale))
+
+        commands = gw.services.get("commands")
+        cmds = CounterMetricFamily("storelink_commands", "commands handled", labels=["command", "outcome"])
+        for (name, outcome), n in sorted(getattr(commands, "counts", {}).items()):
+            cmds.add_metric([name, outcome], float(n))
+        yield cmds
+
+
+def install_metrics(gateway: Gateway) -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gateway))
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def extend(app: web.Application) -> None:
+        app.router.add_get("/metrics", metrics)
+
+    gateway.http_extensions.append(extend)
