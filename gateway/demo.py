@@ -31,7 +31,8 @@ log = logging.getLogger("storelink.demo")
 DemoExtension = tuple[Callable[[dict[str, Any], Path], None], Callable[[Any], Coroutine[Any, Any, None]]]
 DEMO_EXTENSIONS: list[DemoExtension] = []
 # Modules that append their DemoExtension when imported; one line each.
-DEMO_MODULES: list[str] = ["drivers.labels_demo", "drivers.till_demo", "gateway.prices.demo"]
+DEMO_MODULES: list[str] = ["drivers.labels_demo", "drivers.till_demo", "gateway.prices.demo",
+                             "drivers.input_demo"]
 
 
 def free_port() -> int:
