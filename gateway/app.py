@@ -37,6 +37,7 @@ PART_INSTALLERS: list[str] = [
     "gateway.kiosk",
     "gateway.commands",
     "gateway.status_page",
+    "gateway.kiosk_cart",
 ]
 
 

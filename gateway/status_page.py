@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.http_api import GATEWAY_KEY, error, require_token
+from gateway.http_api import error, require_token
 from gateway.outbox import Accepted, iso_ts
 
 if TYPE_CHECKING:
@@ -131,18 +131,17 @@ def install_routes(gateway: Gateway, recent: RecentEvents) -> None:
         log.info("action %s done from the status page", name)
         return web.json_response({"ok": True, "command": name, "result": result})
 
+    async def page_json(request: web.Request) -> web.Response:
+        return web.json_response(page_view(gateway, recent), dumps=lambda o: json.dumps(o, default=str))
+
     def extend(app: web.Application) -> None:
         app.router.add_get("/", get_page)
         app.router.add_get("/static/{name}", get_static)
         app.router.add_get("/api/v1/stream", stream)
-        app.router.add_get("/api/v1/page", lambda r: _json_view(r, recent))
+        app.router.add_get("/api/v1/page", page_json)
         app.router.add_post("/api/v1/actions/{name}", action)
 
     gateway.http_extensions.append(extend)
-
-
-async def _json_view(request: web.Request, recent: RecentEvents) -> web.Response:
-    return web.json_response(page_view(request.app[GATEWAY_KEY], recent), dumps=lambda o: json.dumps(o, default=str))
 
 
 def install(gateway: Gateway) -> None:

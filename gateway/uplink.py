@@ -252,12 +252,16 @@ class Uplink:
             self._client.publish(topic, data, qos=1, retain=True)
 
     def publish_direct(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                       correlation_data: bytes | None = None) -> None:
-        """A reply or notice that needs no outbox (command responses); lost if the link is down."""
+                       correlation_data: bytes | None = None, response_topic: str | None = None) -> None:
+        """A reply, request or notice that needs no outbox (command responses, cart requests); lost if the link
+        is down. MQTT 5 only: correlation data and a response topic go in as properties."""
         props = None
-        if correlation_data is not None and self.cfg.protocol == "5":
+        if self.cfg.protocol == "5" and (correlation_data is not None or response_topic is not None):
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.CorrelationData = correlation_data
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
         self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def status(self) -> dict[str, Any]:

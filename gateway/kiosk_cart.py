@@ -1,0 +1,263 @@
+"""The kiosk's online cart: a signed-in customer's cart or wish list, fetched from head office and printed in the
+store as an order slip the stock room picks from.
+
+The kiosk (a browser on a store PC) calls the local HTTP API while a customer stands on its mat:
+
+- ``POST /api/v1/kiosk/{kiosk}/cart`` ``{"customer": "<opaque sign-in token>", "list": "cart"|"wishlist"}``: the
+  gateway asks head office over MQTT (``{base}/cart/request`` with an MQTT 5 response topic and correlation
+  data, plus ``reply_to``/``correlation_id`` in the JSON for 3.1.1), waits ``[cart] timeout`` seconds, and
+  answers 503 at once when the uplink is down, 504 when head office is silent;
+- ``POST /api/v1/kiosk/{kiosk}/print``: prints the session's cart on the ``[cart] printer`` (an escpos_printer
+  device, its ``print_slip``);
+- ``GET /api/v1/kiosk/{kiosk}/events``: server-sent events: ``session`` when a customer steps on, ``clear`` when
+  they step off (the kiosk wipes its screen).
+
+The cart lives only in the kiosk session (gateway/kiosk.py KioskSessions): it is purged when the customer steps
+off, an answer arriving after that is dropped, nothing of it is logged or put in the outbox, and the slip carries
+items and a pick number, not the customer's name. Head office hears only the anonymous kiosk.session_* events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.contract import DEVICE_RE
+from gateway.http_api import error
+from gateway.outbox import iso_ts
+from gateway.uplink import Downlink
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+CART_KEY = "online_cart"
+
+
+class CartQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    customer: str = Field(min_length=1, max_length=512, description="opaque sign-in token; head office resolves it")
+    list: Literal["cart", "wishlist"] = "cart"
+
+
+class CartItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # what we don't know we don't keep
+    sku: str = Field(min_length=1, max_length=64)
+    description: str = Field("", max_length=120)
+    qty: int = Field(1, ge=1, le=999)
+    price: int | None = Field(None, ge=0, description="minor units")
+
+
+class CartAnswer(BaseModel):
+    """Head office's answer on ``{base}/cart/response``."""
+
+    model_config = ConfigDict(extra="ignore")
+    correlation_id: str | None = None
+    ok: bool
+    error: str | None = Field(None, max_length=200)
+    items: list[CartItem] = Field(default_factory=list, max_length=500)
+    currency: str | None = Field(None, max_length=8)
+
+
+class CartFailed(Exception):
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+@dataclass
+class _Pending:
+    kiosk_id: str
+    future: asyncio.Future[CartAnswer]
+
+
+class KioskCart:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self._pending: dict[str, _Pending] = {}  # correlation id (hex) -> waiting request
+        self._screens: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
+        self.counts = {"requests": 0, "answered": 0, "timeouts": 0, "offline": 0, "printed": 0, "cleared": 0}
+
+    @property
+    def sessions(self) -> Any:
+        kiosk = self.gateway.services.get("kiosk")
+        if kiosk is None:
+            raise CartFailed(503, "kiosk sessions are not available on this gateway")
+        return kiosk
+
+    # -- head office round trip --------------------------------------------------------------------------------
+    async def fetch(self, kiosk_id: str, query: CartQuery) -> CartAnswer:
+        sessions = self.sessions
+        if not sessions.active(kiosk_id):
+            raise CartFailed(409, "no customer at this kiosk: step on the mat first")
+        session_id = sessions.session_id(kiosk_id)
+        gw = self.gateway
+        self.counts["requests"] += 1
+        if not gw.uplink.connected:
+            self.counts["offline"] += 1
+            raise CartFailed(503, "head office cannot be reached right now; online carts are unavailable")
+        corr = uuid.uuid4().hex
+        fut: asyncio.Future[CartAnswer] = asyncio.get_running_loop().create_future()
+        self._pending[corr] = _Pending(kiosk_id, fut)
+        request = {"kiosk": kiosk_id, "session": session_id, "customer": query.customer, "list": query.list,
+                   "correlation_id": corr, "reply_to": gw.topics.cart_response, "ts": iso_ts(time.time())}
+        try:
+            gw.uplink.publish_direct(gw.topics.cart_request, json.dumps(request).encode(), qos=1,
+                                     correlation_data=bytes.fromhex(corr), response_topic=gw.topics.cart_response)
+            try:
+                answer = await asyncio.wait_for(fut, gw.config.cart.timeout)
+            except TimeoutError:
+                self.counts["timeouts"] += 1
+                raise CartFailed(504, f"head office did not answer within {gw.config.cart.timeout:g}s") from None
+        finally:
+            self._pending.pop(corr, None)
+        self.counts["answered"] += 1
+        if not answer.ok:
+            raise CartFailed(404, answer.error or "head office found no such list")
+        if not sessions.active(kiosk_id) or sessions.session_id(kiosk_id) != session_id:
+            raise CartFailed(409, "the customer left the kiosk")
+        sessions.store(kiosk_id, CART_KEY, answer.model_dump(exclude={"correlation_id"}))
+        return answer
+
+    async def on_response(self, down: Downlink) -> None:
+        corr = down.correlation_data.hex() if down.correlation_data else None
+        try:
+            answer = CartAnswer.model_validate_json(down.payload)
+        except ValidationError as err:
+            # The payload may hold a customer's cart: log the shape of the problem, not the content.
+            log.warning("cart answer from head office is malformed (%d problems)", len(err.errors()))
+            if corr and corr in self._pending:
+                fut = self._pending[corr].future
+                if not fut.done():
+                    fut.set_exception(CartFailed(502, "head office sent a malformed answer"))
+            return
+        pending = self._pending.get(corr or answer.correlation_id or "")
+        if pending is None or pending.future.done():
+            log.info("cart answer for no waiting request (late, or the customer left): dropped")
+            return
+        pending.future.set_result(answer)
+
+    # -- printing ----------------------------------------------------------------------------------------------
+    async def print_slip(self, kiosk_id: str) -> dict[str, Any]:
+        sessions = self.sessions
+        cart = sessions.get(kiosk_id, CART_KEY) if sessions.active(kiosk_id) else None
+        if not cart:
+            raise CartFailed(409, "no cart loaded for the customer at this kiosk")
+        printer_id = self.gateway.config.cart.printer
+        if printer_id is None:
+            raise CartFailed(503, "no receipt printer configured ([cart] printer)")
+        driver = self.gateway.supervisor.driver(printer_id)
+        if driver is None or not hasattr(driver, "print_slip"):
+            raise CartFailed(503, f"receipt printer {printer_id!r} is not running")
+        pick = f"{secrets.randbelow(10**6):06d}"
+        lines = [(f"{it['qty']} x {it['description'] or it['sku']}"[:40], it["sku"]) for it in cart["items"]]
+        lines.append(("Items", str(sum(it["qty"] for it in cart["items"]))))
+        try:
+            await driver.print_slip(f"ORDER {pick}", lines, barcode=f"PICK{pick}",
+                                    footer=f"Pick and bring to {kiosk_id}\n{time.strftime('%H:%M')}")
+        except (ConnectionError, OSError, ValueError) as err:
+            raise CartFailed(503, f"the receipt printer failed: {err}") from None
+        self.counts["printed"] += 1
+        return {"printed": True, "pick": pick, "lines": len(cart["items"])}
+
+    # -- the kiosk screen --------------------------------------------------------------------------------------
+    async def on_session(self, event: Any) -> None:
+        if event.kind == "ended":
+            for corr, pending in list(self._pending.items()):
+                if pending.kiosk_id == event.kiosk_id and not pending.future.done():
+                    pending.future.set_exception(CartFailed(409, "the customer left the kiosk"))
+                    self._pending.pop(corr, None)
+            self.counts["cleared"] += 1
+            self._tell(event.kiosk_id, "clear", {"reason": event.reason})
+        else:
+            self._tell(event.kiosk_id, "session", {"state": "started"})
+
+    def _tell(self, kiosk_id: str, name: str, data: dict[str, Any]) -> None:
+        for queue in self._screens.get(kiosk_id, set()):
+            queue.put_nowait((name, data))
+
+    def status(self) -> dict[str, Any]:
+        return {"waiting": len(self._pending), "screens": sum(len(s) for s in self._screens.values()),
+                **self.counts}
+
+    # -- HTTP --------------------------------------------------------------------------------------------------
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/api/v1/kiosk/{kiosk}/cart", self._post_cart)
+        app.router.add_post("/api/v1/kiosk/{kiosk}/print", self._post_print)
+        app.router.add_get("/api/v1/kiosk/{kiosk}/events", self._get_events)
+
+    @staticmethod
+    def _kiosk(request: web.Request) -> str:
+        kiosk_id = request.match_info["kiosk"]
+        if not re.fullmatch(DEVICE_RE, kiosk_id):
+            raise CartFailed(400, "not a valid kiosk id")
+        return kiosk_id
+
+    async def _post_cart(self, request: web.Request) -> web.Response:
+        try:
+            kiosk_id = self._kiosk(request)
+            try:
+                query = CartQuery.model_validate(await request.json())
+            except (ValueError, ValidationError):
+                raise CartFailed(422, 'body must be {"customer": "<token>", "list": "cart"|"wishlist"}') from None
+            answer = await self.fetch(kiosk_id, query)
+        except CartFailed as err:
+            return error(err.status, err.message)
+        return web.json_response({"list": query.list, "currency": answer.currency,
+                                  "items": [i.model_dump() for i in answer.items]})
+
+    async def _post_print(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(await self.print_slip(self._kiosk(request)))
+        except CartFailed as err:
+            return error(err.status, err.message)
+
+    async def _get_events(self, request: web.Request) -> web.StreamResponse:
+        try:
+            kiosk_id = self._kiosk(request)
+        except CartFailed as err:
+            return error(err.status, err.message)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self._screens.setdefault(kiosk_id, set()).add(queue)
+        try:
+            kiosk = self.gateway.services.get("kiosk")
+            state = "started" if kiosk is not None and kiosk.active(kiosk_id) else "idle"
+            await resp.write(f"event: session\ndata: {json.dumps({'state': state})}\n\n".encode())
+            with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+                while True:
+                    try:
+                        name, data = await asyncio.wait_for(queue.get(), 15)
+                    except TimeoutError:
+                        await resp.write(b": keep-alive\n\n")
+                        continue
+                    await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        finally:
+            self._screens[kiosk_id].discard(queue)
+        return resp
+
+
+def install(gateway: Gateway) -> None:
+    if not gateway.config.cart.enabled:
+        return
+    cart = KioskCart(gateway)
+    gateway.services["kiosk_cart"] = cart
+    gateway.status_parts["cart"] = cart.status
+    gateway.uplink.subscribe(gateway.topics.cart_response, cart.on_response)
+    gateway.http_extensions.append(cart.routes)
+    kiosk = gateway.services.get("kiosk")
+    if kiosk is not None:
+        kiosk.add_listener(cart.on_session)
