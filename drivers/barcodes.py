@@ -33,7 +33,7 @@ from biip.rcn import Rcn, RcnRegion, RcnUsage
 from biip.symbology import GS1Symbology, ISOSymbology
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from drivers.base import DeviceContext
+from drivers.base import DeviceContext, Health
 
 GS = "\x1d"
 _PRINTABLE_RE = re.compile(r"[\x20-\x7e\x1d]*")
@@ -203,6 +203,9 @@ def _gtin_fields(gtin: Gtin, config: BarcodeConfig) -> dict[str, Any]:
     return fields
 
 
+DEGRADED_AFTER = 5  # rejected scans in a row before the scanner's health says so
+
+
 class ScanReporter:
     """Turns a scanner's frames into ``scan`` events; logs rejected scans without their bytes, rate-limited.
 
@@ -219,6 +222,7 @@ class ScanReporter:
         self._logged = 0
         self._suppressed = 0
         self.counts: dict[str, int] = {"valid": 0, "invalid": 0}
+        self.rejected_in_a_row = 0
 
     async def report(self, results: list[dict[str, Any]]) -> None:
         if not results:
@@ -228,6 +232,13 @@ class ScanReporter:
             self.counts["valid" if r["valid"] else "invalid"] += 1
             if not r["valid"]:
                 self._log_rejected(r)
+            self.rejected_in_a_row = 0 if r["valid"] else self.rejected_in_a_row + 1
+        # One bad read is a customer's crumpled label; a run of them is a wrong baud rate, framing or keymap.
+        if self.rejected_in_a_row >= DEGRADED_AFTER:
+            self.ctx.set_health(Health.DEGRADED, f"{self.rejected_in_a_row} rejected scans in a row (last: "
+                                                 f"{results[-1]['reason']}): check baud rate, framing or keymap")
+        elif results[-1]["valid"]:
+            self.ctx.set_health(Health.OK)
         # All frames read together are put together, so they share one outbox commit.
         outcomes = await asyncio.gather(*(self.ctx.emit("scan", r) for r in results), return_exceptions=True)
         for outcome in outcomes:

@@ -158,3 +158,34 @@ async def test_crlf_prefix_and_custom_framing(tmp_path: Path, mosquitto: Mosquit
         pty.write(b"74\x03")  # a scan split across two reads
         await until(lambda: len(scans(subscriber)) == 2, what="two STX/ETX framed scans")
     assert [s["gtin"] for s in scans(subscriber)] == ["5901234123457", "96385074"]
+
+
+async def test_a_run_of_rejected_scans_degrades_health_until_a_good_one(
+    tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber
+) -> None:
+    cfg, pty = scanner_cfg(tmp_path, mosquitto.port)
+    async with running_gateway(cfg) as gw:
+        handle = gw.supervisor.devices["scanner0"]
+        await until(lambda: handle.state == Health.OK, what="scanner online")
+        for _ in range(5):  # what a scanner at 9600 baud looks like to a port set to 115200
+            pty.write(b"\xf0\x0f\xe6\x18\x80\r")
+        await until(lambda: handle.state == Health.DEGRADED, what="degraded after 5 rejected scans")
+        assert "5 rejected scans in a row (last: garbled)" in (handle.last_error or "")
+        pty.write(b"96385074\r")
+        await until(lambda: handle.state == Health.OK, what="ok after a good scan")
+    assert len(scans(subscriber)) == 6 and handle.restarts == 0
+
+
+def test_config_errors_name_the_device_and_the_key(tmp_path: Path) -> None:
+    from gateway.config import ConfigError, parse_config
+
+    bad = [{"id": "scanner-1", "driver": "serial_scanner", "port": "/dev/ttyUSB0", "parity": "pink", "baud": 9600,
+            "rcn_layouts": [{"prefixes": ["59"], "pattern": "PPPPPPPCVVVV", "measure": "price"}]},
+           {"id": "mat-1", "driver": "kiosk_mat", "pin": 17, "debounce_s": 2, "leave_after_s": 1}]
+    with pytest.raises(ConfigError) as err:
+        parse_config(base_config(tmp_path, 1883, bad))
+    text = err.value.render()
+    assert "devices[0] (id='scanner-1').parity: Input should be 'none', 'even'" in text
+    assert "devices[0] (id='scanner-1').baud: unknown key" in text
+    assert "devices[0] (id='scanner-1').rcn_layouts[0].prefixes: Value error, prefix '59'" in text
+    assert "devices[1] (id='mat-1')" in text and "leave_after_s must be at least debounce_s" in text
