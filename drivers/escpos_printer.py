@@ -20,11 +20,18 @@ import os
 import re
 from typing import Any, ClassVar, Literal
 
-from escpos.escpos import Escpos
-from escpos.printer import Dummy
 from pydantic import Field, model_validator
 
 from drivers.base import DeviceConfig, DeviceContext, Driver, Health
+
+# python-escpos installs a stderr handler on the root logger when imported, which doubles every log line of the
+# gateway (and bypasses the journal handler's redaction). A library must not configure logging: take it back out.
+_root_before = list(logging.getLogger().handlers)
+from escpos.escpos import Escpos  # noqa: E402
+from escpos.printer import Dummy  # noqa: E402
+
+for _handler in [h for h in logging.getLogger().handlers if h not in _root_before]:
+    logging.getLogger().removeHandler(_handler)
 
 log = logging.getLogger(__name__)
 

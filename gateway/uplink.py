@@ -87,7 +87,8 @@ class Uplink:
             clean_session=None if v5 else False,
             reconnect_on_failure=True,
         )
-        client.enable_logger(logging.getLogger("paho"))
+        if log.isEnabledFor(logging.DEBUG):  # paho logs an ERROR per reconnect attempt; ours says it once
+            client.enable_logger(logging.getLogger("paho"))
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
