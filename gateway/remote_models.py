@@ -33,7 +33,6 @@ class CartSettings(_Strict):
     enabled: bool = True
     printer: str | None = Field(None, pattern=DEVICE_ID_RE, description="device id of the kiosk's receipt printer")
     timeout: float = Field(8.0, gt=0, le=60, description="seconds to wait for head office's answer")
-    kiosk_origin: str | None = Field(None, description="Origin allowed to call the cart API from the kiosk browser")
 
 
 # -- payloads ----------------------------------------------------------------------------------------------------
