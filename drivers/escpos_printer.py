@@ -18,20 +18,26 @@ import io
 import logging
 import os
 import re
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from drivers.base import DeviceConfig, DeviceContext, Driver, Health
 
-# python-escpos installs a stderr handler on the root logger when imported, which doubles every log line of the
-# gateway (and bypasses the journal handler's redaction). A library must not configure logging: take it back out.
-_root_before = list(logging.getLogger().handlers)
-from escpos.escpos import Escpos  # noqa: E402
-from escpos.printer import Dummy  # noqa: E402
+if TYPE_CHECKING:
+    from escpos.escpos import Escpos
 
-for _handler in [h for h in logging.getLogger().handlers if h not in _root_before]:
-    logging.getLogger().removeHandler(_handler)
+
+def _import_escpos() -> None:
+    """Import python-escpos on first use: it costs ~9 MB, which a gateway without a receipt printer should not
+    pay (every driver module is imported to validate config). It also installs a stderr handler on the root
+    logger, which doubled every log line and bypassed the journal handler's redaction: take that back out."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import escpos.printer  # noqa: F401
+
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,8 @@ class PrinterUnavailable(ConnectionError):
 
 def _barcode(p: Escpos, code: str) -> None:
     # python-escpos announces its renderer with print(); a gateway's stdout is not the place for that.
+    from escpos.escpos import Escpos
+
     with contextlib.redirect_stdout(io.StringIO()):
         if re.fullmatch(r"\d{13}", code) and Escpos.check_barcode("EAN13", code):
             p.barcode(code, "EAN13", function_type="B", height=80, width=2)
@@ -90,6 +98,9 @@ def render_slip(title: str, lines: list[tuple[str, str]], barcode: str | None, f
                 profile: str | None = None, columns: int | None = None) -> bytes:
     """The ESC/POS bytes of one order slip: title large and centred, `label ... value` lines, an optional
     barcode (EAN-13 when it is one, else Code 128), the footer, a cut."""
+    _import_escpos()
+    from escpos.printer import Dummy
+
     p = Dummy(profile=profile)
     cols = columns or int(p.profile.get_columns("a") or 42)
     p.set(align="center", bold=True, double_height=True, double_width=True)
@@ -129,6 +140,7 @@ class EscposPrinter(Driver):
     def _open(self) -> Escpos:
         """A connected python-escpos printer for the configured connection (blocking)."""
         c = self.cfg
+        _import_escpos()
         printer: Escpos
         if c.connection == "network":
             from escpos.printer import Network
