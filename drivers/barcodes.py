@@ -24,22 +24,21 @@ import logging
 import re
 import time
 from decimal import Decimal
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from biip import ParseConfig, ParseError, parse
-from biip.checksums import gs1_price_weight_check_digit
-from biip.gtin import Gtin
-from biip.rcn import Rcn, RcnRegion, RcnUsage
-from biip.symbology import GS1Symbology, ISOSymbology
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drivers.base import DeviceContext, Health
 
+# biip costs about 20 MB of RSS: it is imported when the first scan is interpreted (or a scanner's config names an
+# RCN region), not when the driver registry imports this module to validate a config without scanners.
+if TYPE_CHECKING:
+    from biip.gtin import Gtin
+    from biip.symbology import GS1Symbology, ISOSymbology
+
 GS = "\x1d"
 _PRINTABLE_RE = re.compile(r"[\x20-\x7e\x1d]*")
 _GTIN_LENGTHS = (8, 12, 13, 14)
-_GTIN_SYMBOLOGIES = GS1Symbology.with_gtin()
-_GS1_SYMBOLOGIES = GS1Symbology.with_gs1_messages()
 
 Reason = Literal["garbled", "overlong", "unterminated", "bad_check_digit", "invalid_gtin", "invalid_gs1",
                  "bad_measure_check_digit", "unrecognised", "missing_prefix", "unmapped_key"]
@@ -91,6 +90,8 @@ class BarcodeConfig(BaseModel):
     @field_validator("rcn_region")
     @classmethod
     def _known_region(cls, v: str | None) -> str | None:
+        from biip.rcn import RcnRegion
+
         if v is not None and v not in {r.value for r in RcnRegion}:
             known = ", ".join(sorted(r.value for r in RcnRegion))
             raise ValueError(f"unknown RCN region {v!r} (biip knows: {known})")
@@ -111,6 +112,8 @@ def _symbology_name(iso: ISOSymbology, gs1: GS1Symbology | None) -> str:
 
 def _apply_layout(gtin: Gtin, layout: RcnLayout) -> dict[str, Any] | str:
     """The variable-measure fields of ``gtin`` under ``layout``, or an error message."""
+    from biip.checksums import gs1_price_weight_check_digit
+
     digits = gtin.as_gtin_13()[:12]
     p = layout.pattern
     value = "".join(d for d, m in zip(digits, p, strict=True) if m == "V")
@@ -126,6 +129,9 @@ def _apply_layout(gtin: Gtin, layout: RcnLayout) -> dict[str, Any] | str:
 
 def interpret(text: str, config: BarcodeConfig) -> dict[str, Any]:
     """The ``scan`` event data for one decoded barcode text (already stripped of framing)."""
+    from biip import ParseConfig, ParseError, parse
+    from biip.symbology import GS1Symbology
+
     length = len(text)
     if not _PRINTABLE_RE.fullmatch(text):
         bad = sum(1 for ch in text if not _PRINTABLE_RE.fullmatch(ch))
@@ -148,7 +154,7 @@ def interpret(text: str, config: BarcodeConfig) -> dict[str, Any]:
                            "symbology": _symbology_name(iso, gs1_sym) if iso else None}
 
     gtin_like = data.isdigit() and len(data) in _GTIN_LENGTHS
-    if gs1_sym in _GTIN_SYMBOLOGIES or (iso is None and gtin_like):
+    if gs1_sym in GS1Symbology.with_gtin() or (iso is None and gtin_like):
         if result.gtin is None:
             error = result.gtin_error or "not a GTIN"
             if "check digit for variable measure" in error:
@@ -158,7 +164,7 @@ def interpret(text: str, config: BarcodeConfig) -> dict[str, Any]:
         fields = _gtin_fields(result.gtin, config)
         return fields | {"aim": aim} if fields.get("valid") is False else out | fields
 
-    if gs1_sym in _GS1_SYMBOLOGIES or (iso is None and result.gs1_message is not None and length > 14):
+    if gs1_sym in GS1Symbology.with_gs1_messages() or (iso is None and result.gs1_message is not None and length > 14):
         if result.gs1_message is None:
             return invalid("invalid_gs1", result.gs1_message_error or "not a GS1 element string", length, aim)
         for es in result.gs1_message.element_strings:
@@ -180,6 +186,8 @@ def interpret(text: str, config: BarcodeConfig) -> dict[str, Any]:
 
 
 def _gtin_fields(gtin: Gtin, config: BarcodeConfig) -> dict[str, Any]:
+    from biip.rcn import Rcn, RcnUsage
+
     fields: dict[str, Any] = {"type": "gtin", "gtin": gtin.value,
                               "gtin_format": gtin.format.name.replace("_", "-")}
     if not isinstance(gtin, Rcn) or gtin.usage != RcnUsage.GEOGRAPHICAL:

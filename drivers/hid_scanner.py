@@ -15,17 +15,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-from evdev import InputDevice, InputEvent, ecodes, list_devices
 from pydantic import Field, field_validator, model_validator
 
 from drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid
 from drivers.base import DeviceConfig, DeviceContext, Driver, Health
+
+# evdev is imported when a HID scanner is configured or runs, not when the registry imports every driver module.
+if TYPE_CHECKING:
+    from evdev import InputEvent
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +44,34 @@ _US_PAIRS = {
 } | {f"KEY_{c}": c.lower() + c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 KEYMAPS: dict[str, dict[str, tuple[str, str]]] = {"us": {k: (v[0], v[1]) for k, v in _US_PAIRS.items()}}
 
-_SHIFT = {ecodes.KEY_LEFTSHIFT, ecodes.KEY_RIGHTSHIFT}
-_CTRL = {ecodes.KEY_LEFTCTRL, ecodes.KEY_RIGHTCTRL}
-_IGNORED = {ecodes.KEY_LEFTALT, ecodes.KEY_RIGHTALT, ecodes.KEY_LEFTMETA, ecodes.KEY_RIGHTMETA,
-            ecodes.KEY_NUMLOCK}
-_ENTER = {ecodes.KEY_ENTER, ecodes.KEY_KPENTER}
 KEY_DOWN, KEY_UP = 1, 0  # value 2 is autorepeat: a scanner never holds a key, so repeats are ignored
+
+
+def key_code(name: str) -> int | None:
+    """The evdev code of a key name (``KEY_A``), or None."""
+    from evdev import ecodes
+
+    code = getattr(ecodes, name, None) if name.startswith("KEY_") else None
+    return code if isinstance(code, int) else None
+
+
+@dataclass(frozen=True)
+class _Keys:
+    ev_key: int
+    shift: frozenset[int]
+    ctrl: frozenset[int]
+    ignored: frozenset[int]
+    enter: frozenset[int]
+    capslock: int
+
+
+@functools.cache
+def _keys() -> _Keys:
+    from evdev import ecodes as e
+
+    return _Keys(e.EV_KEY, frozenset({e.KEY_LEFTSHIFT, e.KEY_RIGHTSHIFT}), frozenset({e.KEY_LEFTCTRL, e.KEY_RIGHTCTRL}),
+                 frozenset({e.KEY_LEFTALT, e.KEY_RIGHTALT, e.KEY_LEFTMETA, e.KEY_RIGHTMETA, e.KEY_NUMLOCK}),
+                 frozenset({e.KEY_ENTER, e.KEY_KPENTER}), e.KEY_CAPSLOCK)
 
 
 class HidScannerConfig(DeviceConfig, BarcodeConfig):
@@ -70,17 +96,17 @@ class HidScannerConfig(DeviceConfig, BarcodeConfig):
     @classmethod
     def _known_keys(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
         for key, chars in v.items():
-            if not isinstance(getattr(ecodes, key, None), int) or not key.startswith("KEY_"):
+            if key_code(key) is None:
                 raise ValueError(f"{key!r} is not an evdev key name (KEY_...)")
             if not 1 <= len(chars) <= 2 or not all(len(c) == 1 for c in chars):
                 raise ValueError(f"{key}: give [unshifted] or [unshifted, shifted], one character each")
         return v
 
     def key_table(self) -> dict[int, tuple[str, str]]:
-        table = {int(getattr(ecodes, k)): v for k, v in KEYMAPS[self.keymap].items()}
+        table = {key_code(k): v for k, v in KEYMAPS[self.keymap].items()}
         for key, chars in self.keymap_overrides.items():
-            table[int(getattr(ecodes, key))] = (chars[0], chars[-1])
-        return table
+            table[key_code(key)] = (chars[0], chars[-1])
+        return {code: chars for code, chars in table.items() if code is not None}
 
 
 class KeyDecoder:
@@ -96,22 +122,24 @@ class KeyDecoder:
         self._unmapped = 0
         self._overlong = 0  # characters seen in an overlong scan, reported once at Enter
         self.partial_since: float | None = None
+        self.keys = _keys()
 
     def feed(self, event: InputEvent, now: float) -> list[dict[str, Any]]:
         """The finished scans (as scan event data) this event completes."""
-        if event.type != ecodes.EV_KEY:
+        k = self.keys
+        if event.type != k.ev_key:
             return []
         code, value = event.code, event.value
-        if code in _SHIFT or code in _CTRL:
-            held = self._shift if code in _SHIFT else self._ctrl
+        if code in k.shift or code in k.ctrl:
+            held = self._shift if code in k.shift else self._ctrl
             (held.add if value else held.discard)(code)
             return []
-        if value != KEY_DOWN or code in _IGNORED:
+        if value != KEY_DOWN or code in k.ignored:
             return []
-        if code == ecodes.KEY_CAPSLOCK:
+        if code == k.capslock:
             self._caps = not self._caps
             return []
-        if code in _ENTER:
+        if code in k.enter:
             return self._finish()
         self.partial_since = self.partial_since or now
         chars = self.table.get(code)
@@ -185,6 +213,8 @@ def select_device(config: HidScannerConfig, candidates: Iterable[Candidate]) -> 
 
 
 def _candidates() -> list[Candidate]:
+    from evdev import InputDevice, list_devices
+
     found = []
     for path in list_devices():
         with contextlib.suppress(OSError):
@@ -204,6 +234,8 @@ def open_input_device(config: HidScannerConfig) -> InputSource:
             wanted = f"name={config.name!r}" if config.name else f"usb_id={config.usb_id}"
             seen = ", ".join(f"{c.name!r} ({c.vendor:04x}:{c.product:04x})" for c in candidates) or "none"
             raise LookupError(f"no input device matches {wanted} (found: {seen})")
+    from evdev import InputDevice
+
     return InputDevice(path)
 
 

@@ -15,12 +15,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from gpiozero import DigitalInputDevice
 from pydantic import Field, model_validator
 
 from drivers.base import DEVICE_ID_RE, DeviceConfig, DeviceContext, Driver, Health
+
+if TYPE_CHECKING:
+    from gpiozero import DigitalInputDevice
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,8 @@ class KioskMat(Driver):
         self.logic: MatLogic | None = None
 
     def _open(self) -> DigitalInputDevice:
+        from gpiozero import DigitalInputDevice  # lazily: gpiozero is ~9 MB and most gateways have no mat
+
         return DigitalInputDevice(self.config.pin, pull_up=self.config.pull_up, bounce_time=None)
 
     async def run(self) -> None:

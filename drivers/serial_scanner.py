@@ -18,19 +18,20 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import serial
 from pydantic import Field, field_validator
 
 from drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid
 from drivers.base import DeviceConfig, DeviceContext, Driver, Health
 
+if TYPE_CHECKING:
+    import serial
+
 log = logging.getLogger(__name__)
 
 TERMINATORS = {"CR": b"\r", "LF": b"\n", "CRLF": b"\r\n", "ETX": b"\x03", "TAB": b"\t"}
-PARITIES = {"none": serial.PARITY_NONE, "even": serial.PARITY_EVEN, "odd": serial.PARITY_ODD,
-            "mark": serial.PARITY_MARK, "space": serial.PARITY_SPACE}
+PARITIES = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}  # pyserial's PARITY_* values
 
 
 class SerialScannerConfig(DeviceConfig, BarcodeConfig):
@@ -162,6 +163,8 @@ class SerialScanner(Driver):
         self.reporter = ScanReporter(ctx, log)
 
     def _open(self) -> serial.Serial:
+        import serial  # here, not at import time: the registry imports every driver module to validate configs
+
         c = self.config
         return serial.Serial(
             c.port, baudrate=c.baudrate, bytesize=c.bytesize, parity=PARITIES[c.parity], stopbits=c.stopbits,
