@@ -82,7 +82,7 @@ async def _customer(gateway: Any) -> None:
         await asyncio.sleep(2.0)
         print("[kiosk-1] the customer steps off", flush=True)
         pin.drive_high()
-        while kiosk.active("kiosk-1"):
+        while "kiosk-1" in kiosk.status()["sessions"]:  # until the purge is complete
             await asyncio.sleep(0.05)
         left = kiosk.get("kiosk-1", "cart"), await kiosk.load("kiosk-1", "loyalty_card")
         print(f"[kiosk-1] session over; customer data left: cart={left[0]} loyalty_card={left[1]}", flush=True)

@@ -137,12 +137,14 @@ class KioskSessions:
         self._listeners.append(listener)
 
     def active(self, kiosk_id: str) -> bool:
-        """A session is open (or still being purged: it is over only once its data is gone)."""
-        return kiosk_id in self._sessions
+        """A customer is at the kiosk: a session is open and not ending. (Its purge may still be running after
+        this turns False; ``status()["sessions"]`` lists a kiosk until its purge is complete.)"""
+        s = self._sessions.get(kiosk_id)
+        return s is not None and not s.ending
 
     def session_id(self, kiosk_id: str) -> str | None:
         s = self._sessions.get(kiosk_id)
-        return s.session_id if s else None
+        return s.session_id if s and not s.ending else None
 
     async def session_started(self, kiosk_id: str) -> str:
         """Start a session at ``kiosk_id`` (idempotent: an open session is kept). Returns the session id."""
@@ -214,7 +216,7 @@ class KioskSessions:
         self._session(kiosk_id).purgers.append(purge)
 
     def status(self) -> dict[str, Any]:
-        return {"sessions": {k: {"since": iso_ts(s.started)} for k, s in self._sessions.items()},
+        return {"sessions": {k: {"since": iso_ts(s.started), "ending": s.ending} for k, s in self._sessions.items()},
                 "ended_total": self.ended_total}
 
     # -- internals ------------------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ async def test_stepping_off_purges_every_piece_of_customer_data(
         assert kiosk.active("kiosk-1") and kiosk.session_id("kiosk-1") == session
 
         pin.drive_high()  # steps off
-        await until(lambda: not kiosk.active("kiosk-1"), 5, what="session ended")
+        await until(lambda: "kiosk-1" not in kiosk.status()["sessions"], 5, what="session ended and purged")
+        assert not kiosk.active("kiosk-1")
         assert kiosk.get("kiosk-1", "cart") is None and kiosk.get("kiosk-1", "email") is None
         assert await kiosk.load("kiosk-1", "loyalty") is None
         with pytest.raises(NoActiveSession):
