@@ -21,7 +21,10 @@ def test_kill_stop_stops_the_watchdog_pings(gateway_config: Path, tmp_path: Path
         gw = GatewayProcess(gateway_config, http_port, env=env)
         gw.start(wait=False)
         try:
-            systemd.wait_count("READY=1", 1, timeout=30)
+            try:
+                systemd.wait_count("READY=1", 1, timeout=30)
+            except AssertionError as err:
+                raise AssertionError(f"{err}\n--- storelink log ---\n{gw.log.read_text()[-3000:]}") from None
             # READY=1 means config loaded, database open and HTTP up: the API answers at once.
             assert gw.get("/api/v1/status")[0] == 200
             ready_at = systemd.times_of("READY=1")[0]
