@@ -98,6 +98,12 @@ class BarcodeConfig(BaseModel):
         return v
 
 
+def warm_up() -> None:
+    """Import biip and parse once (blocking, ~40 ms here): a scanner driver calls it in a thread at start so its
+    first scan is not the one that pays for the import on the event loop."""
+    interpret("]E05901234123457", BarcodeConfig.model_validate({}))
+
+
 def invalid(reason: Reason, detail: str, length: int, aim: str | None = None) -> dict[str, Any]:
     return {"valid": False, "reason": reason, "detail": detail, "length": length, "aim": aim}
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
-from drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid
+from drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid, warm_up
 from drivers.base import DeviceConfig, DeviceContext, Driver, Health
 
 # evdev is imported when a HID scanner is configured or runs, not when the registry imports every driver module.
@@ -250,6 +250,7 @@ class HidScanner(Driver):
         self.reporter = ScanReporter(ctx, log)
 
     async def run(self) -> None:
+        await asyncio.to_thread(warm_up)
         device = await asyncio.to_thread(open_input_device, self.config)
         loop = asyncio.get_running_loop()
         batches: asyncio.Queue[list[InputEvent] | BaseException] = asyncio.Queue()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid
+from drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid, warm_up
 from drivers.base import DeviceConfig, DeviceContext, Driver, Health
 
 if TYPE_CHECKING:
@@ -172,6 +172,7 @@ class SerialScanner(Driver):
         )
 
     async def run(self) -> None:
+        await asyncio.to_thread(warm_up)
         port = await asyncio.to_thread(self._open)
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[tuple[float, bytes] | BaseException] = asyncio.Queue()
