@@ -24,6 +24,7 @@ from gateway.http_api import HttpServer
 from gateway.outbox import Accepted, Outbox, iso_ts
 from gateway.supervisor import DeviceSupervisor
 from gateway.uplink import Uplink
+from gateway.watchdog import ProgressWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ class Gateway:
             self.topics.device_state, self.services,
         )
         self.http = HttpServer(self)
+        # systemd's watchdog (WatchdogSec=30s) is pinged only while the loop turns and these parts make progress.
+        self.watchdog = ProgressWatchdog()
+        self.watchdog.watch("outbox-writer", 25, self.outbox.progress_probe)
+        self.watchdog.watch("uplink", 25, self.uplink.progress_probe)
         self.ready = asyncio.Event()
         self._stopping = False
         for module in PART_INSTALLERS:
@@ -103,10 +108,13 @@ class Gateway:
                 tasks.append(tg.create_task(self.supervisor.run(), name="devices"))
                 for name, runner in self.parts:
                     tasks.append(tg.create_task(runner(), name=name))
+                tasks.append(tg.create_task(self.watchdog.run(), name="watchdog"))
                 self.ready.set()
+                self.watchdog.ready(f"store {self.config.store_id}")
                 log.info("gateway %s running (store %s)", __version__, self.config.store_id)
                 await stop.wait()
                 self._stopping = True
+                self.watchdog.stopping()
                 log.info("stopping")
                 for task in tasks:
                     task.cancel()

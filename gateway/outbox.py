@@ -137,7 +137,8 @@ class Outbox:
         self._next_seq = 1
         self._new_event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.last_progress = time.monotonic()  # the watchdog reads this
+        self.last_progress = time.monotonic()
+        self._busy_since: float | None = None  # set while the writer holds a batch; the watchdog reads it
         self._id_prefix = os.urandom(10).hex()
         self._id_counter = itertools.count()
 
@@ -231,6 +232,13 @@ class Outbox:
             pass
         self._new_event.clear()
 
+    def progress_probe(self) -> float:
+        """For the watchdog: "now" while the writer is idle or between batches, else when its batch began.
+        A writer thread that died never makes progress again."""
+        if self._thread is None or not self._thread.is_alive():
+            return self.last_progress
+        return self._busy_since or time.monotonic()
+
     @property
     def last_seq(self) -> int:
         """The highest seq committed so far."""
@@ -277,6 +285,7 @@ class Outbox:
             first = self._queue.get()
             if first is None:
                 break
+            self._busy_since = time.monotonic()
             work = [first]
             n = len(first[1][0]) if first[0] == "put" else 0
             while n < MAX_BATCH:
@@ -292,6 +301,7 @@ class Outbox:
                     n += len(item[1][0])
             self._commit(work)
             self.last_progress = time.monotonic()
+            self._busy_since = None
 
     def _commit(self, work: list[tuple[str, Any]]) -> None:
         assert self._conn is not None

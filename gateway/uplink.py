@@ -328,8 +328,11 @@ class Uplink:
                 await self._connected_evt.wait()
             room = window - len(self._inflight)
             if room <= 0:
+                # Waiting on the broker's PUBACKs is not a hang of ours: keep turning (and telling the watchdog).
                 self._window_evt.clear()
-                await self._window_evt.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._window_evt.wait(), 1.0)
+                self.last_progress = time.monotonic()
                 continue
             batch = await asyncio.to_thread(self.outbox.read_after, self._cursor, min(room, 500))
             if not batch:
@@ -347,6 +350,10 @@ class Uplink:
                 self._inflight[info.mid] = ev.seq
                 self._cursor = ev.seq
             self.last_progress = time.monotonic()
+
+    def progress_probe(self) -> float:
+        """For the watchdog: the drain loop's last turn. Offline is not hung (the drain waits for the link)."""
+        return self.last_progress if self.connected else time.monotonic()
 
     def caught_up(self) -> bool:
         """Everything committed to the outbox has been published and acknowledged."""

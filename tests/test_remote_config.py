@@ -55,7 +55,8 @@ def test_signed_config_is_applied_live_saved_and_reported(tmp_path: Path, mosqui
         saved = load_config(gw.config)
         assert saved.config_version == 7 and saved.http.token == "t" * 24
         assert not list(tmp_path.glob(".storelink.toml.tmp-*"))
-        assert any(e["kind"] == "config.applied" for e in subscriber.events(STORE))
+        wait_for(lambda: any(e["kind"] == "config.applied" for e in subscriber.events(STORE)), 10,
+                 what="the config.applied event")
 
         # The retained desired is delivered again after a restart: a no-op, not a second report.
         n = len(reports(subscriber))

@@ -121,7 +121,7 @@ async def test_downlink_qos1_waits_at_the_broker_while_the_store_is_offline(
 
     def gateway() -> Gateway:
         gw = Gateway(parse_config(_base_cfg(tmp_path, mosquitto.port)))
-        gw.uplink.subscribe(gw.topics.command("ping"), handler)
+        gw.uplink.subscribe(f"{gw.topics.base}/test/downlink", handler)
         return gw
 
     first = gateway()
@@ -130,7 +130,7 @@ async def test_downlink_qos1_waits_at_the_broker_while_the_store_is_offline(
     hq.connect("127.0.0.1", mosquitto.port)
     hq.loop_start()
     for i in range(3):
-        hq.publish(first.topics.command("ping"), f"while-offline-{i}".encode(), qos=1).wait_for_publish(5)
+        hq.publish(f"{first.topics.base}/test/downlink", f"while-offline-{i}".encode(), qos=1).wait_for_publish(5)
     hq.loop_stop()
     hq.disconnect()
     second = gateway()
