@@ -72,6 +72,8 @@ class Uplink:
         self._attempt = 0
         self._handlers: list[tuple[str, int, Handler]] = []
         self._retained_state: dict[str, bytes] = {}
+        self._unacked_subs: dict[int, str] = {}  # SUBSCRIBE mid -> filter, sent on this connection, not answered
+        self._refused_subs: set[str] = set()  # filters the broker refused on this connection
         self._birth_extra: dict[str, Any] = {}
         self._handler_tasks: set[asyncio.Future[None]] = set()
         self._client = self._make_client()
@@ -111,13 +113,16 @@ class Uplink:
         client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Register before run(); subscriptions are renewed on every connect."""
         self._handlers.append((topic_filter, qos, handler))
         if self.connected:
-            self._client.subscribe(topic_filter, qos)
+            mid = self._client.subscribe(topic_filter, qos)[1]
+            if mid is not None:
+                self._unacked_subs[mid] = topic_filter
 
     def set_birth_fields(self, **fields: Any) -> None:
         self._birth_extra.update(fields)
@@ -141,11 +146,12 @@ class Uplink:
             return
         self._attempt = 0
         client.publish(self.topics.status, self._birth_payload(), qos=1, retain=True)
-        for topic_filter, qos, _h in self._handlers:
-            client.subscribe(topic_filter, qos)
-        for topic, payload in list(self._retained_state.items()):
-            client.publish(topic, payload, qos=1, retain=True)
-        self._call(self._set_connected, bool(getattr(flags, "session_present", False)))
+        mids = {client.subscribe(topic_filter, qos)[1]: topic_filter for topic_filter, qos, _h in self._handlers}
+        self._call(self._set_connected, bool(getattr(flags, "session_present", False)), mids)
+
+    def _on_subscribe(self, client: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any) -> None:
+        if client is self._client:
+            self._call(self._subscribed, mid, [str(c) for c in codes if c.is_failure])
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
@@ -189,8 +195,14 @@ class Uplink:
         }
         return json.dumps(body)
 
-    def _set_connected(self, session_present: bool) -> None:
+    def _set_connected(self, session_present: bool, subscribe_mids: dict[int | None, str]) -> None:
+        # Republished here on the loop, not in paho's on_connect: publish_state() runs on the loop too, so a state
+        # that changes while the link comes up is either in this sweep or published by publish_state() itself.
         self.connected = True
+        self._unacked_subs = {mid: f for mid, f in subscribe_mids.items() if mid is not None}
+        self._refused_subs = set()
+        for topic, payload in self._retained_state.items():
+            self._client.publish(topic, payload, qos=1, retain=True)
         self.connected_since = time.time()
         self.disconnected_since = None
         self.last_error = None
@@ -209,6 +221,14 @@ class Uplink:
         self.connected_since = None
         self.last_error = why
         self._connected_evt.clear()
+
+    def _subscribed(self, mid: int, refusals: list[str]) -> None:
+        topic_filter = self._unacked_subs.pop(mid, None)
+        if refusals and topic_filter is not None:
+            # An ACL that denies e.g. the prices topic: the store would silently never hear from head office.
+            self._refused_subs.add(topic_filter)
+            self.last_error = f"broker refused a subscription to {topic_filter}: {', '.join(refusals)}"
+            log.error("uplink %s", self.last_error)
 
     def _acked(self, mid: int, failed: bool, reason: str) -> None:
         seq = self._inflight.pop(mid, None)
@@ -273,6 +293,9 @@ class Uplink:
             "broker": f"{self.cfg.host}:{self.cfg.port}",
             "protocol": self.cfg.protocol,
             "in_flight": len(self._inflight),
+            # Connected and every subscription granted: from here on, head office's commands reach this store.
+            "subscribed": self.connected and not self._unacked_subs and not self._refused_subs,
+            "refused_subscriptions": sorted(self._refused_subs),
             "last_error": self.last_error,
         }
 

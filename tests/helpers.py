@@ -152,6 +152,10 @@ class GatewayProcess:
             wait_for(self._ready, 20, what="storelink to answer /api/v1/status")
         return self
 
+    def wait_online(self, timeout: float = 15, what: str = "the uplink connected and subscribed") -> None:
+        """Until the broker has granted every subscription: a command or price batch sent earlier could be lost."""
+        wait_for(lambda: self.get("/api/v1/status")[1]["uplink"]["subscribed"], timeout, what=what)
+
     def _ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:

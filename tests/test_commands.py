@@ -24,7 +24,7 @@ def test_commands_answer_with_results_or_clear_errors(tmp_path: Path, mosquitto:
                        f'[[devices]]\nid = "pos1"\ndriver = "plu_file"\ndirectory = "{pos}"\n')
     hq = HeadOffice(mosquitto.port)
     try:
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="connected")
+        gw.wait_online(10, what="connected")
         pong = hq.command("ping", {})
         assert pong["ok"] and pong["result"]["pong"] is True
         status = hq.command("status", {"args": {}})
@@ -78,7 +78,7 @@ def test_mqtt_311_fallback_reply_to_and_correlation_id(tmp_path: Path, mosquitto
     gw = start_gateway(tmp_path, mosquitto.port, key)
     hq = HeadOffice(mosquitto.port, protocol=mqtt.MQTTv311)
     try:
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="connected")
+        gw.wait_online(10, what="connected")
         corr = uuid.uuid4().hex
         body = {"reply_to": "hq/replies/311", "correlation_id": corr}
         hq.client.publish(f"storelink/{STORE}/cmd/ping", json.dumps(body), qos=1).wait_for_publish(5)

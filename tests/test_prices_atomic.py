@@ -32,6 +32,8 @@ class Rig:
 
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> GatewayProcess:
         self.gw = GatewayProcess(self.config, self.http_port, env=env).start(wait=wait)
+        if wait:
+            self.gw.wait_online()  # head office's price batches are not retained: the store must be listening
         return self.gw
 
     def paper_price(self, sku: str) -> tuple[int, int] | None:
@@ -63,13 +65,26 @@ def settled(rig: Rig, version: int, skus: list[str]) -> bool:
     return tills and tags and paper
 
 
+def wait_settled(rig: Rig, version: int, skus: list[str], timeout: float, what: str) -> None:
+    """wait_for(settled); on a timeout, say which device is behind and what the gateway logged."""
+    try:
+        wait_for(lambda: settled(rig, version, skus), timeout, what=what)
+    except AssertionError as err:
+        behind = {"tills": rig.floor.till_versions(),
+                  "tags": {s: rig.floor.tag_version(s) for s in skus if s in MACS},
+                  "paper": {s: rig.paper_price(s) for s in skus}}
+        prices = rig.gw.get("/api/v1/prices/state")[1] if rig.gw and rig.gw.proc.poll() is None else None
+        log = rig.gw.log.read_text()[-4000:] if rig.gw else ""
+        raise AssertionError(f"{err}\n{behind}\nprices state: {prices}\n--- storelink log ---\n{log}") from None
+
+
 def test_price_change_rolls_across_tills_esl_and_printer(rig: Rig, subscriber: Subscriber) -> None:
     rig.start()
     rig.floor.start_tills()
     wait_for(lambda: all(s.hello_reply for s in rig.floor.tills.values()), 15, what="tills connected")
     rig.hq.batch(batch(rig.key, 1, items(20, base=100)))
     wait_event(subscriber, "price.committed", version=1)
-    wait_for(lambda: settled(rig, 1, TAGGED), 30, what="tills, tags and labels on version 1")
+    wait_settled(rig, 1, TAGGED, 30, what="tills, tags and labels on version 1")
     assert rig.floor.lookup("1", "SKU000003")["price"] == 100  # type: ignore[index]
     assert rig.floor.till_prices("2")["SKU000003"] == 100
 
@@ -78,7 +93,7 @@ def test_price_change_rolls_across_tills_esl_and_printer(rig: Rig, subscriber: S
     rig.hq.batch(batch(rig.key, 2, rows))
     e = wait_event(subscriber, "price.committed", version=2)
     assert e["data"]["changed"] == 3
-    wait_for(lambda: settled(rig, 2, ["SKU000002", "SKU000003", "SKU000015"]), 30, what="version 2 everywhere")
+    wait_settled(rig, 2, ["SKU000002", "SKU000003", "SKU000015"], 30, what="version 2 everywhere")
     assert rig.floor.tag_price("SKU000002") == 150 and rig.floor.tag_price("SKU000003") == 80
     assert rig.paper_price("SKU000015") == (99, 2)
     assert rig.floor.tag_version("SKU000004") == 1  # unchanged items are not re-rendered
@@ -96,7 +111,7 @@ def test_a_refusing_till_aborts_everywhere(tmp_path: Path, mosquitto: Mosquitto,
         rig.floor.start_tills()
         rig.hq.batch(batch(rig.key, 1, items(10, base=100)))
         wait_event(subscriber, "price.committed", version=1)
-        wait_for(lambda: settled(rig, 1, TAGGED), 30, what="version 1 everywhere")
+        wait_settled(rig, 1, TAGGED, 30, what="version 1 everywhere")
         rig.floor.tills["2"].refuse_prepare = "price file locked by the back office"
         rows = items(10, base=100)
         rows[1]["price"] = 50
@@ -120,7 +135,7 @@ def test_till_never_charges_more_than_the_shelf(tmp_path: Path, mosquitto: Mosqu
         rig.start()
         rig.floor.start_tills()
         rig.hq.batch(batch(rig.key, 1, items(8, base=1000)))
-        wait_for(lambda: settled(rig, 1, TAGGED[:4]), 40, what="version 1 on the shelf")
+        wait_settled(rig, 1, TAGGED[:4], 40, what="version 1 on the shelf")
         watched = TAGGED[:4]
         rows = items(8, base=1000)
         for i, _sku in enumerate(watched):

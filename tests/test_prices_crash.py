@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, wait_for
 from tests.prices_helpers import batch, items, price_events, wait_event
-from tests.test_prices_atomic import TAGGED, Rig, settled
+from tests.test_prices_atomic import TAGGED, Rig, wait_settled
 
 CHANGED = ["SKU000001", "SKU000004", "SKU000011"]
 
@@ -26,7 +26,7 @@ def test_kill9_at_each_phase_ends_on_one_version(tmp_path: Path, mosquitto: Mosq
         rig.floor.start_tills()
         rig.hq.batch(batch(rig.key, 1, items(16, base=100)))
         wait_event(subscriber, "price.committed", version=1)
-        wait_for(lambda: settled(rig, 1, TAGGED), 30, what="version 1 everywhere")
+        wait_settled(rig, 1, TAGGED, 30, what="version 1 everywhere")
         assert rig.gw is not None
         rig.gw.kill9()
 
@@ -44,7 +44,7 @@ def test_kill9_at_each_phase_ends_on_one_version(tmp_path: Path, mosquitto: Mosq
             subscriber, "price.aborted") if e["data"].get("version") == 2], 60, what="version 2 decided")
         outcome = 2 if price_events(subscriber, "price.committed")[-1]["data"]["version"] == 2 else 1
         assert outcome == 2, "a journal at or past prepare finishes the change (prepare is idempotent)"
-        wait_for(lambda: settled(rig, 2, CHANGED), 40, what="every till, tag and label on version 2")
+        wait_settled(rig, 2, CHANGED, 40, what="every till, tag and label on version 2")
         assert set(rig.floor.till_versions().values()) == {2}
         for till in rig.floor.tills:
             prices = rig.floor.till_prices(till)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.helpers import Mosquitto, Subscriber, wait_for
 from tests.prices_helpers import batch, items, wait_event
-from tests.test_prices_atomic import MACS, TAGGED, Rig, settled
+from tests.test_prices_atomic import MACS, TAGGED, Rig, wait_settled
 
 
 def _state(rig: Rig) -> dict:  # type: ignore[type-arg]
@@ -34,7 +34,7 @@ def test_offline_till_is_stale_until_caught_up_and_drift_is_reported(
         assert rig.floor.tills["2"].version == 1 and rig.floor.till_prices("2")["SKU000009"] == 300
         wait_for(lambda: _state(rig)["devices"]["till-2"]["state"] == "current", 15, what="till-2 current")
 
-        wait_for(lambda: settled(rig, 1, TAGGED), 30, what="labels on version 1")
+        wait_settled(rig, 1, TAGGED, 30, what="labels on version 1")
         wait_event(subscriber, "price.confirmed", version=1)
         tag = rig.floor.ap.tags[MACS["SKU000002"]]
         tag.hash = "f" * 32  # someone re-pointed this tag behind the gateway's back

@@ -35,7 +35,7 @@ def test_signed_config_is_applied_live_saved_and_reported(tmp_path: Path, mosqui
     gw = start_gateway(tmp_path, mosquitto.port, key)
     hq = HeadOffice(mosquitto.port)
     try:
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="connected")
+        gw.wait_online(10, what="connected")
         http_port = gw.http_port
         plu_dir = tmp_path / "pos"
         plu_dir.mkdir()
@@ -62,7 +62,7 @@ def test_signed_config_is_applied_live_saved_and_reported(tmp_path: Path, mosqui
         n = len(reports(subscriber))
         gw.terminate()
         gw.start()
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="reconnected")
+        gw.wait_online(10, what="reconnected")
         assert gw.get("/api/v1/status")[1]["config"]["version"] == 7
         wait_for(lambda: gw.get("/api/v1/status")[1]["devices"], 10, what="device after restart")
         assert all(r["status"] == "applied" and r["version"] == 7 for r in reports(subscriber)[n:])
@@ -78,7 +78,7 @@ def test_unsigned_invalid_foreign_and_older_configs_are_rejected(tmp_path: Path,
     hq = HeadOffice(mosquitto.port)
     original = gw.config.read_text()
     try:
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="connected")
+        gw.wait_online(10, what="connected")
         good = base_config(tmp_path, mosquitto.port, key, gw.http_port)
         cases: list[tuple[bytes, int | None, str, str]] = [
             (json.dumps({"kind": "storelink.config", "store_id": STORE, "version": 5, "config": good}).encode(),
@@ -122,7 +122,7 @@ def test_config_that_loses_the_broker_is_rolled_back(tmp_path: Path, mosquitto: 
     hq = HeadOffice(mosquitto.port)
     before = gw.config.read_text()
     try:
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="connected")
+        gw.wait_online(10, what="connected")
         dead_port = free_port()
         bad = base_config(tmp_path, dead_port, key, gw.http_port)
         hq.publish(DESIRED, desired(key, 3, bad), retain=True)
@@ -141,7 +141,7 @@ def test_config_that_loses_the_broker_is_rolled_back(tmp_path: Path, mosquitto: 
         # The retained bad config is not tried again after a restart; a newer good one is applied.
         gw.terminate()
         gw.start()
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="reconnected")
+        gw.wait_online(10, what="reconnected")
         assert gw.get("/api/v1/status")[1]["config"]["version"] == 0
         hq.publish(DESIRED, desired(key, 4, base_config(tmp_path, mosquitto.port, key, gw.http_port)), retain=True)
         wait_report(subscriber, "applied", 4)
@@ -157,14 +157,14 @@ def test_killed_during_trial_restarts_on_last_known_good(tmp_path: Path, mosquit
     gw = start_gateway(tmp_path, mosquitto.port, key)
     hq = HeadOffice(mosquitto.port)
     try:
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="connected")
+        gw.wait_online(10, what="connected")
         bad = base_config(tmp_path, free_port(), key, gw.http_port, remote={"rollback_after": 600})
         hq.publish(DESIRED, desired(key, 2, bad), retain=True)
         wait_for(lambda: (gw.get("/api/v1/status")[1]["config"]["trial"] or {}).get("version") == 2, 10)
         gw.kill9()
         restarted = GatewayProcess(gw.config, gw.http_port).start()
         try:
-            wait_for(lambda: restarted.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="reconnected")
+            restarted.wait_online(10, what="reconnected")
             rep = wait_report(subscriber, "rolled_back", 2)
             assert "restarted" in rep["errors"]["mqtt"]
             assert restarted.get("/api/v1/status")[1]["config"]["version"] == 0

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from gateway.signing import keygen
-from tests.helpers import STORELINK, Mosquitto, wait_for
+from tests.helpers import STORELINK, Mosquitto
 from tests.hq_helpers import STORE, start_gateway
 
 
@@ -22,7 +22,7 @@ def test_push_config_and_commands_from_the_command_line(tmp_path: Path, mosquitt
     broker = f"127.0.0.1:{mosquitto.port}"
     gw = start_gateway(tmp_path, mosquitto.port, key)
     try:
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="connected")
+        gw.wait_online(10, what="connected")
         pos = tmp_path / "pos"
         pos.mkdir()
         new = tmp_path / "store-0042.toml"

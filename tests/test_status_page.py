@@ -30,7 +30,7 @@ def gateway(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[GatewayProcess]:
     pos.mkdir()
     gw = start_gateway(tmp_path, mosquitto.port, keygen(),
                        f'[[devices]]\nid = "pos1"\ndriver = "plu_file"\ndirectory = "{pos}"\n')
-    wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 10, what="connected")
+    gw.wait_online(10, what="connected")
     yield gw
     gw.stop()
 

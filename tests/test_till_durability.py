@@ -43,7 +43,7 @@ def test_acknowledged_sales_survive_kill9_and_reach_head_office(tmp_path: Path, 
                        'till_id = "1"\n')
     gw = GatewayProcess(cfg, int(cfg.read_text().split('listen = "127.0.0.1:')[1].split('"')[0])).start()
     try:
-        wait_for(lambda: gw.get("/api/v1/status")[1]["uplink"]["connected"], 15, what="uplink")
+        gw.wait_online(15, what="uplink")
         # Head office is unreachable: an acknowledged sale can only be in the gateway's outbox when it dies.
         mosquitto.stop()
         wait_for(lambda: not gw.get("/api/v1/status")[1]["uplink"]["connected"], 15, what="the outage")

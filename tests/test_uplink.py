@@ -144,3 +144,37 @@ def test_gateway_process_config_with_write_config(tmp_path: Path, mosquitto: Mos
     from gateway.config import load_config
 
     assert load_config(p).mqtt.port == mosquitto.port
+
+
+@pytest.mark.filterwarnings("ignore:The .acl. option is deprecated:DeprecationWarning")
+async def test_a_subscription_the_broker_refuses_is_reported(tmp_path: Path) -> None:
+    # A broker ACL that does not let the store read its own topics: it would never hear of a price change or a
+    # command. The status says so instead of claiming to be subscribed. (Mosquitto 2.0 grants denied
+    # subscriptions and silently drops the messages; amqtt refuses them in the SUBACK, as MQTT allows.)
+    from amqtt.broker import Broker
+
+    port = free_port()
+    broker = Broker({
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+                    "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {
+                        "acl": {"anonymous": ["somebody/else/#"]}}},
+    })
+    await broker.start()
+    try:
+        gw = Gateway(parse_config(_base_cfg(tmp_path, port, protocol="3.1.1")))
+        seen: list[dict[str, object]] = []
+        await _run_until(gw, lambda: "refused a subscription" in str(gw.uplink.last_error)
+                         and bool(seen.append(gw.uplink.status())) is False)
+        assert seen[-1]["connected"] and not seen[-1]["subscribed"], seen[-1]
+        assert f"storelink/{STORE}/prices/batch" in seen[-1]["refused_subscriptions"], seen[-1]  # type: ignore[operator]
+    finally:
+        await broker.shutdown()
+
+
+async def test_subscribed_once_the_broker_granted_every_subscription(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    gw = Gateway(parse_config(_base_cfg(tmp_path, mosquitto.port)))
+    assert not gw.uplink.status()["subscribed"]
+    seen: list[dict[str, object]] = []
+    await _run_until(gw, lambda: bool(seen.append(gw.uplink.status())) or seen[-1]["subscribed"])
+    assert seen[-1]["connected"] and seen[-1]["last_error"] is None, seen[-1]

@@ -39,6 +39,8 @@ function el(tag, text, cls) {
 function verdict(s) {
   const problems = [];
   if (!s.uplink.connected) problems.push(["bad", `Head office unreachable ${s.uplink.offline_since ? "since " + ago(s.uplink.offline_since) : ""}. Sales and events are kept safely and sent later.`]);
+  const refused = s.uplink.refused_subscriptions || [];
+  if (s.uplink.connected && refused.length) problems.push(["bad", `The broker does not let this store read ${refused.join(", ")}: price changes and commands from head office cannot arrive.`]);
   const alarms = Object.values(s.outbox.alarms || {});
   if (alarms.length) problems.push(["bad", `Storage alarm: ${alarms.join("; ")}`]);
   const down = (s.devices || []).filter((d) => d.state !== "ok");
