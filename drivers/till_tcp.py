@@ -65,6 +65,7 @@ class TillTcpDriver(Driver):
         self.connected_since: float | None = None
         self.reported_version: int | None = None
         self.staged_version: int | None = None
+        self._sold_stale = False  # warned once per stretch of sales while stale, not per sale
         self.counts = {"sales": 0, "lookups": 0, "bad_input": 0, "connections": 0}
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -115,9 +116,12 @@ class TillTcpDriver(Driver):
         self._connected.set()
         log.info("till %s connected from %s (version %s)", self.till_id, conn.peer, self.reported_version,
                  extra={"device": self.device_id})
-        await conn.send({"type": "OK", "re": rid, "store_id": self.ctx.store_id, "device": self.device_id,
-                         "protocol": tp.PROTOCOL_VERSION, "gateway": GATEWAY_VERSION,
-                         "ping_s": self.cfg.ping_interval})
+        reply = {"type": "OK", "re": rid, "store_id": self.ctx.store_id, "device": self.device_id,
+                 "protocol": tp.PROTOCOL_VERSION, "gateway": GATEWAY_VERSION, "ping_s": self.cfg.ping_interval}
+        stale = self._stale()
+        if stale is not None:  # told at once: the audit brings the till up to date within `stale_check` seconds
+            reply["stale"] = stale
+        await conn.send(reply)
         self.ctx.seen()  # before the health change, so the retained OK state carries last_seen
         self._refresh_health()
         keeper = asyncio.create_task(self._keep_alive(conn), name=f"till-{self.device_id}-ping")
@@ -198,8 +202,18 @@ class TillTcpDriver(Driver):
             raise tp.ProtocolError(tp.BAD_REQUEST, f"invalid sale: sale.{where}: {first['msg']}"
                                    + (f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""),
                                    rid) from None
+        data = {"till_id": self.till_id, **sale.model_dump(exclude_none=True)}
+        stale = bool(self._stale())
+        if stale:
+            # Never refused (the sale happened; refusing it would lose it), but head office sees it was rung up
+            # with prices older than the store's.
+            data["stale_prices"] = True
+            if not self._sold_stale:
+                log.warning("till %s sells while behind the price book (till version %s)", self.till_id,
+                            self.reported_version, extra={"device": self.device_id})
+        self._sold_stale = stale
         try:
-            accepted = await self.ctx.emit("sale", {"till_id": self.till_id, **sale.model_dump(exclude_none=True)})
+            accepted = await self.ctx.emit("sale", data)
         except Exception as err:  # outbox full, disk full: the till must keep the sale and send it again
             log.error("sale from till %s NOT stored: %s", self.till_id, err, extra={"device": self.device_id})
             raise tp.ProtocolError(tp.NOT_STORED, f"sale not stored, keep it and retry: {err}", rid) from None
@@ -221,9 +235,23 @@ class TillTcpDriver(Driver):
         if item is None:
             raise tp.ProtocolError(tp.NOT_FOUND, f"no price for sku {sku!r}", rid)
         reply: dict[str, Any] = {"item": item}
-        if hasattr(book, "is_stale"):  # behind the active price version: the till must not sell yet
-            reply["stale"] = bool(book.is_stale(self.device_id))
+        stale = self._stale()
+        if stale is not None:
+            reply["stale"] = stale
         return reply
+
+    def _stale(self) -> bool | None:
+        """Behind the active price version, so the till must not sell yet; None without a price book that knows.
+        A till that reports an older version than the book is stale from its HELLO on, before the audit notices."""
+        try:
+            book = self.ctx.service("prices")
+        except KeyError:
+            return None
+        if not hasattr(book, "is_stale"):
+            return None
+        active = getattr(book, "active_version", 0)
+        behind = isinstance(active, int) and active > 0 and (self.reported_version or 0) < active
+        return bool(book.is_stale(self.device_id)) or behind
 
     def _note_versions(self, msg: dict[str, Any], rid: Any) -> None:
         for key in ("version", "staged"):

@@ -84,6 +84,37 @@ async def test_lookup_answers_from_the_price_book_or_says_there_is_none(tmp_path
         await sim.close()
 
 
+async def test_a_till_behind_the_book_is_told_stale_and_its_sales_are_flagged(
+    tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber
+) -> None:
+    class Book:  # the store runs version 5; the audit has not looked at this till yet
+        active_version = 5
+
+        def lookup(self, sku: str) -> dict[str, Any]:
+            return {"sku": sku, "price": 249, "version": 5}
+
+        def is_stale(self, _device: str) -> bool:
+            return False
+
+    port = free_port()
+    async with running(gateway_config(tmp_path, mosquitto.port, [_till(port)])) as gw:
+        gw.services["prices"] = Book()
+        sim = await _connected(gw, port, version=3)  # it was switched off during version 4 and 5
+        assert sim.hello_reply is not None and sim.hello_reply["stale"] is True
+        assert (await sim.lookup("1001"))["stale"] is True
+        stale_sale = make_sale("1", price_version=3)
+        await sim.sale(stale_sale)
+        await sim.request({"type": "HELLO", "till_id": "1", "version": 5})  # brought up to date
+        assert (await sim.lookup("1001"))["stale"] is False
+        fresh_sale = make_sale("1", price_version=5)
+        await sim.sale(fresh_sale)
+        sales = await until(lambda: len(s := [e for e in subscriber.events(STORE) if e["kind"] == "sale"]) == 2 and s,
+                            what="both sales")
+        flags = {e["data"]["sale_id"]: e["data"].get("stale_prices") for e in sales}
+        assert flags == {stale_sale["sale_id"]: True, fresh_sale["sale_id"]: None}
+        await sim.close()
+
+
 async def test_price_change_is_staged_in_parts_then_committed_or_aborted(tmp_path: Path, mosquitto: Mosquitto) -> None:
     port = free_port()
     async with running(gateway_config(tmp_path, mosquitto.port, [_till(port)])) as gw:

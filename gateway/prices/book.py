@@ -47,6 +47,9 @@ class PriceBook:
 
     @property
     def active_version(self) -> int:
+        """The version in force; 0 while none is (or the book is not open yet: devices start alongside it)."""
+        if not self.db.is_open:
+            return 0
         return int(get_meta(self.db.reader(), "active_version", "0") or 0)
 
     @property

@@ -81,6 +81,11 @@ class PriceDb:
         conn.executescript(SCHEMA)
         self._writer = conn
 
+    @property
+    def is_open(self) -> bool:
+        """The schema exists (open() has run and close() has not)."""
+        return self._writer is not None
+
     def close(self) -> None:
         def _close() -> None:
             if self._writer is not None:
