@@ -94,6 +94,10 @@ def iso_ts(ts: float) -> str:
     return f"{_iso_second(ms // 1000)}{ms % 1000:03d}Z"
 
 
+# One encoder for every event: json.dumps() with non-default options builds a new JSONEncoder per call.
+_encode_data = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 @functools.lru_cache(maxsize=1024)
 def _json_str(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
@@ -188,7 +192,7 @@ class Outbox:
 
     def _pending(self, kind: str, device: str, data: Any) -> _Pending:
         try:
-            data_json = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            data_json = _encode_data(data)
         except (TypeError, ValueError) as err:
             raise OutboxError(f"event data is not JSON: {err}") from None
         # A random per-process prefix and a counter: unique across restarts and gateways like a uuid4, without
@@ -315,13 +319,17 @@ class Outbox:
             conn.execute("BEGIN IMMEDIATE")
             if acks:
                 delivered = self._delete(conn, acks)
-            for pending, fut, loop in puts:
-                try:
-                    accepted, ev = self._insert_call(conn, pending)
-                    evicted += ev
-                    results.append(((fut, loop), accepted))
-                except OutboxFull as err:
-                    results.append(((fut, loop), err))
+            fast = self._insert_under_cap(conn, puts)
+            if fast is not None:
+                results = fast
+            else:  # near the cap: call by call, each all or nothing, evicting telemetry as it goes
+                for pending, fut, loop in puts:
+                    try:
+                        accepted, ev = self._insert_call(conn, pending)
+                        evicted += ev
+                        results.append(((fut, loop), accepted))
+                    except OutboxFull as err:
+                        results.append(((fut, loop), err))
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES('next_seq', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -364,6 +372,41 @@ class Outbox:
             except RuntimeError:
                 pass
 
+    def _row(self, p: _Pending) -> tuple[int, str, str, int, float, bytes]:
+        """The row for p under the next seq; takes the seq and counts the row in the stats (callers that do not
+        keep the row restore both)."""
+        seq = self._next_seq
+        payload = (
+            f'{{"id":"{p.id}","seq":{seq},"ts":"{iso_ts(p.ts)}","kind":{_json_str(p.kind)},'
+            f'"device":{_json_str(p.device)},"data":{p.data_json}}}'
+        ).encode()
+        self._next_seq += 1
+        self._count(1, len(payload), int(p.critical))
+        return (seq, p.id, p.kind, int(p.critical), p.ts, payload)
+
+    def _count(self, events: int, size: int, critical: int) -> None:
+        self.stats.depth += events
+        self.stats.bytes += size
+        self.stats.critical += critical
+
+    def _insert_under_cap(self, conn: sqlite3.Connection, puts: list[Any]) -> list[Any] | None:
+        """The common case: the whole batch fits under the cap, so no call can fail on its own and one INSERT
+        takes every call's rows (a savepoint per call costs a third of the commit). None when it does not fit."""
+        saved = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical)
+        rows: list[tuple[int, str, str, int, float, bytes]] = []
+        results: list[Any] = []
+        for pending, fut, loop in puts:
+            first = len(rows)
+            rows.extend(self._row(p) for p in pending)
+            results.append(((fut, loop), [Accepted(id=r[1], seq=r[0]) for r in rows[first:]]))
+        if self.stats.depth > self.config.max_events or self.stats.bytes > self.config.max_bytes:
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical = saved
+            return None
+        if "capacity" in self.stats.alarms and self.stats.bytes < 0.9 * self.config.max_bytes:
+            self._alarm("capacity", None)
+        conn.executemany("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", rows)
+        return results
+
     def _insert_call(self, conn: sqlite3.Connection, pending: list[_Pending]) -> tuple[list[Accepted], int]:
         """Insert one caller's events, all or none (a savepoint), evicting telemetry if the cap needs it."""
         conn.execute("SAVEPOINT call")
@@ -372,17 +415,11 @@ class Outbox:
         try:
             rows = []
             for p in pending:
-                seq = self._next_seq
-                payload = (
-                    f'{{"id":"{p.id}","seq":{seq},"ts":"{iso_ts(p.ts)}","kind":{_json_str(p.kind)},'
-                    f'"device":{_json_str(p.device)},"data":{p.data_json}}}'
-                ).encode()
-                evicted += self._make_room(conn, len(payload), p.critical, p.kind)
-                rows.append((seq, p.id, p.kind, int(p.critical), p.ts, payload))
-                self._next_seq += 1
-                self.stats.depth += 1
-                self.stats.bytes += len(payload)
-                self.stats.critical += int(p.critical)
+                row = self._row(p)
+                self._count(-1, -len(row[5]), -row[3])  # room is made as for a row not counted yet
+                evicted += self._make_room(conn, len(row[5]), p.critical, p.kind)
+                self._count(1, len(row[5]), row[3])
+                rows.append(row)
             conn.executemany("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", rows)
         except OutboxFull:
             conn.execute("ROLLBACK TO call")
