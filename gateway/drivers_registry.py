@@ -20,26 +20,40 @@ GROUP = "storelink.drivers"
 
 
 @functools.cache
-def available_drivers() -> dict[str, type[Driver]]:
-    found: dict[str, type[Driver]] = {}
-    for ep in entry_points(group=GROUP):
+def driver_names() -> list[str]:
+    """Every installed driver's name, without importing any of them."""
+    return sorted({ep.name for ep in entry_points(group=GROUP)})
+
+
+@functools.cache
+def load_driver(name: str) -> type[Driver] | None:
+    """Import one driver; None (and an error logged once) when it is not installed or broken.
+
+    Only the drivers a store's config names are imported: each module pulls in its own libraries (biip, evdev,
+    gpiozero, python-escpos), and a gateway with two tills should not carry them (~17 MB for all of ours).
+    """
+    for ep in entry_points(group=GROUP, name=name):
         try:
             cls = ep.load()
         except Exception as err:  # a broken third-party driver must not stop the gateway
             log.error("driver entry point %s could not be loaded: %s", ep.name, err)
-            continue
+            return None
         if not (isinstance(cls, type) and issubclass(cls, Driver)):
             log.error("driver entry point %s does not name a Driver subclass", ep.name)
-            continue
-        found[ep.name] = cls
-    return found
+            return None
+        return cls
+    return None
+
+
+def available_drivers() -> dict[str, type[Driver]]:
+    """Every installed driver that loads, imported (for tools and tests; the gateway loads by name)."""
+    return {name: cls for name in driver_names() if (cls := load_driver(name)) is not None}
 
 
 def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceConfig], list[str]]:
     """Validate each table with its driver's model. Returns (configs, problems); problems name the key."""
     from gateway.config import describe_validation_error
 
-    drivers = available_drivers()
     configs: list[DeviceConfig] = []
     problems: list[str] = []
     seen_ids: set[str] = set()
@@ -55,10 +69,13 @@ def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceCon
         if not isinstance(name, str):
             problems.append(f"{where}.driver: required key is missing")
             continue
-        cls = drivers.get(name)
+        cls = load_driver(name)
         if cls is None:
-            known = ", ".join(sorted(drivers)) or "none installed"
-            problems.append(f"{where}.driver: unknown driver {name!r} (known: {known})")
+            if name in driver_names():
+                problems.append(f"{where}.driver: driver {name!r} is installed but cannot be loaded (see the log)")
+            else:
+                known = ", ".join(driver_names()) or "none installed"
+                problems.append(f"{where}.driver: unknown driver {name!r} (known: {known})")
             continue
         try:
             cfg = cls.config_model.model_validate(table)

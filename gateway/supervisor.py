@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from drivers.base import DeviceConfig, Driver, EventRef, Health
-from gateway.drivers_registry import available_drivers
+from gateway.drivers_registry import load_driver
 from gateway.outbox import iso_ts
 from gateway.uplink import backoff_delay
 
@@ -119,11 +119,10 @@ class DeviceSupervisor:
         return handle.driver if handle else None
 
     async def run(self) -> None:
-        drivers = available_drivers()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             for handle in self.devices.values():
-                handle.task = tg.create_task(self._keep_running(handle, drivers[handle.config.driver]))
+                handle.task = tg.create_task(self._keep_running(handle, self._driver_class(handle)))
                 self.publish_state(handle)
             # Devices added later by replace() join this TaskGroup, so it must outlive the initial set.
             await asyncio.Event().wait()
@@ -141,15 +140,21 @@ class DeviceSupervisor:
                 handle.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await handle.task
-        drivers = available_drivers()
         for dev in changed + added:
             handle = self.devices[dev] = DeviceHandle(self, wanted[dev], self.store_id)
             if self._tg is not None:
-                handle.task = self._tg.create_task(self._keep_running(handle, drivers[handle.config.driver]))
+                handle.task = self._tg.create_task(self._keep_running(handle, self._driver_class(handle)))
             self.publish_state(handle)
         for dev in removed:
             self._publish(self._state_topic(dev), b"")  # clears the retained state of a device that is gone
         return {"added": added, "changed": changed, "removed": removed}
+
+    @staticmethod
+    def _driver_class(handle: DeviceHandle) -> type[Driver]:
+        cls = load_driver(handle.config.driver)
+        # The config was validated with this same (cached) class, so it is there.
+        assert cls is not None, handle.config.driver
+        return cls
 
     def restart(self, device_id: str) -> None:
         """Restart one device's driver now (an operator's command). KeyError for an unknown device."""

@@ -109,3 +109,22 @@ def test_failing_driver_is_restarted_with_backoff_and_the_gateway_carries_on(
     finally:
         blocker.close()
         gw.stop()
+
+
+def test_only_the_drivers_a_config_names_are_imported(tmp_path: Path) -> None:
+    # Each driver module pulls in its own libraries (biip, gpiozero, evdev, python-escpos): ~17 MB for all of ours,
+    # which a gateway with only tills must not carry on a Pi.
+    cfg = write_config(tmp_path / "storelink.toml", STORE, 1883, 8080,
+                       '[[devices]]\nid = "till-1"\ndriver = "till_tcp"\nlisten = "127.0.0.1:7700"\n')
+    probe = (
+        "import json, sys; from gateway.config import load_config; from gateway.app import Gateway\n"
+        f"Gateway(load_config({str(cfg)!r}))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('drivers.') or m.split('.')[0] in "
+        "('biip', 'gpiozero', 'evdev', 'escpos', 'serial'))))\n"
+    )
+    out = subprocess.run([str(Path(STORELINK).parent / "python"), "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    loaded = json.loads(out)
+    assert "drivers.till_tcp" in loaded, loaded
+    assert not {"drivers.kiosk_mat", "drivers.serial_scanner", "drivers.openepaperlink", "biip", "gpiozero",
+                "evdev", "escpos"} & set(loaded), loaded

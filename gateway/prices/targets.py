@@ -31,12 +31,11 @@ class Targets:
         self.extra: dict[str, Any] = {}
 
     def _roles(self) -> dict[str, str]:
-        from gateway.drivers_registry import available_drivers
+        from gateway.drivers_registry import load_driver
 
-        classes = available_drivers()
         out: dict[str, str] = {}
         for dev_id, handle in self.gateway.supervisor.devices.items():
-            role = getattr(classes.get(handle.config.driver), "price_role", None)
+            role = getattr(load_driver(handle.config.driver), "price_role", None)
             if isinstance(role, str):
                 out[dev_id] = role
         for dev_id, target in self.extra.items():
