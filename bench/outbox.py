@@ -63,6 +63,8 @@ async def drain_rate(workdir: Path, port: int, events: int) -> float:
     task = asyncio.create_task(up.run())
     while ob.stats.depth > 0:
         await asyncio.sleep(0.01)
+        if time.perf_counter() - t0 > 300:
+            raise RuntimeError(f"drain stalled: {ob.stats.depth} left, uplink {up.status()}")
     elapsed = time.perf_counter() - t0
     await up.stop(task)
     await asyncio.to_thread(ob.close)
@@ -91,7 +93,8 @@ def raw_paho_rate(port: int, events: int, payload: bytes) -> float:
             sent += 1
         else:
             time.sleep(0.0005)
-    done.wait(120)
+    if not done.wait(300):
+        raise RuntimeError(f"raw paho stalled: {acked[0]} of {events} acknowledged")
     elapsed = time.perf_counter() - t0
     c.loop_stop()
     c.disconnect()
@@ -129,6 +132,7 @@ def main() -> None:
                 res["raw"].append(raw_paho_rate(broker.port, args.events, payload))
                 res["drain"].append(asyncio.run(drain_rate(d, broker.port, args.events)))
                 res["ratio"].append(res["drain"][-1] / res["raw"][-1])
+                print(f"run {run + 1}/{args.runs}:", {k: round(v[-1], 2) for k, v in res.items()}, file=sys.stderr)
                 wait_for(lambda: True, 0.1)
             rss = idle_rss_mb(work, broker.port)
         finally:

@@ -67,6 +67,7 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected_evt = asyncio.Event()
         self._window_evt = asyncio.Event()
+        self._awaiting_acks = False  # the drain waits for PUBACKs to free the window
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._cursor = 0  # highest seq handed to paho
         self._attempt = 0
@@ -243,7 +244,8 @@ class Uplink:
             self._cursor = min(self._cursor, seq - 1)
         else:
             self.outbox.ack([seq])
-        self._window_evt.set()
+        if failed or len(self._inflight) <= self.cfg.max_inflight:
+            self._window_evt.set()  # refill half a window with one read, not one read per PUBACK
 
     def _dispatch(self, down: Downlink, mid: int, qos: int, client: mqtt.Client) -> None:
         handlers = [h for f, _q, h in self._handlers if topic_matches(f, down.topic)]
@@ -345,16 +347,20 @@ class Uplink:
         await asyncio.to_thread(retire)
 
     async def _drain(self) -> None:
-        window = self.cfg.max_inflight
+        # paho keeps at most max_inflight unacknowledged on the wire; we hand it twice that, so its network thread
+        # refills the wire from its own queue on each PUBACK instead of waiting for a round trip through the loop.
+        window = 2 * self.cfg.max_inflight
         while True:
             if not self.connected:
                 await self._connected_evt.wait()
             room = window - len(self._inflight)
             if room <= 0:
-                # Waiting on the broker's PUBACKs is not a hang of ours: keep turning (and telling the watchdog).
                 self._window_evt.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._window_evt.wait(), 1.0)
+                self._awaiting_acks = True
+                try:
+                    await self._window_evt.wait()
+                finally:
+                    self._awaiting_acks = False
                 self.last_progress = time.monotonic()
                 continue
             batch = await asyncio.to_thread(self.outbox.read_after, self._cursor, min(room, 500))
@@ -375,8 +381,11 @@ class Uplink:
             self.last_progress = time.monotonic()
 
     def progress_probe(self) -> float:
-        """For the watchdog: the drain loop's last turn. Offline is not hung (the drain waits for the link)."""
-        return self.last_progress if self.connected else time.monotonic()
+        """For the watchdog: the drain loop's last turn. Waiting for the link or for the broker's PUBACKs is not
+        a hang of ours (a slow broker is reported by the status, not cured by a restart)."""
+        if not self.connected or self._awaiting_acks:
+            return time.monotonic()
+        return self.last_progress
 
     def caught_up(self) -> bool:
         """Everything committed to the outbox has been published and acknowledged."""
