@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
+from gateway.files import fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
 STAGING = ".storelink"
@@ -116,25 +117,6 @@ def render(change: PriceChange, cfg: PluFileConfig, items: list[Any] | None = No
             lossy.append(item.sku)
         writer.writerow(row)
     return out.getvalue().encode(cfg.encoding, errors="replace"), lossy
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory: after a crash the file is old or new, never partial."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class PluFileDriver(Driver):

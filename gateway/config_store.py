@@ -8,13 +8,13 @@ parsing it back before the rename: a file that would not load the same config is
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from gateway.config import ConfigError, GatewayConfig, parse_config_text
+from gateway.files import write_atomically
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -43,34 +43,6 @@ def render_toml(data: dict[str, Any], expected: GatewayConfig) -> str:
     if again.model_dump() != expected.model_dump():
         raise ConfigError("last-known-good file", ["TOML round trip changed the config; not written"])
     return text
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Blocking. Replace `path` with `data` so that a crash leaves the old or the new content, complete."""
-    try:
-        mode = path.stat().st_mode & 0o777  # keep the permissions the installer chose
-    except FileNotFoundError:
-        pass
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class RemoteState:

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from gateway.config import ConfigError, GatewayConfig, describe_validation_error, parse_config
-from gateway.config_store import RemoteState, render_toml, write_atomically
+from gateway.config_store import RemoteState, render_toml
+from gateway.files import write_atomically
 from gateway.outbox import iso_ts
 from gateway.remote_models import ConfigDesired, ConfigReported, ConfigStatus
 from gateway.signing import SignatureError, canonical_json, load_public_key, verify
@@ -189,7 +190,7 @@ class RemoteConfig:
                             f"rolled back to version {old.config_version}"})
                 return
         try:
-            await asyncio.to_thread(write_atomically, gw.config_path, toml.encode())  # type: ignore[arg-type]
+            await asyncio.to_thread(write_atomically, gw.config_path, toml.encode(), 0o640)  # type: ignore[arg-type]
         except OSError as err:
             log.error("cannot save config version %d: %s; reverting", version, err)
             await self._apply_live(new, old, changed)
