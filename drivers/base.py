@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,6 +59,18 @@ class DeviceContext(Protocol):
     def service(self, name: str) -> Any:
         """A gateway service by name (for example "prices" for the price book), or KeyError."""
         ...
+
+    def watch_thread(self, name: str, max_silence: float) -> Callable[[], None]:
+        """Put a driver thread under the gateway's systemd watchdog; returns its ``beat()``.
+
+        The thread calls ``beat()`` on every round, idle ones included (a read that timed out). A thread silent
+        for ``max_silence`` seconds is hung (a USB serial driver stuck in the kernel cannot be cancelled), so the
+        gateway stops its watchdog pings and systemd restarts it. Call ``unwatch_thread(name)`` when the thread
+        ends on purpose.
+        """
+        ...
+
+    def unwatch_thread(self, name: str) -> None: ...
 
 
 class Driver(abc.ABC):

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TERMINATORS = {"CR": b"\r", "LF": b"\n", "CRLF": b"\r\n", "ETX": b"\x03", "TAB": b"\t"}
+# The reader thread loops at least every 0.5 s (the read timeout); silent this long, it is stuck in the kernel.
+READER_MAX_SILENCE = 10.0
 PARITIES = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}  # pyserial's PARITY_* values
 
 
@@ -177,7 +180,8 @@ class SerialScanner(Driver):
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[tuple[float, bytes] | BaseException] = asyncio.Queue()
         stop = threading.Event()
-        reader = threading.Thread(target=self._read_port, args=(port, loop, chunks, stop),
+        beat = self.ctx.watch_thread("reader", READER_MAX_SILENCE)
+        reader = threading.Thread(target=self._read_port, args=(port, loop, chunks, stop, beat),
                                   name=f"serial-{self.config.id}", daemon=True)
         reader.start()
         self.ctx.set_health(Health.OK)
@@ -189,13 +193,16 @@ class SerialScanner(Driver):
             with contextlib.suppress(Exception):
                 port.cancel_read()
             await asyncio.to_thread(reader.join, 2.0)
+            self.ctx.unwatch_thread("reader")
             with contextlib.suppress(Exception):
                 port.close()
 
     @staticmethod
     def _read_port(port: serial.Serial, loop: asyncio.AbstractEventLoop,
-                   out: asyncio.Queue[tuple[float, bytes] | BaseException], stop: threading.Event) -> None:
+                   out: asyncio.Queue[tuple[float, bytes] | BaseException], stop: threading.Event,
+                   beat: Callable[[], None]) -> None:
         while not stop.is_set():
+            beat()  # every round, idle ones too: read() returns after its 0.5 s timeout
             try:
                 data = port.read(max(1, port.in_waiting))
             except Exception as err:  # SerialException / OSError: the device went away

@@ -62,6 +62,7 @@ class Gateway:
         self.http = HttpServer(self)
         # systemd's watchdog (WatchdogSec=30s) is pinged only while the loop turns and these parts make progress.
         self.watchdog = ProgressWatchdog()
+        self.services["watchdog"] = self.watchdog  # drivers put their threads under it (DeviceContext.watch_thread)
         self.watchdog.watch("outbox-writer", 25, self.outbox.progress_probe)
         self.watchdog.watch("uplink", 25, self.uplink.progress_probe)
         self.ready = asyncio.Event()

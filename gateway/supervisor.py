@@ -71,6 +71,16 @@ class DeviceHandle:
     def service(self, name: str) -> Any:
         return self._sup.services[name]
 
+    def watch_thread(self, name: str, max_silence: float) -> Callable[[], None]:
+        watchdog = self._sup.services["watchdog"]
+        part = f"device {self.device_id} {name}"
+        watchdog.unregister(part)  # a restarted driver registers its new thread under the same name
+        beat: Callable[[], None] = watchdog.register(part, max_silence)
+        return beat
+
+    def unwatch_thread(self, name: str) -> None:
+        self._sup.services["watchdog"].unregister(f"device {self.device_id} {name}")
+
     # reporting -------------------------------------------------------------------------------------------
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -189,3 +189,38 @@ def test_config_errors_name_the_device_and_the_key(tmp_path: Path) -> None:
     assert "devices[0] (id='scanner-1').baud: unknown key" in text
     assert "devices[0] (id='scanner-1').rcn_layouts[0].prefixes: Value error, prefix '59'" in text
     assert "devices[1] (id='mat-1')" in text and "leave_after_s must be at least debounce_s" in text
+
+
+async def test_a_reader_thread_stuck_in_the_kernel_stops_the_watchdog_pings(
+    tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A USB serial driver that hangs inside read() cannot be cancelled from Python: only a restart of the process
+    # cures it, so the reader thread is under the systemd watchdog (tests/test_watchdog.py covers the pings).
+    import threading
+
+    import serial
+
+    import drivers.serial_scanner as serial_scanner
+
+    monkeypatch.setattr(serial_scanner, "READER_MAX_SILENCE", 1.0)
+    wedge, released = threading.Event(), threading.Event()
+    real_read = serial.Serial.read
+
+    def read(port: serial.Serial, size: int = 1) -> bytes:
+        if wedge.is_set():
+            released.wait(10)
+        return real_read(port, size)
+
+    monkeypatch.setattr(serial.Serial, "read", read)
+    cfg, _pty = scanner_cfg(tmp_path, mosquitto.port)
+    async with running_gateway(cfg) as gw:
+        handle = gw.supervisor.devices["scanner0"]
+        await until(lambda: handle.state == Health.OK, what="scanner online")
+        part = "device scanner0 reader"
+        assert part not in dict(gw.watchdog.stalled_parts())
+        wedge.set()
+        await until(lambda: part in dict(gw.watchdog.stalled_parts()), 5, what="the stuck reader to be noticed")
+        wedge.clear()
+        released.set()
+        await until(lambda: part not in dict(gw.watchdog.stalled_parts()), 5, what="the reader beating again")
+    assert part not in dict(gw.watchdog.stalled_parts())  # the stopped driver's thread is no longer watched
