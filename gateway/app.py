@@ -119,6 +119,9 @@ class Gateway:
                 log.info("stopping")
                 for task in tasks:
                     task.cancel()
+                # Let drivers and parts finish their cancellation first: what they emit on the way out (a kiosk
+                # session ended, a device offline) is then in the outbox before the uplink's last flush.
+                await asyncio.wait(tasks, timeout=5)
                 await self.http.stop()
                 await self.uplink.stop(drain)
         finally:
