@@ -176,10 +176,18 @@ class RemoteConfig:
         if "mqtt" in changed and old.mqtt.topic_prefix != new.mqtt.topic_prefix:
             raise Rejection({"mqtt.topic_prefix": "cannot change remotely (every topic would move)"}, version)
         log.info("applying config version %d (changed: %s)", version, ", ".join(changed) or "nothing")
-        restart_required = await self._apply_live(old, new, changed)
         if "mqtt" in changed:
+            # On trial from before the uplink moves: the status shows it while the link is down, and a crash
+            # from here on restarts from the old file and counts the version as rolled back.
             self.state.data["trial"] = {"version": version, "from": old.config_version}
             await asyncio.to_thread(self.state.save)
+            self.trial = {"version": version, "deadline": iso_ts(time.time() + new.remote.rollback_after)}
+        try:
+            restart_required = await self._apply_live(old, new, changed)
+        except BaseException:
+            self.trial = None
+            raise
+        if "mqtt" in changed:
             if not await self._trial(new, version):
                 await self._apply_live(new, old, changed)
                 self.state.data["trial"] = None
@@ -231,7 +239,6 @@ class RemoteConfig:
         """Wait for the new [mqtt] settings to reach a broker."""
         uplink = self.gateway.uplink
         deadline = time.monotonic() + new.remote.rollback_after
-        self.trial = {"version": version, "deadline": iso_ts(time.time() + new.remote.rollback_after)}
         try:
             while time.monotonic() < deadline:
                 if uplink.connected:
