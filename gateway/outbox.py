@@ -229,6 +229,16 @@ class Outbox:
             ).fetchall()
         return [StoredEvent(*r) for r in rows]
 
+    def read_seqs(self, seqs: Sequence[int]) -> list[StoredEvent]:
+        """Blocking; these events if they are still waiting, oldest first (retries of refused events)."""
+        assert self._reader is not None
+        marks = ",".join("?" * len(seqs))
+        with self._read_lock:
+            rows = self._reader.execute(
+                f"SELECT seq, id, kind, ts, payload FROM outbox WHERE seq IN ({marks}) ORDER BY seq", list(seqs)
+            ).fetchall()
+        return [StoredEvent(*r) for r in rows]
+
     async def wait_for_new(self, max_wait: float) -> None:
         try:
             await asyncio.wait_for(self._new_event.wait(), max_wait)

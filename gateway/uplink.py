@@ -11,9 +11,11 @@ a restart the outbox replays from its oldest row, so duplicates can only be even
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
+import math
 import random
 import ssl
 import time
@@ -68,6 +70,12 @@ class Uplink:
         self._connected_evt = asyncio.Event()
         self._window_evt = asyncio.Event()
         self._awaiting_acks = False  # the drain waits for PUBACKs to free the window
+        self._pubacks: collections.deque[tuple[int, bool, str]] = collections.deque()  # from paho's thread
+        self._pubacks_scheduled = False
+        # Events the broker refused (an ACL, a quota): seq -> refusals. They stay in the outbox and are sent again
+        # on their own with backoff; the cursor is not rewound, which would resend every event in flight after them.
+        self._refused: dict[int, int] = {}
+        self._refused_retry_at = math.inf
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._cursor = 0  # highest seq handed to paho
         self._attempt = 0
@@ -169,7 +177,13 @@ class Uplink:
     def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
             return  # its mids mean nothing to the new client; reconfigure() rewound those events
-        self._call(self._acked, mid, reason.is_failure, str(reason))
+        failed = reason.is_failure
+        self._pubacks.append((mid, failed, str(reason) if failed else ""))
+        # One wake-up of the loop per burst of PUBACKs, not one each. The flag is cleared by the loop before it
+        # empties the deque, so a PUBACK appended meanwhile is either taken by that pass or schedules the next.
+        if not self._pubacks_scheduled:
+            self._pubacks_scheduled = True
+            self._call(self._take_pubacks)
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if client is not self._client:
@@ -231,21 +245,49 @@ class Uplink:
             self.last_error = f"broker refused a subscription to {topic_filter}: {', '.join(refusals)}"
             log.error("uplink %s", self.last_error)
 
-    def _acked(self, mid: int, failed: bool, reason: str) -> None:
-        seq = self._inflight.pop(mid, None)
-        if seq is None:
-            return  # a birth/state message, not an outbox event
+    def _take_pubacks(self) -> None:
+        self._pubacks_scheduled = False
+        delivered: list[int] = []
+        refused = False
+        while self._pubacks:
+            mid, failed, reason = self._pubacks.popleft()
+            seq = self._inflight.pop(mid, None)
+            if seq is None:
+                continue  # a birth/state message, not an outbox event
+            if failed:
+                self._note_refusal(seq, reason)
+                refused = True
+            else:
+                delivered.append(seq)
+                if self._refused:
+                    self._refused.pop(seq, None)
+        if not delivered and not refused:
+            return
         self.last_progress = time.monotonic()
-        if failed:
-            # The broker refused this message (quota, authorisation): it stays in the outbox and is sent again
-            # from this seq after a pause. Its row is not deleted.
-            log.error("broker refused event seq %d: %s; will retry", seq, reason)
-            self.last_error = f"broker refused event seq {seq}: {reason}"
-            self._cursor = min(self._cursor, seq - 1)
-        else:
-            self.outbox.ack([seq])
-        if failed or len(self._inflight) <= self.cfg.max_inflight:
-            self._window_evt.set()  # refill half a window with one read, not one read per PUBACK
+        self.outbox.ack(delivered)
+        if refused or len(self._inflight) <= self.cfg.max_inflight:
+            self._window_evt.set()  # refill half the hand-over window with one read, not one per PUBACK
+
+    def _note_refusal(self, seq: int, reason: str) -> None:
+        refusals = self._refused[seq] = self._refused.get(seq, 0) + 1
+        delay = backoff_delay(refusals - 1, 1.0, 300.0)
+        self._refused_retry_at = min(self._refused_retry_at, time.monotonic() + delay)
+        self.last_error = f"broker refused event seq {seq}: {reason}"
+        if refusals & (refusals - 1) == 0:  # the 1st, 2nd, 4th, 8th... refusal: a log line, not a flood
+            log.error("broker refused event seq %d (%d times): %s; kept, sent again in %.0f s", seq, refusals,
+                      reason, delay)
+
+    async def _retry_refused(self, room: int) -> None:
+        """Send refused events again, on their own, once their backoff has passed."""
+        self._refused_retry_at = math.inf  # set again by the next refusal
+        seqs = sorted(self._refused)[:room]
+        waiting = await asyncio.to_thread(self.outbox.read_seqs, seqs)
+        for gone in set(seqs) - {ev.seq for ev in waiting}:
+            self._refused.pop(gone, None)  # delivered meanwhile (a resend after a reconnect)
+        for ev in waiting:
+            info = self._client.publish(self.topics.event(ev.kind), ev.payload, qos=1)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                self._inflight[info.mid] = ev.seq
 
     def _dispatch(self, down: Downlink, mid: int, qos: int, client: mqtt.Client) -> None:
         handlers = [h for f, _q, h in self._handlers if topic_matches(f, down.topic)]
@@ -295,6 +337,7 @@ class Uplink:
             "broker": f"{self.cfg.host}:{self.cfg.port}",
             "protocol": self.cfg.protocol,
             "in_flight": len(self._inflight),
+            "refused_events": len(self._refused),  # the broker refuses them; kept in the outbox and retried
             # Connected and every subscription granted: from here on, head office's commands reach this store.
             "subscribed": self.connected and not self._unacked_subs and not self._refused_subs,
             "refused_subscriptions": sorted(self._refused_subs),
@@ -331,6 +374,7 @@ class Uplink:
         if self._inflight:
             self._cursor = min(self._cursor, min(self._inflight.values()) - 1)
             self._inflight.clear()
+        self._pubacks.clear()  # the old client's mids would match the new client's
         self._attempt = 0
         self._set_disconnected(f"reconnecting to {cfg.host}:{cfg.port} with new settings")
         self._client = self._make_client()  # from here on the old client's callbacks are ignored
@@ -362,6 +406,9 @@ class Uplink:
                 finally:
                     self._awaiting_acks = False
                 self.last_progress = time.monotonic()
+                continue
+            if self._refused and time.monotonic() >= self._refused_retry_at:
+                await self._retry_refused(room)
                 continue
             batch = await asyncio.to_thread(self.outbox.read_after, self._cursor, min(room, 500))
             if not batch:

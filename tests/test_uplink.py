@@ -178,3 +178,48 @@ async def test_subscribed_once_the_broker_granted_every_subscription(tmp_path: P
     seen: list[dict[str, object]] = []
     await _run_until(gw, lambda: bool(seen.append(gw.uplink.status())) or seen[-1]["subscribed"])
     assert seen[-1]["connected"] and seen[-1]["last_error"] is None, seen[-1]
+
+
+async def test_an_event_the_broker_refuses_is_kept_and_retried_alone(tmp_path: Path) -> None:
+    # The broker's ACL does not (yet) allow one event kind. That event stays in the outbox and is retried with
+    # backoff; the events after it are delivered once each (no cursor rewind resending what is in flight).
+    import signal
+
+    acl = tmp_path / "acl"
+    allowed = f"topic readwrite storelink/{STORE}/status\ntopic readwrite storelink/{STORE}/events/sale\n" \
+              f"topic read storelink/{STORE}/#\n"
+    acl.write_text(allowed)
+    port = free_port()
+    broker = Mosquitto(tmp_path, port, extra_conf=f"acl_file {acl}\n").start()
+    hq = Subscriber(port, f"storelink/{STORE}/events/#")
+    try:
+        gw = Gateway(parse_config(_base_cfg(tmp_path, port)))
+        stop = asyncio.Event()
+        task = asyncio.create_task(gw.run(stop))
+        await asyncio.wait_for(gw.ready.wait(), 10)
+        for i in range(30):
+            await gw.outbox.put("loyalty.redeemed" if i == 3 else "sale", "till-1", {"n": i})
+        deadline = asyncio.get_running_loop().time() + 15
+        while len(hq.events(STORE)) < 29 or gw.uplink.status()["refused_events"] != 1:
+            assert asyncio.get_running_loop().time() < deadline, (len(hq.events(STORE)), gw.uplink.status())
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.5)  # at least one retry, refused again
+        status = gw.uplink.status()
+        assert gw.outbox.stats.depth == 1 and "Not authorized" in status["last_error"], status
+        seqs = [e["seq"] for e in hq.events(STORE)]
+        assert len(seqs) == len(set(seqs)) == 29, seqs  # nothing delivered twice
+
+        acl.write_text(allowed + f"topic write storelink/{STORE}/events/loyalty.redeemed\n")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL
+        deadline = asyncio.get_running_loop().time() + 20
+        while gw.outbox.stats.depth:
+            assert asyncio.get_running_loop().time() < deadline, gw.uplink.status()
+            await asyncio.sleep(0.1)
+        late = [e for e in hq.events(STORE) if e["kind"] == "loyalty.redeemed"]
+        assert len(late) == 1 and late[0]["data"] == {"n": 3} and gw.uplink.status()["refused_events"] == 0
+        stop.set()
+        await task
+    finally:
+        hq.close()
+        broker.stop()
