@@ -383,15 +383,13 @@ class Outbox:
                 pass
 
     def _row(self, p: _Pending) -> tuple[int, str, str, int, float, bytes]:
-        """The row for p under the next seq; takes the seq and counts the row in the stats (callers that do not
-        keep the row restore both)."""
+        """The row for p under the next seq (taken here; callers that do not keep the row restore it)."""
         seq = self._next_seq
         payload = (
             f'{{"id":"{p.id}","seq":{seq},"ts":"{iso_ts(p.ts)}","kind":{_json_str(p.kind)},'
             f'"device":{_json_str(p.device)},"data":{p.data_json}}}'
         ).encode()
         self._next_seq += 1
-        self._count(1, len(payload), int(p.critical))
         return (seq, p.id, p.kind, int(p.critical), p.ts, payload)
 
     def _count(self, events: int, size: int, critical: int) -> None:
@@ -402,16 +400,18 @@ class Outbox:
     def _insert_under_cap(self, conn: sqlite3.Connection, puts: list[Any]) -> list[Any] | None:
         """The common case: the whole batch fits under the cap, so no call can fail on its own and one INSERT
         takes every call's rows (a savepoint per call costs a third of the commit). None when it does not fit."""
-        saved = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical)
+        first_seq = self._next_seq
         rows: list[tuple[int, str, str, int, float, bytes]] = []
         results: list[Any] = []
         for pending, fut, loop in puts:
             first = len(rows)
             rows.extend(self._row(p) for p in pending)
             results.append(((fut, loop), [Accepted(id=r[1], seq=r[0]) for r in rows[first:]]))
-        if self.stats.depth > self.config.max_events or self.stats.bytes > self.config.max_bytes:
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical = saved
+        size = sum(len(r[5]) for r in rows)
+        if self.stats.depth + len(rows) > self.config.max_events or self.stats.bytes + size > self.config.max_bytes:
+            self._next_seq = first_seq
             return None
+        self._count(len(rows), size, sum(r[3] for r in rows))
         if "capacity" in self.stats.alarms and self.stats.bytes < 0.9 * self.config.max_bytes:
             self._alarm("capacity", None)
         conn.executemany("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", rows)
@@ -426,7 +426,6 @@ class Outbox:
             rows = []
             for p in pending:
                 row = self._row(p)
-                self._count(-1, -len(row[5]), -row[3])  # room is made as for a row not counted yet
                 evicted += self._make_room(conn, len(row[5]), p.critical, p.kind)
                 self._count(1, len(row[5]), row[3])
                 rows.append(row)

@@ -32,7 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from gateway import __version__
 from gateway.config import MqttConfig
 from gateway.contract import Topics, topic_matches
-from gateway.outbox import Outbox, iso_ts
+from gateway.outbox import Outbox, StoredEvent, iso_ts
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +285,18 @@ class Uplink:
         for gone in set(seqs) - {ev.seq for ev in waiting}:
             self._refused.pop(gone, None)  # delivered meanwhile (a resend after a reconnect)
         for ev in waiting:
-            info = self._client.publish(self.topics.event(ev.kind), ev.payload, qos=1)
-            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-                self._inflight[info.mid] = ev.seq
+            if not self._publish_event(ev):
+                self._refused_retry_at = time.monotonic() + 1.0  # not handed over: try again, not never
+                break
+
+    def _publish_event(self, ev: StoredEvent) -> bool:
+        """Hand one outbox event to paho and track it until its PUBACK; False when paho refuses to queue it."""
+        info = self._client.publish(self.topics.event(ev.kind), ev.payload, qos=1)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.error("paho refused to queue seq %d: %s", ev.seq, mqtt.error_string(info.rc))
+            return False
+        self._inflight[info.mid] = ev.seq
+        return True
 
     def _dispatch(self, down: Downlink, mid: int, qos: int, client: mqtt.Client) -> None:
         handlers = [h for f, _q, h in self._handlers if topic_matches(f, down.topic)]
@@ -418,12 +427,9 @@ class Uplink:
             for ev in batch:
                 if ev.seq <= self._cursor:
                     continue  # an older event is being retried; keep order
-                info = self._client.publish(self.topics.event(ev.kind), ev.payload, qos=1)
-                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                    log.error("paho refused to queue seq %d: %s", ev.seq, mqtt.error_string(info.rc))
+                if not self._publish_event(ev):
                     await asyncio.sleep(1)
                     break
-                self._inflight[info.mid] = ev.seq
                 self._cursor = ev.seq
             self.last_progress = time.monotonic()
 
