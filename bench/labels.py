@@ -28,10 +28,10 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drivers.openepaperlink import OpenEPaperLink, OpenEPaperLinkConfig, render_tag_content
-from drivers.openepaperlink_sim import FakeAccessPoint
-from drivers.zpl_label import LabelLayout, render_label
-from drivers.zpl_printer import ZplPrinter, ZplPrinterConfig
+from storelink.drivers.openepaperlink import OpenEPaperLink, OpenEPaperLinkConfig, render_tag_content
+from storelink.drivers.sim.openepaperlink import FakeAccessPoint
+from storelink.drivers.zpl_label import LabelLayout, render_label
+from storelink.drivers.zpl_printer import ZplPrinter, ZplPrinterConfig
 from tests.label_harness import Change, Item, RecordingContext
 
 

@@ -23,9 +23,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.config import MqttConfig, StorageConfig
-from gateway.outbox import Outbox
-from gateway.uplink import Uplink
+from storelink.config import MqttConfig, StorageConfig
+from storelink.outbox import Outbox
+from storelink.uplink import Uplink
 from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for, write_config
 
 WINDOW = 200

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/prices.py [--items 100000] [--tills 10] [--changed 5000] [--labels zpl|esl|both] [--runs 3]
 
-A real `storelink run` with its own Mosquitto; 10 till simulators over TCP (drivers/till_sim.py), a fake ZPL
+A real `storelink run` with its own Mosquitto; 10 till simulators over TCP (drivers/sim/till.py), a fake ZPL
 printer and/or a fake ESL access point with one tag per changed SKU. Each run first installs version 1 (the whole
 book), then publishes version 2 (same 100k items, `--changed` prices different) and reads from the gateway's
 `price.committed` event (its own clock, from the journal):
@@ -29,9 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.prices.db import SCHEMA
-from gateway.prices.hq_batch import build_batch
-from gateway.signing import keygen
+from storelink.hq.batch import build_batch
+from storelink.prices.db import SCHEMA
+from storelink.remote.signing import keygen
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 from tests.prices_helpers import Publisher
 from tests.store_floor import StoreFloor

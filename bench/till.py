@@ -22,9 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drivers.till_sim import TillSimulator, make_sale
-from gateway.app import Gateway
-from gateway.config import parse_config
+from storelink.app import Gateway
+from storelink.config import parse_config
+from storelink.drivers.sim.till import TillSimulator, make_sale
 from tests.helpers import free_port
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from drivers.base import DeviceContext, Health
+from storelink.drivers.base import DeviceContext, Health
 
 # biip costs about 20 MB of RSS: it is imported when the first scan is interpreted (or a scanner's config names an
 # RCN region), not when the driver registry imports this module to validate a config without scanners.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from drivers.base import DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health
 
 if TYPE_CHECKING:
     from escpos.escpos import Escpos

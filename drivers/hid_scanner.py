@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
-from drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid, warm_up
-from drivers.base import DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid, warm_up
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health
 
 # evdev is imported when a HID scanner is configured or runs, not when the registry imports every driver module.
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
 """A pressure mat in front of a kiosk, on a GPIO pin (gpiozero): stepping on starts a customer session, stepping
-off for ``leave_after_s`` ends it, and the kiosk service (gateway/kiosk.py) then purges that customer's data.
+off for ``leave_after_s`` ends it, and the kiosk service (gateway/kiosk/sessions.py) then purges that customer's data.
 
 Debouncing is ours (``MatLogic``, a pure state machine fed with edges and a clock): a mat's contacts bounce for
 tens of milliseconds, gpiozero's own ``bounce_time`` drops edges rather than settling on the final level, and its
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from drivers.base import DEVICE_ID_RE, DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.base import DEVICE_ID_RE, DeviceConfig, DeviceContext, Driver, Health
 
 if TYPE_CHECKING:
     from gpiozero import DigitalInputDevice
@@ -117,7 +117,7 @@ class KioskMat(Driver):
         try:
             kiosk = self.ctx.service("kiosk")
         except KeyError:
-            raise RuntimeError("the kiosk service is not installed (gateway.kiosk in PART_INSTALLERS)") from None
+            raise RuntimeError("the kiosk service is not installed (storelink.kiosk.sessions)") from None
         kiosk_id = self.config.kiosk
         loop = asyncio.get_running_loop()
         edges: asyncio.Queue[tuple[bool, float]] = asyncio.Queue()

@@ -27,9 +27,9 @@ from typing import Any, ClassVar, Literal
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, PriceItem
-from drivers.esl_state import EslState, Push
-from drivers.price_text import format_money, unit_price_text
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, PriceItem
+from storelink.drivers.esl_state import EslState, Push
+from storelink.drivers.price_text import format_money, unit_price_text
 
 log = logging.getLogger(__name__)
 _MAC = re.compile(r"^(?:[0-9A-F]{12}|[0-9A-F]{16})$")

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
-from gateway.files import fsync_dir, write_atomically
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
+from storelink.system.files import fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
 STAGING = ".storelink"

@@ -6,7 +6,7 @@ ISO 4217 for the few currencies that do not use two. Labels print the currency c
 
 from __future__ import annotations
 
-from drivers.base import PriceItem
+from storelink.drivers.base import PriceItem
 
 # ISO 4217 minor-unit exponents that differ from 2 (the common case).
 _DECIMALS = {"JPY": 0, "KRW": 0, "ISK": 0, "CLP": 0, "VND": 0, "HUF": 2, "BHD": 3, "KWD": 3, "OMR": 3, "TND": 3}

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid, warm_up
-from drivers.base import DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid, warm_up
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health
 
 if TYPE_CHECKING:
     import serial

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
 
-from drivers import till_protocol as tp
+from storelink.drivers import till_protocol as tp
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from drivers import till_protocol as tp
-from drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
-from drivers.till_listener import TillConnection, TillListener, TillRejected
+from storelink.drivers import till_protocol as tp
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
+from storelink.drivers.till_listener import TillConnection, TillListener, TillRejected
 
 log = logging.getLogger(__name__)
 BAD_INPUT_CODES = {tp.BAD_JSON, tp.LINE_TOO_LONG, tp.UNKNOWN_TYPE, tp.BAD_REQUEST}

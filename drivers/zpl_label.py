@@ -14,8 +14,8 @@ from biip import ParseError
 from biip.gtin import Gtin, GtinFormat
 from pydantic import BaseModel, ConfigDict, Field
 
-from drivers.base import PriceItem
-from drivers.price_text import format_money, unit_price_text
+from storelink.drivers.base import PriceItem
+from storelink.drivers.price_text import format_money, unit_price_text
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
-from drivers.label_queue import LabelQueue, NewLabel
-from drivers.zpl_label import (
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
+from storelink.drivers.label_queue import LabelQueue, NewLabel
+from storelink.drivers.zpl_label import (
     HOST_STATUS_QUERY,
     HostStatus,
     HostStatusError,

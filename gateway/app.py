@@ -18,13 +18,13 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import __version__
-from gateway.config import GatewayConfig
-from gateway.http_api import HttpServer
-from gateway.outbox import Accepted, Outbox, iso_ts
-from gateway.supervisor import DeviceSupervisor
-from gateway.uplink import Uplink
-from gateway.watchdog import ProgressWatchdog
+from storelink import __version__
+from storelink.config import GatewayConfig
+from storelink.devices.supervisor import DeviceSupervisor
+from storelink.outbox import Accepted, Outbox, iso_ts
+from storelink.system.watchdog import ProgressWatchdog
+from storelink.uplink import Uplink
+from storelink.web.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,12 @@ PartRunner = Callable[[], Coroutine[Any, Any, None]]
 # Modules with an `install(gateway: Gateway) -> None` that adds a part (services, MQTT handlers, HTTP routes,
 # status sections, background tasks). One line each; the order is the start order.
 PART_INSTALLERS: list[str] = [
-    "gateway.prices",
-    "gateway.remote_config",
-    "gateway.kiosk",
-    "gateway.commands",
-    "gateway.status_page",
-    "gateway.kiosk_cart",
+    "storelink.prices",
+    "storelink.remote.config",
+    "storelink.kiosk.sessions",
+    "storelink.remote.commands",
+    "storelink.web.status_page",
+    "storelink.kiosk.cart",
 ]
 
 

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway import __version__
-from gateway.config import ConfigError, load_config
+from storelink import __version__
+from storelink.config import ConfigError, load_config
 
 log = logging.getLogger("storelink")
 
@@ -21,7 +21,7 @@ Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable
 
 def _setup_logging(level: str = "INFO", journal: bool = True) -> None:
     try:
-        from gateway.logs import setup_logging
+        from storelink.system.logs import setup_logging
     except ImportError:  # the journal-aware logging lands with the systemd work
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:
@@ -39,7 +39,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 async def run_gateway(config_path: Path) -> int:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
     cfg = load_config(config_path)
     gateway = Gateway(cfg, config_path=config_path)
@@ -74,8 +74,8 @@ def _subcommands() -> list[Subcommand]:
         ("check-config", "validate a config file; exit 0 when good", _args_check_config, cmd_check_config),
         ("run", "run the gateway until SIGTERM/SIGINT", _args_run, cmd_run),
     ]
-    from gateway.demo import SUBCOMMAND as demo
-    from gateway.prices.hq import SUBCOMMAND as hq
+    from storelink.drivers.sim.demo import SUBCOMMAND as demo
+    from storelink.hq.prices import SUBCOMMAND as hq
 
     subs.append(demo)
     subs.append(hq)

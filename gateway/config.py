@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.prices.models import PricesConfig
-from gateway.remote_models import CartSettings, RemoteConfigSettings
+from storelink.prices.models import PricesConfig
+from storelink.remote.models import CartSettings, RemoteConfigSettings
 
 STORE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -183,7 +183,7 @@ def describe_validation_error(err: ValidationError) -> list[str]:
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfig:
-    from gateway.drivers_registry import validate_device_tables
+    from storelink.devices.registry import validate_device_tables
 
     try:
         cfg = GatewayConfig.model_validate(data)

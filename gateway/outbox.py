@@ -30,7 +30,7 @@ from typing import Any
 
 import sqlite_utils
 
-from gateway.config import StorageConfig
+from storelink.config import StorageConfig
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway import __version__
-from gateway.config import MqttConfig
-from gateway.contract import Topics, topic_matches
-from gateway.outbox import Outbox, StoredEvent, iso_ts
+from storelink import __version__
+from storelink.config import MqttConfig
+from storelink.contract import Topics, topic_matches
+from storelink.outbox import Outbox, StoredEvent, iso_ts
 
 log = logging.getLogger(__name__)
 

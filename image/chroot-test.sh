@@ -31,7 +31,7 @@ step() { printf '== %s (%ds)\n' "$*" "$SECONDS"; }
 step "wheelhouse"
 rm -rf "$WORK/wheelhouse"
 "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WORK/wheelhouse" \
-    -c "$HERE/requirements.lock" "$REPO"
+    -c "$HERE/requirements.lock" "${REPO}[all]"   # the appliance carries every driver's extra
 cp "$HERE/requirements.lock" "$WORK/wheelhouse/"
 
 step "base root filesystem ($RELEASE, minbase + $PACKAGES)"

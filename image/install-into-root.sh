@@ -45,7 +45,7 @@ in_root /usr/bin/python3 -m venv "$PREFIX/venv"
 constraints=()
 [[ -e $staging/requirements.lock ]] && constraints=(-c /tmp/storelink-wheelhouse/requirements.lock)
 in_root "$PREFIX/venv/bin/pip" install --quiet --no-index --no-cache-dir --disable-pip-version-check \
-    --find-links /tmp/storelink-wheelhouse "${constraints[@]}" "/tmp/storelink-wheelhouse/$(basename "$wheel")"
+    --find-links /tmp/storelink-wheelhouse "${constraints[@]}" "/tmp/storelink-wheelhouse/$(basename "$wheel")[all]"   # every driver's extra
 rm -rf "$staging"
 # Bytecode now, while the root is writable (at run time it is read-only and PYTHONDONTWRITEBYTECODE is set).
 in_root "$PREFIX/venv/bin/python" -m compileall -q "$PREFIX/venv/lib" >/dev/null || true

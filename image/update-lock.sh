@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT
-"$PY" -m pip install --dry-run --ignore-installed --quiet --report "$report" . >/dev/null
+"$PY" -m pip install --dry-run --ignore-installed --quiet --report "$report" ".[all]" >/dev/null
 {
     echo "# Pinned runtime dependencies of the appliance image (pip constraints). Regenerate with image/update-lock.sh"
     echo "# after changing dependencies in pyproject.toml; the chroot test installs with these pins."

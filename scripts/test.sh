@@ -27,5 +27,5 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 
 echo "== ruff"; .venv/bin/ruff check gateway drivers tests bench
-echo "== mypy"; .venv/bin/mypy
+echo "== mypy"; bash scripts/typecheck.sh
 echo "== pytest"; .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.signing import KeyPair, sign
+from storelink.remote.signing import KeyPair, sign
 from tests.helpers import GatewayProcess, free_port, wait_for, write_config
 
 STORE = "store-0042"

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.app import Gateway
-from gateway.config import parse_config
+from storelink.app import Gateway
+from storelink.config import parse_config
 
 STORE = "store-0042"
 

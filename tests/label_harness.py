@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from drivers.base import Health
+from storelink.drivers.base import Health
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.prices.hq_batch import Batch, build_batch
-from gateway.signing import KeyPair, keygen
+from storelink.hq.batch import Batch, build_batch
+from storelink.remote.signing import KeyPair, keygen
 from tests.helpers import Subscriber, wait_for
 
 STORE = "store-0042"

@@ -16,9 +16,9 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from drivers.openepaperlink_sim import FakeAccessPoint, FakeTag
-from drivers.till_sim import TillSimulator
-from drivers.zpl_printer_sim import FakeZplCore, FakeZplPrinter
+from storelink.drivers.sim.openepaperlink import FakeAccessPoint, FakeTag
+from storelink.drivers.sim.till import TillSimulator
+from storelink.drivers.sim.zpl_printer import FakeZplCore, FakeZplPrinter
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, parse_config_text
+from storelink.config import ConfigError, load_config, parse_config_text
 from tests.helpers import STORELINK, GatewayProcess, Subscriber, wait_for
 
 GOOD = """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from gateway.signing import keygen
+from storelink.remote.signing import keygen
 from tests.helpers import Mosquitto, Subscriber, wait_for
 from tests.hq_helpers import STORE, HeadOffice, signed_command, start_gateway
 

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drivers.plu_file import PluFileDriver
-from drivers.till_sim import TillSimulator
-from drivers.till_tcp import TillTcpDriver
-from gateway.drivers_registry import available_drivers
+from storelink.devices.registry import available_drivers
+from storelink.drivers.plu_file import PluFileDriver
+from storelink.drivers.sim.till import TillSimulator
+from storelink.drivers.till_tcp import TillTcpDriver
 from tests.helpers import STORELINK, GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 
 STORE = "store-0042"
@@ -117,14 +117,14 @@ def test_only_the_drivers_a_config_names_are_imported(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "storelink.toml", STORE, 1883, 8080,
                        '[[devices]]\nid = "till-1"\ndriver = "till_tcp"\nlisten = "127.0.0.1:7700"\n')
     probe = (
-        "import json, sys; from gateway.config import load_config; from gateway.app import Gateway\n"
+        "import json, sys; from storelink.config import load_config; from storelink.app import Gateway\n"
         f"Gateway(load_config({str(cfg)!r}))\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('drivers.') or m.split('.')[0] in "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('storelink.drivers.') or m.split('.')[0] in "
         "('biip', 'gpiozero', 'evdev', 'escpos', 'serial'))))\n"
     )
     out = subprocess.run([str(Path(STORELINK).parent / "python"), "-c", probe], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     loaded = json.loads(out)
-    assert "drivers.till_tcp" in loaded, loaded
-    assert not {"drivers.kiosk_mat", "drivers.serial_scanner", "drivers.openepaperlink", "biip", "gpiozero",
-                "evdev", "escpos"} & set(loaded), loaded
+    assert "storelink.drivers.till_tcp" in loaded, loaded
+    assert not {"storelink.drivers.kiosk_mat", "storelink.drivers.serial_scanner",
+                "storelink.drivers.openepaperlink", "biip", "gpiozero", "evdev", "escpos"} & set(loaded), loaded

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers.base import Health
-from drivers.escpos_printer import EscposPrinter, EscposPrinterConfig, PrinterUnavailable, render_slip
-from drivers.escpos_printer_sim import FakeEscposPrinter
+from storelink.drivers.base import Health
+from storelink.drivers.escpos_printer import EscposPrinter, EscposPrinterConfig, PrinterUnavailable, render_slip
+from storelink.drivers.sim.escpos_printer import FakeEscposPrinter
 from tests.label_harness import RecordingContext, until
 
 SLIP = ("ORDER 1042", [("Pickup bay", "7"), ("Items", "3"), ("Total", "EUR 23.47")], "W100042",

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from evdev import InputEvent, ecodes
 
-import drivers.hid_scanner as hid
-from drivers.base import Health
-from drivers.hid_scanner import Candidate, HidScannerConfig, KeyDecoder, select_device
+import storelink.drivers.hid_scanner as hid
+from storelink.drivers.base import Health
+from storelink.drivers.hid_scanner import Candidate, HidScannerConfig, KeyDecoder, select_device
 from tests.helpers import Mosquitto, Subscriber
 from tests.input_helpers import STORE, base_config, running_gateway, until
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from gateway import __version__
+from storelink import __version__
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "image/chroot-test.sh"

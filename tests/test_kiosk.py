@@ -17,9 +17,9 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from drivers.base import Health
-from drivers.kiosk_mat import MatLogic
-from gateway.kiosk import KioskEvent, KioskSessions, NoActiveSession
+from storelink.drivers.base import Health
+from storelink.drivers.kiosk_mat import MatLogic
+from storelink.kiosk.sessions import KioskEvent, KioskSessions, NoActiveSession
 from tests.helpers import Mosquitto, Subscriber
 from tests.input_helpers import STORE, base_config, running_gateway, until
 
@@ -165,7 +165,7 @@ async def test_stopping_the_gateway_mid_session_purges_too(
 _CRASHING_KIOSK = """
 import asyncio, sys
 from pathlib import Path
-from gateway.kiosk import KioskSessions
+from storelink.kiosk.sessions import KioskSessions
 
 async def main():
     async def emit(kind, device, data): pass

@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from drivers.base import Health
+from storelink.drivers.base import Health
 from tests.helpers import Mosquitto, Subscriber
 from tests.input_helpers import STORE, base_config, running_gateway, until
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from drivers.escpos_printer import EscposPrinter
-from drivers.escpos_printer_sim import FakeEscposPrinter
-from drivers.openepaperlink import OpenEPaperLink
-from drivers.openepaperlink_sim import FakeAccessPoint
-from drivers.zpl_printer import ZplPrinter
-from drivers.zpl_printer_sim import FakeZplPrinter
-from gateway.app import Gateway
-from gateway.config import ConfigError, parse_config
+from storelink.app import Gateway
+from storelink.config import ConfigError, parse_config
+from storelink.drivers.escpos_printer import EscposPrinter
+from storelink.drivers.openepaperlink import OpenEPaperLink
+from storelink.drivers.sim.escpos_printer import FakeEscposPrinter
+from storelink.drivers.sim.openepaperlink import FakeAccessPoint
+from storelink.drivers.sim.zpl_printer import FakeZplPrinter
+from storelink.drivers.zpl_printer import ZplPrinter
 from tests.helpers import Mosquitto, Subscriber, free_port
 from tests.label_harness import Change, Item, until, until_async
 
@@ -99,7 +99,7 @@ def test_a_wrong_key_names_the_device(tmp_path: Path) -> None:
 
 async def test_demo_devices_take_a_price_change(tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
                                                 ) -> None:
-    from drivers import labels_demo
+    from storelink.drivers.sim import labels_demo
 
     cfg: dict[str, object] = {"store_id": "store-demo", "storage": {"path": str(tmp_path / "gw.db")},
                               "mqtt": {"port": mosquitto.port}, "http": {"listen": f"127.0.0.1:{free_port()}"}}

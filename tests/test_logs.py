@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.logs import RedactFilter, redact, setup_logging
+from storelink.system.logs import RedactFilter, redact, setup_logging
 
 
 def parse_journal(payload: bytes) -> dict[str, str]:
@@ -70,7 +70,7 @@ def receive(sock: socket.socket) -> dict[str, str]:
 def test_structured_fields_reach_the_journal(journal: tuple[str, socket.socket]) -> None:
     path, sock = journal
     setup_logging("INFO", True, static_fields={"STORE_ID": "store-0042"}, journal_socket=path)
-    log = logging.getLogger("gateway.test")
+    log = logging.getLogger("storelink.test")
     log.debug("not at INFO")
     log.warning("scan accepted", extra={"device": "scanner0", "event_id": "01J9", "seq": 17})
     f = receive(sock)
@@ -79,7 +79,7 @@ def test_structured_fields_reach_the_journal(journal: tuple[str, socket.socket])
     assert f["SYSLOG_IDENTIFIER"] == "storelink"
     assert f["STORE_ID"] == "store-0042"
     assert (f["DEVICE"], f["EVENT_ID"], f["SEQ"]) == ("scanner0", "01J9", "17")
-    assert f["LOGGER"] == "gateway.test"
+    assert f["LOGGER"] == "storelink.test"
     assert f["CODE_FUNC"] == "test_structured_fields_reach_the_journal"
 
 
@@ -89,7 +89,7 @@ def test_traceback_is_multiline_field_and_redacted(journal: tuple[str, socket.so
     try:
         raise ValueError("connect failed: password=hunter2")
     except ValueError:
-        logging.getLogger("gateway.test").exception("uplink error")
+        logging.getLogger("storelink.test").exception("uplink error")
     f = receive(sock)
     assert f["MESSAGE"].startswith("uplink error\nTraceback")
     assert "hunter2" not in f["MESSAGE"]
@@ -101,7 +101,7 @@ def test_huge_record_goes_through_a_memfd(journal: tuple[str, socket.socket]) ->
     path, sock = journal
     setup_logging("INFO", True, journal_socket=path)
     big = "x" * (1 << 20)  # larger than any datagram the kernel accepts by default
-    logging.getLogger("gateway.test").info("blob %s", big)
+    logging.getLogger("storelink.test").info("blob %s", big)
     assert receive(sock)["MESSAGE"] == "blob " + big
 
 
@@ -109,9 +109,9 @@ def test_without_journal_plain_lines_on_stderr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], journal: tuple[str, socket.socket]
 ) -> None:
     setup_logging("INFO", True, journal_socket=str(tmp_path / "no-journald-here"))
-    logging.getLogger("gateway.test").info("printer online token=abc123", extra={"device": "printer1"})
+    logging.getLogger("storelink.test").info("printer online token=abc123", extra={"device": "printer1"})
     err = capsys.readouterr().err
-    assert "INFO gateway.test: printer online token=[REDACTED] [device=printer1]" in err
+    assert "INFO storelink.test: printer online token=[REDACTED] [device=printer1]" in err
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers.base import Health, PrepareFailed
-from drivers.openepaperlink import OpenEPaperLink, OpenEPaperLinkConfig
-from drivers.openepaperlink_sim import FakeAccessPoint
+from storelink.drivers.base import Health, PrepareFailed
+from storelink.drivers.openepaperlink import OpenEPaperLink, OpenEPaperLinkConfig
+from storelink.drivers.sim.openepaperlink import FakeAccessPoint
 from tests.label_harness import Change, Item, RecordingContext, until, until_async
 
 MACS = {"1001": "00000B57A1B2C3D4", "1002": "00000B57A1B2C3D5", "1003": "00000B57A1B2C3D6"}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import StorageConfig
-from gateway.outbox import Outbox, OutboxError, OutboxFull
+from storelink.config import StorageConfig
+from storelink.outbox import Outbox, OutboxError, OutboxFull
 
 
 def make(tmp_path: Path, **kw: object) -> Outbox:

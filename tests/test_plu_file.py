@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from drivers.base import PrepareFailed
-from drivers.plu_file import PluFileDriver
-from gateway.app import Gateway
+from storelink.app import Gateway
+from storelink.drivers.base import PrepareFailed
+from storelink.drivers.plu_file import PluFileDriver
 from tests.helpers import Mosquitto
 from tests.till_fixtures import Change, Item, device_status, gateway_config, running, until
 

@@ -9,8 +9,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from gateway.config import load_config
-from gateway.signing import keygen, sign
+from storelink.config import load_config
+from storelink.remote.signing import keygen, sign
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for
 from tests.hq_helpers import STORE, HeadOffice, base_config, desired, start_gateway
 

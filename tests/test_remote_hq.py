@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from gateway.signing import keygen
+from storelink.remote.signing import keygen
 from tests.helpers import STORELINK, Mosquitto
 from tests.hq_helpers import STORE, start_gateway
 

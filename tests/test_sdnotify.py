@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import sdnotify
+from storelink.system import sdnotify
 from tests.systemd_helpers import NotifyListener
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from biip.checksums import gs1_price_weight_check_digit, gs1_standard_check_digit
 
-from drivers.barcodes import BarcodeConfig, RcnLayout, interpret
-from drivers.base import Health
-from drivers.serial_scanner import Framer, Overlong, SerialScannerConfig, decode_frame
+from storelink.drivers.barcodes import BarcodeConfig, RcnLayout, interpret
+from storelink.drivers.base import Health
+from storelink.drivers.serial_scanner import Framer, Overlong, SerialScannerConfig, decode_frame
 from tests.helpers import Mosquitto, Subscriber
 from tests.input_helpers import STORE, PtyScanner, base_config, running_gateway, until
 
@@ -177,7 +177,7 @@ async def test_a_run_of_rejected_scans_degrades_health_until_a_good_one(
 
 
 def test_config_errors_name_the_device_and_the_key(tmp_path: Path) -> None:
-    from gateway.config import ConfigError, parse_config
+    from storelink.config import ConfigError, parse_config
 
     bad = [{"id": "scanner-1", "driver": "serial_scanner", "port": "/dev/ttyUSB0", "parity": "pink", "baud": 9600,
             "rcn_layouts": [{"prefixes": ["59"], "pattern": "PPPPPPPCVVVV", "measure": "price"}]},
@@ -200,7 +200,7 @@ async def test_a_reader_thread_stuck_in_the_kernel_stops_the_watchdog_pings(
 
     import serial
 
-    import drivers.serial_scanner as serial_scanner
+    import storelink.drivers.serial_scanner as serial_scanner
 
     monkeypatch.setattr(serial_scanner, "READER_MAX_SILENCE", 1.0)
     wedge, released = threading.Event(), threading.Event()

@@ -1,4 +1,4 @@
-"""gateway.signing: the one Ed25519 envelope verifier (remote config, commands, prices)."""
+"""storelink.remote.signing: the one Ed25519 envelope verifier (remote config, commands, prices)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway.signing import SignatureError, canonical_json, key_id, keygen, load_private_key, sign, verify
+from storelink.remote.signing import SignatureError, canonical_json, key_id, keygen, load_private_key, sign, verify
 
 
 def test_round_trip_and_reordered_json_still_verifies() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.signing import keygen
+from storelink.remote.signing import keygen
 from tests.helpers import GatewayProcess, Mosquitto, wait_for
 from tests.hq_helpers import STORE, start_gateway
 

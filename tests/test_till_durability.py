@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from drivers.till_sim import TillSimulator, make_sale
+from storelink.drivers.sim.till import TillSimulator, make_sale
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 
 STORE = "store-0042"

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from drivers.base import PrepareFailed
-from drivers.till_listener import TillRejected
-from drivers.till_sim import TillError, TillSimulator, make_sale
-from drivers.till_tcp import TillTcpDriver
-from gateway.app import Gateway
+from storelink.app import Gateway
+from storelink.drivers.base import PrepareFailed
+from storelink.drivers.sim.till import TillError, TillSimulator, make_sale
+from storelink.drivers.till_listener import TillRejected
+from storelink.drivers.till_tcp import TillTcpDriver
 from tests.helpers import Mosquitto, Subscriber, free_port
 from tests.till_fixtures import STORE, Change, Item, device_status, gateway_config, running, until
 

@@ -11,9 +11,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.app import Gateway
-from gateway.config import parse_config
-from gateway.uplink import Downlink
+from storelink.app import Gateway
+from storelink.config import parse_config
+from storelink.uplink import Downlink
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 from tests.tls_certs import make_pki
 
@@ -141,7 +141,7 @@ async def test_downlink_qos1_waits_at_the_broker_while_the_store_is_offline(
 def test_gateway_process_config_with_write_config(tmp_path: Path, mosquitto: Mosquitto) -> None:
     # write_config produces a file check-config accepts (guards the helper the other tests rely on).
     p = write_config(tmp_path / "c.toml", STORE, mosquitto.port, free_port())
-    from gateway.config import load_config
+    from storelink.config import load_config
 
     assert load_config(p).mqtt.port == mosquitto.port
 

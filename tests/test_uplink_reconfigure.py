@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import Gateway
-from gateway.config import MqttConfig, parse_config
+from storelink.app import Gateway
+from storelink.config import MqttConfig, parse_config
 from tests.helpers import Mosquitto, Subscriber, free_port
 
 STORE = "store-0042"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.watchdog import ProgressWatchdog
+from storelink.system.watchdog import ProgressWatchdog
 from tests.systemd_helpers import NotifyListener, longest_gap
 
 INTERVAL = 0.4  # as if WatchdogSec=400ms: pings every 0.2 s
@@ -38,7 +38,7 @@ def test_pings_only_while_every_part_beats(caplog: pytest.LogCaptureFixture) -> 
     assert wd.check_and_ping()
 
     clock.now += 2  # outbox silent for 6 s > 5 s
-    with caplog.at_level(logging.ERROR, logger="gateway.watchdog"):
+    with caplog.at_level(logging.ERROR, logger="storelink.system.watchdog"):
         assert not wd.check_and_ping()
         clock.now += 1
         assert not wd.check_and_ping()

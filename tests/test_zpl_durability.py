@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from drivers.zpl_printer_sim import FakeZplPrinter
+from storelink.drivers.sim.zpl_printer import FakeZplPrinter
 from tests.label_harness import until, until_async
 from tests.test_zpl_printer import make_driver, running
 

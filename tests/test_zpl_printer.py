@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from drivers.base import Health
-from drivers.zpl_label import (
+from storelink.drivers.base import Health
+from storelink.drivers.sim.zpl_printer import FakeZplCore, FakeZplPrinter
+from storelink.drivers.zpl_label import (
     HostStatusError,
     LabelLayout,
     host_status_answer,
     parse_host_status,
     render_label,
 )
-from drivers.zpl_printer import ZplPrinter, ZplPrinterConfig
-from drivers.zpl_printer_sim import FakeZplCore, FakeZplPrinter
+from storelink.drivers.zpl_printer import ZplPrinter, ZplPrinterConfig
 from tests.label_harness import Change, Item, RecordingContext, until, until_async
 
 ITEMS = [

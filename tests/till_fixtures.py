@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.app import Gateway
-from gateway.config import parse_config
+from storelink.app import Gateway
+from storelink.config import parse_config
 from tests.helpers import free_port
 
 STORE = "store-0042"

@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
 
 def install(gateway: Gateway) -> None:
-    from gateway.prices.http import install_routes
-    from gateway.prices.part import PricesPart
+    from storelink.prices.http import install_routes
+    from storelink.prices.part import PricesPart
 
     part = PricesPart(gateway)
     install_routes(part)

@@ -16,10 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway.prices.book import PriceBook
-from gateway.prices.coordinator import Coordinator
-from gateway.prices.db import PriceDb, get_meta
-from gateway.prices.models import Change, PricesConfig
+from storelink.prices.book import PriceBook
+from storelink.prices.coordinator import Coordinator
+from storelink.prices.db import PriceDb, get_meta
+from storelink.prices.models import Change, PricesConfig
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, dict[str, Any]], Awaitable[Any]]

@@ -16,8 +16,8 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from gateway.prices.db import PriceDb, get_meta, set_meta
-from gateway.prices.models import BookItem
+from storelink.prices.db import PriceDb, get_meta, set_meta
+from storelink.prices.models import BookItem
 
 _LOOKUP_SQL = """
 SELECT b.sku, b.gtin, b.price, b.unit_price, b.unit_basis, b.description, b.promotion,

@@ -27,12 +27,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.base import PrepareFailed
-from gateway.prices import book as bk
-from gateway.prices.crashpoints import crash_point
-from gateway.prices.db import PriceDb, set_meta
-from gateway.prices.models import Change, PricesConfig
-from gateway.prices.targets import Targets
+from storelink.drivers.base import PrepareFailed
+from storelink.prices import book as bk
+from storelink.prices.crashpoints import crash_point
+from storelink.prices.db import PriceDb, set_meta
+from storelink.prices.models import Change, PricesConfig
+from storelink.prices.targets import Targets
 
 log = logging.getLogger(__name__)
 

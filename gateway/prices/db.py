@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.outbox import open_database
+from storelink.outbox import open_database
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from gateway.prices.part import PricesPart
+    from storelink.prices.part import PricesPart
 
 
 def routes(part: PricesPart) -> web.RouteTableDef:

@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.contract import Topics
-from gateway.prices.book import PriceBook
-from gateway.prices.db import PriceDb
-from gateway.prices.models import IN_PROGRESS, ChunkMessage, Desired, Manifest, PricesConfig, Reason
-from gateway.prices.staging import Outcome, Rejected, Staging, _loads_object, decode_chunk
-from gateway.uplink import Downlink
+from storelink.contract import Topics
+from storelink.prices.book import PriceBook
+from storelink.prices.db import PriceDb
+from storelink.prices.models import IN_PROGRESS, ChunkMessage, Desired, Manifest, PricesConfig, Reason
+from storelink.prices.staging import Outcome, Rejected, Staging, _loads_object, decode_chunk
+from storelink.uplink import Downlink
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, dict[str, Any]], Awaitable[Any]]

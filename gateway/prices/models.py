@@ -94,7 +94,7 @@ class ChunkRef(StrictFrozen):
 
 
 class Manifest(StrictFrozen):
-    """The signed payload of a batch (canonical JSON, gateway.signing). Lists every chunk's SHA-256."""
+    """The signed payload of a batch (canonical JSON, storelink.remote.signing). Lists every chunk's SHA-256."""
 
     kind: Literal["prices.manifest"] = Field(description="what the signature is for (never valid as a config)")
     format: Literal[1] = 1
@@ -126,7 +126,8 @@ class Manifest(StrictFrozen):
 
 class ManifestMessage(StrictFrozen):
     """``{"type": "manifest", "envelope": {"payload": <Manifest>, "key_id": ..., "sig": ...}}``: the envelope is
-    gateway.signing's (sig over the canonical JSON of payload); the payload is validated after the signature."""
+    storelink.remote.signing's (sig over the canonical JSON of payload); the payload is validated after the
+    signature."""
 
     type: Literal["manifest"]
     envelope: dict[str, Any]

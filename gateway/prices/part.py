@@ -7,19 +7,19 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.prices.audit import Auditor
-from gateway.prices.book import PriceBook
-from gateway.prices.coordinator import Coordinator
-from gateway.prices.db import PriceDb
-from gateway.prices.intake import Intake
-from gateway.prices.models import PricesConfig
-from gateway.prices.staging import Staging
-from gateway.prices.state import StatePublisher, build_state
-from gateway.prices.targets import Targets
-from gateway.uplink import Downlink
+from storelink.prices.audit import Auditor
+from storelink.prices.book import PriceBook
+from storelink.prices.coordinator import Coordinator
+from storelink.prices.db import PriceDb
+from storelink.prices.intake import Intake
+from storelink.prices.models import PricesConfig
+from storelink.prices.staging import Staging
+from storelink.prices.state import StatePublisher, build_state
+from storelink.prices.targets import Targets
+from storelink.uplink import Downlink
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
 log = logging.getLogger(__name__)
 EVENT_DEVICE = "prices"  # the `device` of every price.* event

@@ -24,8 +24,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from gateway.prices.db import PriceDb, get_meta
-from gateway.prices.models import (
+from storelink.prices.db import PriceDb, get_meta
+from storelink.prices.models import (
     BURNED,
     FINISHED,
     IN_PROGRESS,
@@ -125,7 +125,7 @@ class Staging:
     # -- manifests ----------------------------------------------------------------------------------------
     def check_manifest(self, payload: bytes, source: str) -> tuple[Manifest, dict[str, Any]]:
         """Everything that needs no database: envelope, signature, fields, addressee. Raises Rejected."""
-        from gateway.signing import SignatureError, verify  # cryptography: imported on first use (idle memory)
+        from storelink.remote.signing import SignatureError, verify  # cryptography: imported on first use (idle memory)
 
         obj = _loads_object(payload)
         env = obj.get("envelope")

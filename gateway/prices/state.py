@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.outbox import iso_ts
-from gateway.prices.db import PriceDb, get_meta
-from gateway.prices.models import IN_PROGRESS
+from storelink.outbox import iso_ts
+from storelink.prices.db import PriceDb, get_meta
+from storelink.prices.models import IN_PROGRESS
 
 log = logging.getLogger(__name__)
 

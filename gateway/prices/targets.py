@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from drivers.base import Health
+from storelink.drivers.base import Health
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Targets:
         self.extra: dict[str, Any] = {}
 
     def _roles(self) -> dict[str, str]:
-        from gateway.drivers_registry import load_driver
+        from storelink.devices.registry import load_driver
 
         out: dict[str, str] = {}
         for dev_id, handle in self.gateway.supervisor.devices.items():

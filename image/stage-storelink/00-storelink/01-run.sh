@@ -12,7 +12,7 @@ set -e
 python3 -m venv /tmp/storelink-build
 /tmp/storelink-build/bin/pip install --quiet --upgrade pip wheel
 /tmp/storelink-build/bin/pip wheel --quiet --wheel-dir /tmp/storelink-wheels \
-    -c ${SRC}/image/requirements.lock ${SRC}
+    -c ${SRC}/image/requirements.lock "${SRC}[all]"
 rm -rf /tmp/storelink-build
 CHROOT
 cp "${ROOTFS_DIR}${SRC}/image/requirements.lock" "${ROOTFS_DIR}/tmp/storelink-wheels/"

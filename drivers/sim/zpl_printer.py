@@ -13,7 +13,7 @@ import re
 import socket
 import time
 
-from drivers.zpl_label import HostStatus, host_status_answer
+from storelink.drivers.zpl_label import HostStatus, host_status_answer
 
 _TOKEN = re.compile(rb"~HS|\^XA.*?\^XZ", re.S)
 

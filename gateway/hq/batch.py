@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.prices.models import ItemIn
+from storelink.prices.models import ItemIn
 
 COLUMNS = ("sku", "gtin", "price", "unit_price", "unit_basis", "description", "promo_label", "promo_ends_at",
            "promo_regular_price")
@@ -122,7 +122,7 @@ def build_batch(items: Iterable[ItemIn | dict[str, Any]], *, version: int, batch
     if not_after is not None:
         manifest["not_after"] = not_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     if key is not None:
-        from gateway.signing import sign
+        from storelink.remote.signing import sign
 
         envelope = sign(manifest, key)
     else:

@@ -13,8 +13,8 @@ from typing import Any
 
 import tomli_w
 
-from gateway.config import ConfigError, GatewayConfig, parse_config_text
-from gateway.files import write_atomically
+from storelink.config import ConfigError, GatewayConfig, parse_config_text
+from storelink.system.files import write_atomically
 
 
 def _drop_nulls(value: Any) -> Any:

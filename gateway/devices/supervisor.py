@@ -13,10 +13,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from drivers.base import DeviceConfig, Driver, EventRef, Health
-from gateway.drivers_registry import load_driver
-from gateway.outbox import iso_ts
-from gateway.uplink import backoff_delay
+from storelink.devices.registry import load_driver
+from storelink.drivers.base import DeviceConfig, Driver, EventRef, Health
+from storelink.outbox import iso_ts
+from storelink.uplink import backoff_delay
 
 log = logging.getLogger(__name__)
 # last_seen moves with every scan; the retained state carries it, refreshed at most this often.

@@ -1,5 +1,5 @@
 """A till simulator speaking the StoreLink till protocol: for tests, ``storelink demo``, and for POS vendors to
-try their integration against (``python -m drivers.till_sim --connect 127.0.0.1:7700 --till-id 1``).
+try their integration against (``python -m storelink.drivers.sim.till --connect 127.0.0.1:7700 --till-id 1``).
 
 It connects, says HELLO with its price version, sends sales and lookups, and answers the gateway's PREPARE /
 COMMIT / ABORT / VERSION / PING like a real till: prices are staged per version and switched on COMMIT.
@@ -17,7 +17,7 @@ import random
 import time
 from typing import Any
 
-from drivers import till_protocol as tp
+from storelink.drivers import till_protocol as tp
 
 log = logging.getLogger(__name__)
 

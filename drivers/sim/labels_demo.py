@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from drivers.escpos_printer_sim import FakeEscposPrinter
-from drivers.openepaperlink_sim import FakeAccessPoint, FakeTag
-from drivers.zpl_printer_sim import FakeZplPrinter
-from gateway.demo import DEMO_EXTENSIONS
+from storelink.drivers.sim.demo import DEMO_EXTENSIONS
+from storelink.drivers.sim.escpos_printer import FakeEscposPrinter
+from storelink.drivers.sim.openepaperlink import FakeAccessPoint, FakeTag
+from storelink.drivers.sim.zpl_printer import FakeZplPrinter
 
 DEMO_TAGS = {"1001": "0000A0B1C2D3E401", "1002": "0000A0B1C2D3E402", "1003": "0000A0B1C2D3E403",
              "1004": "0000A0B1C2D3E404"}

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from gateway.contract import DEVICE_RE
-from gateway.outbox import iso_ts
+from storelink.contract import DEVICE_RE
+from storelink.outbox import iso_ts
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 push-config validates the file with the gateway's own models, signs it, publishes it retained on
 ``storelink/{store}/config/desired`` and follows ``config/reported`` until the store answers. cmd sends one command
 with an MQTT 5 response topic and correlation data and prints the reply; commands that change something are
-signed when --key is given (they are refused otherwise). Registered in gateway/prices/hq.py's `hq` group.
+signed when --key is given (they are refused otherwise). Registered in gateway/hq/prices.py's `hq` group.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ PREFIX = "storelink"
 
 
 def _key(path: str) -> Any:
-    from gateway.signing import load_private_key
+    from storelink.remote.signing import load_private_key
 
     return load_private_key(Path(path).read_text().strip())
 
@@ -55,9 +55,9 @@ def _collect(client: Any, topic: str) -> tuple[list[tuple[bytes | None, dict[str
 
 
 def cmd_push_config(args: argparse.Namespace) -> int:
-    from gateway.config import ConfigError, parse_config
-    from gateway.prices.hq import _client
-    from gateway.signing import sign
+    from storelink.config import ConfigError, parse_config
+    from storelink.hq.prices import _client
+    from storelink.remote.signing import sign
 
     try:
         data = tomllib.loads(Path(args.file).read_text(encoding="utf-8"))
@@ -114,8 +114,8 @@ def _parse_arg(text: str) -> tuple[str, Any]:
 
 
 def cmd_command(args: argparse.Namespace) -> int:
-    from gateway.prices.hq import _client
-    from gateway.signing import sign
+    from storelink.hq.prices import _client
+    from storelink.remote.signing import sign
 
     cmd_args = dict(args.arg or [])
     if args.key:
@@ -155,7 +155,7 @@ def cmd_command(args: argparse.Namespace) -> int:
 
 
 def add_hq_subcommands(sub: Any) -> None:
-    """Adds push-config and cmd to the `storelink hq` subparsers (called from gateway/prices/hq.py)."""
+    """Adds push-config and cmd to the `storelink hq` subparsers (called from gateway/hq/prices.py)."""
     p = sub.add_parser("push-config", help="validate, sign and publish a store's whole config; follow the report")
     p.add_argument("file", type=Path, help="the store's config (TOML), as the gateway reads it")
     p.add_argument("--key", required=True, help="private key file from `storelink hq keygen`")

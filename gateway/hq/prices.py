@@ -20,7 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.prices.hq_batch import CsvProblems, build_batch, read_csv
+from storelink.hq.batch import CsvProblems, build_batch, read_csv
 
 PREFIX = "storelink"
 
@@ -64,7 +64,7 @@ class Follower:
 
 # -- keygen ---------------------------------------------------------------------------------------------------
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from gateway.signing import keygen
+    from storelink.remote.signing import keygen
 
     out: Path = args.out
     if out.exists() and not args.force:
@@ -82,7 +82,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 # -- publish-prices -------------------------------------------------------------------------------------------
 def cmd_publish(args: argparse.Namespace) -> int:
-    from gateway.signing import load_private_key
+    from storelink.remote.signing import load_private_key
 
     try:
         items = read_csv(args.file)
@@ -248,7 +248,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     st.add_argument("--listen", type=float, default=1.5, help="seconds to collect retained messages")
     st.add_argument("--json", action="store_true")
     st.set_defaults(hq_handler=cmd_status)
-    from gateway.remote_hq import add_hq_subcommands  # push-config, cmd (remote config and commands)
+    from storelink.hq.remote import add_hq_subcommands  # push-config, cmd (remote config and commands)
 
     add_hq_subcommands(sub)
 

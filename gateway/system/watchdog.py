@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway import sdnotify
+from storelink.system import sdnotify
 
 log = logging.getLogger(__name__)
 

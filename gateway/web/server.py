@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
-from gateway.config import describe_validation_error
-from gateway.contract import IngestEvent
-from gateway.outbox import OutboxError, OutboxFull
+from storelink.config import describe_validation_error
+from storelink.contract import IngestEvent
+from storelink.outbox import OutboxError, OutboxFull
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
 log = logging.getLogger(__name__)
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")

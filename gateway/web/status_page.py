@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.http_api import error, require_token
-from gateway.outbox import Accepted, iso_ts
+from storelink.outbox import Accepted, iso_ts
+from storelink.web.server import error, require_token
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
-    from gateway.commands import Commands
+    from storelink.app import Gateway
+    from storelink.remote.commands import Commands
 
 log = logging.getLogger(__name__)
-WEB_DIR = Path(__file__).parent / "web"
+WEB_DIR = Path(__file__).parent
 TICK = 0.5
 KEEPALIVE = 15.0
 RECENT = 30
@@ -106,7 +106,7 @@ def install_routes(gateway: Gateway, recent: RecentEvents) -> None:
         return resp
 
     async def action(request: web.Request) -> web.Response:
-        from gateway.commands import CommandError
+        from storelink.remote.commands import CommandError
 
         denied = require_token(request)
         if denied is not None:
@@ -145,7 +145,7 @@ def install_routes(gateway: Gateway, recent: RecentEvents) -> None:
 
 
 def install(gateway: Gateway) -> None:
-    from gateway.metrics import install_metrics
+    from storelink.web.metrics import install_metrics
 
     recent = RecentEvents(gateway)
     gateway.services["recent_events"] = recent

@@ -31,8 +31,8 @@ log = logging.getLogger("storelink.demo")
 DemoExtension = tuple[Callable[[dict[str, Any], Path], None], Callable[[Any], Coroutine[Any, Any, None]]]
 DEMO_EXTENSIONS: list[DemoExtension] = []
 # Modules that append their DemoExtension when imported; one line each.
-DEMO_MODULES: list[str] = ["drivers.labels_demo", "drivers.till_demo", "gateway.prices.demo",
-                             "drivers.input_demo"]
+DEMO_MODULES: list[str] = ["storelink.drivers.sim.labels_demo", "storelink.drivers.sim.till_demo",
+                            "storelink.drivers.sim.prices_demo", "storelink.drivers.sim.input_demo"]
 
 
 def free_port() -> int:
@@ -78,8 +78,8 @@ async def kiosk_app(base_url: str, stop: asyncio.Event) -> None:
 async def run_demo(args: argparse.Namespace) -> int:
     from amqtt.broker import Broker
 
-    from gateway.app import Gateway
-    from gateway.config import parse_config
+    from storelink.app import Gateway
+    from storelink.config import parse_config
 
     port = args.broker_port or free_port()
     broker = Broker({

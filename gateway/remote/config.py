@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from gateway.config import ConfigError, GatewayConfig, describe_validation_error, parse_config
-from gateway.config_store import RemoteState, render_toml
-from gateway.files import write_atomically
-from gateway.outbox import iso_ts
-from gateway.remote_models import ConfigDesired, ConfigReported, ConfigStatus
-from gateway.signing import SignatureError, canonical_json, load_public_key, verify
-from gateway.uplink import Downlink
+from storelink.config import ConfigError, GatewayConfig, describe_validation_error, parse_config
+from storelink.outbox import iso_ts
+from storelink.remote.config_store import RemoteState, render_toml
+from storelink.remote.models import ConfigDesired, ConfigReported, ConfigStatus
+from storelink.remote.signing import SignatureError, canonical_json, load_public_key, verify
+from storelink.system.files import write_atomically
+from storelink.uplink import Downlink
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 MQTT 5: the reply goes to the request's response topic with its correlation data. MQTT 3.1.1 has neither, so a
 request may carry ``reply_to`` and ``correlation_id`` in its JSON; without any reply target the reply goes to
 ``{base}/cmd-reply/{name}`` so that no error is ever silent. Read-only commands (``ping``, ``status``) may be
-sent unsigned; commands that change something must be a signed envelope (gateway.signing) whose payload names
+sent unsigned; commands that change something must be a signed envelope (storelink.remote.signing) whose payload names
 this store and this command, carries a unique id and is recent (``[remote] command_max_age``): a recorded
 command cannot be replayed. The status page calls ``Commands.run`` directly behind the ``http.token``.
 """
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gateway.config import describe_validation_error
-from gateway.outbox import iso_ts
-from gateway.remote_models import DEVICE_ID_RE, CommandRequest, CommandResponse, SignedCommand
-from gateway.signing import SignatureError, verify
-from gateway.uplink import Downlink
+from storelink.config import describe_validation_error
+from storelink.outbox import iso_ts
+from storelink.remote.models import DEVICE_ID_RE, CommandRequest, CommandResponse, SignedCommand
+from storelink.remote.signing import SignatureError, verify
+from storelink.uplink import Downlink
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
 log = logging.getLogger(__name__)
 SKU_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
@@ -179,7 +179,7 @@ class Commands:
 
     # -- the commands ------------------------------------------------------------------------------------------
     async def _ping(self, _args: NoArgs) -> dict[str, Any]:
-        from gateway import __version__
+        from storelink import __version__
 
         return {"pong": True, "version": __version__, "config_version": self.gateway.config.config_version}
 

@@ -1,5 +1,6 @@
 """`storelink demo` part: head office publishes signed price lists and a price change rolls across the simulated
-till, the ZPL printer and the ESL tags (those devices come from drivers/till_demo.py and drivers/labels_demo.py).
+till, the ZPL printer and the ESL tags (those devices come from drivers/sim/till_demo.py and
+drivers/sim/labels_demo.py).
 
 Version 1 installs the demo's price list; a little later version 2 raises one price and lowers another. While the
 labels confirm (the demo's tags check in every few seconds, the printer takes half a second a label) the console
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gateway.demo import DEMO_EXTENSIONS
+from storelink.drivers.sim.demo import DEMO_EXTENSIONS
 
 _state: dict[str, Any] = {}
 DEMO_ITEMS = [
@@ -28,7 +29,7 @@ DEMO_ITEMS = [
 
 
 def prepare(cfg: dict[str, Any], workdir: Path) -> None:
-    from gateway.signing import keygen
+    from storelink.remote.signing import keygen
 
     pair = keygen()
     _state["key"] = pair.private_b64
@@ -44,7 +45,7 @@ async def run(gateway: Any) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gateway.prices.hq_batch import build_batch
+    from storelink.hq.batch import build_batch
 
     store = gateway.config.store_id
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-hq-prices", protocol=mqtt.MQTTv311)

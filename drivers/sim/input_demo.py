@@ -19,7 +19,7 @@ from typing import Any
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from gateway.demo import DEMO_EXTENSIONS
+from storelink.drivers.sim.demo import DEMO_EXTENSIONS
 
 MAT_PIN = 17
 SCANS: list[tuple[str, bytes]] = [

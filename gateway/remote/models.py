@@ -28,7 +28,7 @@ class RemoteConfigSettings(_Strict):
 
 
 class CartSettings(_Strict):
-    """``[cart]``: the kiosk's online cart (gateway/kiosk_cart.py)."""
+    """``[cart]``: the kiosk's online cart (gateway/kiosk/cart.py)."""
 
     enabled: bool = True
     printer: str | None = Field(None, pattern=DEVICE_ID_RE, description="device id of the kiosk's receipt printer")

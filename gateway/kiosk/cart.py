@@ -12,7 +12,7 @@ The kiosk (a browser on a store PC) calls the local HTTP API while a customer st
 - ``GET /api/v1/kiosk/{kiosk}/events``: server-sent events: ``session`` when a customer steps on, ``clear`` when
   they step off (the kiosk wipes its screen).
 
-The cart lives only in the kiosk session (gateway/kiosk.py KioskSessions): it is purged when the customer steps
+The cart lives only in the kiosk session (gateway/kiosk/sessions.py KioskSessions): it is purged when the customer steps
 off, an answer arriving after that is dropped, nothing of it is logged or put in the outbox, and the slip carries
 items and a pick number, not the customer's name. Head office hears only the anonymous kiosk.session_* events.
 """
@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.contract import DEVICE_RE
-from gateway.http_api import error
-from gateway.outbox import iso_ts
-from gateway.uplink import Downlink
+from storelink.contract import DEVICE_RE
+from storelink.outbox import iso_ts
+from storelink.uplink import Downlink
+from storelink.web.server import error
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
 log = logging.getLogger(__name__)
 CART_KEY = "online_cart"

@@ -10,9 +10,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from drivers import till_protocol as tp
-from drivers.till_sim import TillSimulator, run_till
-from gateway.demo import DEMO_EXTENSIONS
+from storelink.drivers import till_protocol as tp
+from storelink.drivers.sim.demo import DEMO_EXTENSIONS
+from storelink.drivers.sim.till import TillSimulator, run_till
 
 DEMO_SKUS = ["1001", "1002", "1003", "4006381333931"]
 

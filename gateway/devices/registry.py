@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from drivers.base import DeviceConfig, Driver
+from storelink.drivers.base import DeviceConfig, Driver
 
 log = logging.getLogger(__name__)
 GROUP = "storelink.drivers"
@@ -52,7 +52,7 @@ def available_drivers() -> dict[str, type[Driver]]:
 
 def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceConfig], list[str]]:
     """Validate each table with its driver's model. Returns (configs, problems); problems name the key."""
-    from gateway.config import describe_validation_error
+    from storelink.config import describe_validation_error
 
     configs: list[DeviceConfig] = []
     problems: list[str] = []

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from storelink.app import Gateway
 
 DEVICE_STATES = ("ok", "degraded", "offline")
 CONFIG_RESULTS = ("applied", "accepted", "rejected", "rolled_back")

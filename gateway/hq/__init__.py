@@ -1,0 +1,1 @@
+"""Head office's side: the `storelink hq` commands (keys, price batches, remote config, commands, status)."""
