@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -98,6 +98,12 @@ class Driver(abc.ABC):
 # Drivers that show or charge prices (tills, shelf-label systems, label printers) implement PriceTarget; the
 # price coordinator (gateway/prices) drives them through a two-phase change. Every method must be idempotent:
 # after a crash the coordinator re-drives the decision in its journal, so commit/abort may arrive twice.
+#
+# The founding promise is that a till never charges more than the shelf shows. Labels change late (a tag checks
+# in, a label is printed and swapped), so from the moment labels may change until each one is known to show the
+# price in force, a till charges min(old, new) for the items of the change: `transition_prices`. Tills get them
+# through TillPriceTarget.price_hold / price_commit and are released by price_final; label targets say what they
+# are known to show per item (LabelPriceTarget.price_label_states).
 
 
 class PriceItem(Protocol):
@@ -124,6 +130,15 @@ class PriceChange(Protocol):
     def currency(self) -> str: ...
     @property
     def changed(self) -> list[PriceItem]: ...  # items whose shown/charged price differs from the active version
+    @property
+    def transition_prices(self) -> Mapping[str, int]:
+        """SKU -> what a till may charge at most while the labels change: min(old, new) (tills only)."""
+        ...
+    @property
+    def effective_at(self) -> float | None:
+        """Unix time the change takes effect (None: at once). Labels that can show a valid-from (paper labels
+        printed ahead, marked with it) prepare ahead; labels that cannot (ESL) change at price_commit."""
+        ...
 
 
 class PrepareFailed(Exception):
@@ -138,11 +153,13 @@ class PriceTarget(Protocol):
         ...
 
     async def price_commit(self, version: int) -> None:
-        """Switch to `version` (tills); labels: nothing to switch, the content is already on its way."""
+        """Switch to `version` (tills: at most the transition prices until price_final); labels: nothing to
+        switch for content already on its way, or push content held back for a scheduled change."""
         ...
 
     async def price_abort(self, version: int) -> None:
-        """Drop a staged `version` (tills) / put the old content back (labels)."""
+        """Drop a staged `version` (tills: the holds stay until price_final) / put the old content back (labels:
+        recorded durably and delivered by the driver when the device is reachable again)."""
         ...
 
     async def price_confirmed(self, version: int) -> bool:
@@ -151,4 +168,43 @@ class PriceTarget(Protocol):
 
     async def price_reported_version(self) -> int | None:
         """The version the device itself reports (for reconciliation); None when it cannot tell."""
+        ...
+
+
+class TillPriceTarget(PriceTarget, Protocol):
+    """A till. `price_can_hold` says whether the connected till takes HOLD/FINAL (its own price table is then
+    capped at the transition prices); a till that cannot is committed only once the labels show the new prices
+    when the change raises a price (it keeps the old, lower price meanwhile)."""
+
+    @property
+    def price_can_hold(self) -> bool | None:
+        """True/False for a connected till (what it said in HELLO), None when it is not connected."""
+        ...
+
+    async def price_hold(self, version: int) -> None:
+        """From now on charge at most the staged version's transition prices (before any label changes)."""
+        ...
+
+    async def price_final(self, version: int, keep: list[str]) -> None:
+        """The labels show `version`'s outcome: drop its holds except for the SKUs in `keep`."""
+        ...
+
+
+LabelShows = Literal["new", "old", "unknown"]
+"""What a label is known to display for an item of a version: that version's content, the content from before
+it, or either (a print job that may have reached the printer, a device that is gone)."""
+
+
+class LabelPriceTarget(PriceTarget, Protocol):
+    async def price_label_states(self, version: int) -> dict[str, LabelShows]:
+        """For every SKU of `version` this device carries a label for: what that label is known to show now."""
+        ...
+
+    async def price_restored(self, version: int) -> bool:
+        """After price_abort(version): True once every label of the version is known to show its old content."""
+        ...
+
+    async def price_reprint(self, request_id: str, change: PriceChange) -> int:
+        """Print/push the labels of `change.changed` again as a job of its own (at-least-once, like printing),
+        even where the device already shows them; returns how many labels were queued."""
         ...

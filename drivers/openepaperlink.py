@@ -6,10 +6,12 @@ renders for the tag); `GET /get_db?mac=` returns the tag record with `hash` (MD5
 confirmed only when the tag's `pending` is back to 0 and its `hash` differs from the hash before the push.
 There is no staged "switch now" in OpenEPaperLink: the price coordinator has to wait for these confirmations.
 
-As a PriceTarget (price_role "label"): prepare pushes new content to the tags of the changed items (items
-without a tag are skipped); confirmed(v) is true once every tag of v confirmed; abort pushes the content each
-tag showed before (retried by the driver's loop until the AP takes it). `tag_states()` reads every tag's
-current hash for the reconciliation audit.
+As a LabelPriceTarget (price_role "label"): prepare pushes new content to the tags of the changed items (items
+without a tag are skipped); a scheduled change (OpenEPaperLink has no valid-from) is only checked and rendered
+ahead and pushed at commit. confirmed(v) is true once every tag of v confirmed; abort pushes the content each
+tag showed before (retried by the driver's loop until the AP takes it; restored once the tag shows it);
+label_states / restored say per item what each tag is known to show; reprint pushes the content in force again
+(retried until the tag fetched it). `tag_states()` reads every tag's current hash for the reconciliation audit.
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ from typing import Any, ClassVar, Literal
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, PriceItem
+from storelink.drivers.base import (
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    LabelShows,
+    PrepareFailed,
+    PriceChange,
+    PriceItem,
+)
 from storelink.drivers.esl_state import EslState, Push
 from storelink.drivers.price_text import format_money, unit_price_text
 
@@ -240,8 +251,10 @@ class OpenEPaperLink(Driver):
             while True:
                 try:
                     await self._restore(state)
+                    await self._reprint(state)
                     pushes = await asyncio.to_thread(state.unconfirmed)
-                    if pushes:
+                    waiting = await asyncio.to_thread(self._waiting_for_tags, state)
+                    if pushes or waiting:
                         await self._refresh(state, pushes)
                     elif self.tags:
                         await self.get_tag(next(iter(self.tags.values())))
@@ -268,12 +281,20 @@ class OpenEPaperLink(Driver):
         else:
             self.ctx.set_health(Health.OK)
 
+    @staticmethod
+    def _waiting_for_tags(state: EslState) -> set[str]:
+        """MACs whose restore or reprint the AP took and the tag has not fetched yet."""
+        return {p.mac for p in state.restores_pending(uploaded=True)} | {m for m, _c in state.reprints(uploaded=True)}
+
     async def _refresh(self, state: EslState, pushes: list[Push]) -> None:
-        """Ask the AP about the pushes still unconfirmed; a tag with pending 0 and a new hash has its content."""
-        if len(pushes) > 20:
+        """Ask the AP about the pushes still unconfirmed; a tag with pending 0 and a new hash has its content (a
+        restore: pending 0 and the hash from before the aborted push; a reprint: pending 0)."""
+        restores = await asyncio.to_thread(state.restores_pending, True)
+        reprints = await asyncio.to_thread(state.reprints, True)
+        if len(pushes) + len(restores) + len(reprints) > 20:
             records = await self.all_tags()
         else:
-            macs = sorted({p.mac for p in pushes})
+            macs = sorted({p.mac for p in pushes} | {p.mac for p in restores} | {m for m, _c in reprints})
             got = await asyncio.gather(*(self.get_tag(m) for m in macs), return_exceptions=True)
             for r in got:
                 if isinstance(r, BaseException) and not isinstance(r, AccessPointError):
@@ -287,6 +308,14 @@ class OpenEPaperLink(Driver):
             if rec and rec["pending"] == 0 and rec["hash"] != p.hash_before:
                 await asyncio.to_thread(state.confirm, p.version, p.mac, rec["hash"])
                 versions.add(p.version)
+        for p in restores:
+            rec = records.get(p.mac)
+            if rec and rec["pending"] == 0 and rec["hash"] == p.hash_before:
+                await asyncio.to_thread(state.restored, p.version, p.mac)
+        for mac, _content in reprints:
+            rec = records.get(mac)
+            if rec and rec["pending"] == 0:
+                await asyncio.to_thread(state.reprint_done, mac, True)
         for v in sorted(versions - self._announced):
             if await asyncio.to_thread(state.all_confirmed, v):
                 self._announced.add(v)
@@ -296,7 +325,12 @@ class OpenEPaperLink(Driver):
         for p in await asyncio.to_thread(state.restores_pending):
             assert p.previous_content is not None
             await self.upload(p.mac, p.previous_content)
-            await asyncio.to_thread(state.restored, p.version, p.mac)
+            await asyncio.to_thread(state.restore_uploaded, p.version, p.mac)
+
+    async def _reprint(self, state: EslState) -> None:
+        for mac, content in await asyncio.to_thread(state.reprints, False):
+            await self.upload(mac, content)
+            await asyncio.to_thread(state.reprint_done, mac, False)
 
     # PriceTarget --------------------------------------------------------------------------------------------
     async def price_prepare(self, change: PriceChange) -> None:
@@ -304,9 +338,31 @@ class OpenEPaperLink(Driver):
         if await asyncio.to_thread(state.version_state, change.version) == "aborted":
             raise PrepareFailed(f"{self.cfg.id}: price version {change.version} was aborted here")
         await asyncio.to_thread(state.set_version, change.version, "prepared")
-        mine = [(i, self.tags[i.sku]) for i in change.changed if i.sku in self.tags]
-        done = await asyncio.to_thread(state.plan, change.version, [(m, i.sku) for i, m in mine])
-        todo = [(i, m) for i, m in mine if m not in done]
+        mine = [(i.sku, self.tags[i.sku], render_tag_content(i, change.currency, change.version, self.cfg.layout))
+                for i in change.changed if i.sku in self.tags]
+        done = await asyncio.to_thread(state.plan, change.version, [(m, sku, c) for sku, m, c in mine])
+        if change.effective_at is not None and change.effective_at > time.time():
+            # no valid-from on a tag: check the AP knows every tag now, push at commit (effective_at)
+            await self._check_tags(mine)
+            log.info("version %d: %d tag(s) checked; content goes out at its effective time", change.version,
+                     len(mine), extra={"device": self.cfg.id})
+            return
+        await self._push(change.version, [(sku, m, c) for sku, m, c in mine if m not in done], len(mine))
+
+    async def _check_tags(self, mine: list[tuple[str, str, str]]) -> None:
+        try:
+            records = await self.all_tags()
+        except AccessPointError as err:
+            self.ctx.set_health(Health.OFFLINE, str(err))
+            raise PrepareFailed(f"{self.cfg.id}: {err}") from err
+        unknown = [f"{sku}@{m}" for sku, m, _c in mine if m not in records]
+        if unknown:
+            raise PrepareFailed(f"{self.cfg.id}: {len(unknown)} tag(s) not known to the access point: "
+                                + ", ".join(unknown[:5]))
+
+    async def _push(self, version: int, todo: list[tuple[str, str, str]], total: int) -> None:
+        """Upload (sku, mac, content) to the tags, recording each tag's hash and previous content first."""
+        state = await self.state()
 
         # Many tags: one paged sweep of the AP's database reads every hash before the pushes (far fewer requests
         # than one get_db per tag); a few tags: ask for each.
@@ -315,37 +371,46 @@ class OpenEPaperLink(Driver):
             if len(todo) > 20:
                 records = await self.all_tags()
             else:
-                got = await asyncio.gather(*(self.get_tag(m) for _i, m in todo), return_exceptions=True)
-                records = {m: r for (_i, m), r in zip(todo, got, strict=True) if isinstance(r, dict)}
-                failed += [f"{i.sku}@{m}: {r}" for (i, m), r in zip(todo, got, strict=True) if isinstance(r, Exception)]
+                got = await asyncio.gather(*(self.get_tag(m) for _s, m, _c in todo), return_exceptions=True)
+                records = {m: r for (_s, m, _c), r in zip(todo, got, strict=True) if isinstance(r, dict)}
+                failed += [f"{sku}@{m}: {r}" for (sku, m, _c), r in zip(todo, got, strict=True)
+                           if isinstance(r, Exception)]
         except AccessPointError as err:
             self.ctx.set_health(Health.OFFLINE, str(err))
             raise PrepareFailed(f"{self.cfg.id}: {err}") from err
-        failed += [f"{i.sku}@{m}: tag {m} is not known to the access point" for i, m in todo
-                   if m not in records and not any(f.startswith(f"{i.sku}@{m}:") for f in failed)]
-        todo = [(i, m) for i, m in todo if m in records]
+        failed += [f"{sku}@{m}: tag {m} is not known to the access point" for sku, m, _c in todo
+                   if m not in records and not any(f.startswith(f"{sku}@{m}:") for f in failed)]
+        todo = [t for t in todo if t[1] in records]
         known = set((await asyncio.to_thread(state.shown)).keys())
-        found = await asyncio.gather(*(self._current_content(m) for _i, m in todo if m not in known))
-        found_by_mac = dict(zip([m for _i, m in todo if m not in known], found, strict=True))
-        contents = {m: render_tag_content(i, change.currency, change.version, self.cfg.layout) for i, m in todo}
-        await asyncio.to_thread(state.record_pushes, change.version, [
-            (m, i.sku, contents[m], records[m]["hash"], found_by_mac.get(m)) for i, m in todo])
-        results = await asyncio.gather(*(self.upload(m, contents[m]) for _i, m in todo), return_exceptions=True)
+        found = await asyncio.gather(*(self._current_content(m) for _s, m, _c in todo if m not in known))
+        found_by_mac = dict(zip([m for _s, m, _c in todo if m not in known], found, strict=True))
+        await asyncio.to_thread(state.record_pushes, version, [
+            (m, sku, content, records[m]["hash"], found_by_mac.get(m)) for sku, m, content in todo])
+        results = await asyncio.gather(*(self.upload(m, c) for _s, m, c in todo), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
-        await asyncio.to_thread(state.mark_uploaded, change.version,
-                                [m for (_i, m), r in zip(todo, results, strict=True) if r is None])
-        failed += [f"{i.sku}@{m}: {r}" for (i, m), r in zip(todo, results, strict=True) if isinstance(r, Exception)]
+        await asyncio.to_thread(state.mark_uploaded, version,
+                                [m for (_s, m, _c), r in zip(todo, results, strict=True) if r is None])
+        failed += [f"{sku}@{m}: {r}" for (sku, m, _c), r in zip(todo, results, strict=True) if isinstance(r, Exception)]
         if failed:
             self.ctx.set_health(Health.DEGRADED, failed[0])
-            raise PrepareFailed(f"{self.cfg.id}: {len(failed)} of {len(mine)} tag(s) not updated: "
+            raise PrepareFailed(f"{self.cfg.id}: {len(failed)} of {total} tag(s) not updated: "
                                 + "; ".join(failed[:5]))
-        log.info("version %d: content pushed to %d tag(s)", change.version, len(todo), extra={"device": self.cfg.id})
+        log.info("version %d: content pushed to %d tag(s)", version, len(todo), extra={"device": self.cfg.id})
         self._wake.set()
 
     async def price_commit(self, version: int) -> None:
-        await asyncio.to_thread((await self.state()).set_version, version, "committed")
+        """Commit; a scheduled version's content goes to its tags now. Raises while the AP does not take it
+        (the coordinator delivers the commit again until it does)."""
+        state = await self.state()
+        planned = await asyncio.to_thread(state.planned, version)
+        if planned:
+            try:
+                await self._push(version, [(sku, m, c) for m, sku, c in planned], len(planned))
+            except PrepareFailed as err:
+                raise AccessPointError(str(err)) from err
+        await asyncio.to_thread(state.set_version, version, "committed")
 
     async def price_abort(self, version: int) -> None:
         state = await self.state()
@@ -361,6 +426,24 @@ class OpenEPaperLink(Driver):
             log.warning("version %d aborted; old content not back yet: %s", version, err,
                         extra={"device": self.cfg.id})
             self._wake.set()
+
+    async def price_label_states(self, version: int) -> dict[str, LabelShows]:
+        """From this gateway's record of the tags (the loop keeps it current; nudged here to look now)."""
+        states = await asyncio.to_thread((await self.state()).label_states, version)
+        if any(v != "new" for v in states.values()):
+            self._wake.set()
+        return states
+
+    async def price_restored(self, version: int) -> bool:
+        return all(v == "old" for v in (await self.price_label_states(version)).values())
+
+    async def price_reprint(self, request_id: str, change: PriceChange) -> int:
+        tags = [(self.tags[i.sku], i.sku, render_tag_content(i, change.currency, change.version, self.cfg.layout))
+                for i in change.changed if i.sku in self.tags]
+        await asyncio.to_thread((await self.state()).request_reprints, request_id, change.version, tags)
+        log.info("reprint %s: %d tag(s) queued", request_id, len(tags), extra={"device": self.cfg.id})
+        self._wake.set()
+        return len(tags)
 
     async def price_confirmed(self, version: int) -> bool:
         state = await self.state()

@@ -15,7 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2 adds HOLD / FINAL and PREPARE's transition_price (docs/till-protocol.md)
+HOLDS_SINCE = 2  # the first protocol version whose tills keep holds (charge at most the transition prices)
 DEFAULT_PORT = 7700
 # A till's line is a sale or a lookup: 64 KiB is ~500 sale lines. Longer lines are discarded, not buffered, so a
 # misbehaving peer cannot make the gateway hold megabytes.
@@ -152,9 +153,21 @@ class Sale(Strict):
     extra: dict[str, Any] = Field(default_factory=dict, description="POS-specific fields, passed through")
 
 
-def item_to_wire(item: Any) -> dict[str, Any]:
-    """A PriceItem (drivers.base) as the till protocol carries it."""
-    return {
+def item_to_wire(item: Any, transition_price: int | None = None) -> dict[str, Any]:
+    """A PriceItem (drivers.base) as the till protocol carries it; `transition_price` only for protocol 2."""
+    wire = {
         "sku": item.sku, "gtin": item.gtin, "price": item.price, "unit_price": item.unit_price,
         "unit_basis": item.unit_basis, "description": item.description,
     }
+    if transition_price is not None:
+        wire["transition_price"] = transition_price
+    return wire
+
+
+def negotiate(hello: dict[str, Any]) -> int:
+    """The protocol both sides speak: the till's `protocol` (1 when absent), at most ours. ProtocolError when it
+    is not a positive integer."""
+    value = hello.get("protocol", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ProtocolError(BAD_REQUEST, "'protocol' must be a positive integer", hello.get("id"))
+    return min(value, PROTOCOL_VERSION)

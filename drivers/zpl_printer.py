@@ -9,9 +9,11 @@ Jobs live in a SQLite queue (drivers/label_queue.py) beside the gateway's databa
 is marked printed only after its bytes were written and later `~HS` answers (two in a row) show the printer
 healthy with nothing left in its buffer. Delivery is at-least-once (see label_queue for why).
 
-As a PriceTarget (price_role "label"): prepare renders and queues the changed items' labels; confirmed(v)
-is true once every label of v is printed; abort cancels v's unsent labels and queues the previous label again
-for items whose new label was (or may have been) printed.
+As a LabelPriceTarget (price_role "label"): prepare renders and queues the changed items' labels (a scheduled
+change's labels are printed ahead, marked "valid from" its effective time); confirmed(v) is true once every
+label of v is printed; abort cancels v's unsent labels and queues the previous label again for items whose new
+label was (or may have been) printed; label_states / restored say per item what the shelf is known to show;
+reprint queues the labels in force again as jobs of their own.
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ import contextlib
 import logging
 import sqlite3
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
+from storelink.drivers.base import (
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    LabelShows,
+    PrepareFailed,
+    PriceChange,
+)
 from storelink.drivers.label_queue import LabelQueue, NewLabel
 from storelink.drivers.zpl_label import (
     HOST_STATUS_QUERY,
@@ -262,16 +273,26 @@ class ZplPrinter(Driver):
             "jobs": self._queue.counts() if self._queue else None}
 
     # PriceTarget --------------------------------------------------------------------------------------------
-    async def price_prepare(self, change: PriceChange) -> None:
+    def _render(self, change: PriceChange, valid_from: str | None = None) -> tuple[list[NewLabel], list[str]]:
         labels: list[NewLabel] = []
         problems: list[str] = []
         for item in change.changed:
-            payload, item_problems = render_label(item, change.currency, change.version, self.cfg.layout)
+            payload, item_problems = render_label(item, change.currency, change.version, self.cfg.layout,
+                                                  valid_from)
             problems += item_problems
             labels.append(NewLabel(item.sku, payload, "; ".join(item_problems) or None))
+        return labels, problems
+
+    async def price_prepare(self, change: PriceChange) -> None:
+        ahead = change.effective_at is not None and change.effective_at > time.time()
+        # the store's local time: that is what the person changing the shelf reads
+        valid_from = datetime.fromtimestamp(change.effective_at).strftime("%Y-%m-%d %H:%M") \
+            if ahead and change.effective_at is not None else None
+        labels, problems = await asyncio.to_thread(self._render, change, valid_from)
         queue = await self.queue()
         try:
-            added = await asyncio.to_thread(queue.prepare, change.version, labels)
+            added = await asyncio.to_thread(queue.prepare, change.version, labels,
+                                            change.effective_at if ahead else None)
         except (ValueError, sqlite3.Error) as err:
             raise PrepareFailed(f"{self.cfg.id}: cannot queue labels for version {change.version}: {err}") from err
         if problems:
@@ -285,14 +306,31 @@ class ZplPrinter(Driver):
         await asyncio.to_thread((await self.queue()).commit, version)
 
     async def price_abort(self, version: int) -> None:
-        cancelled, restored, unknown = await asyncio.to_thread((await self.queue()).abort, version)
+        cancelled, restored, unknown, void = await asyncio.to_thread((await self.queue()).abort, version)
         if unknown:
             log.warning("version %d aborted; no earlier label known for %d printed item(s): %s", version,
                         len(unknown), ", ".join(unknown[:20]), extra={"device": self.cfg.id})
-        if cancelled or restored or unknown:
+        if void:
+            log.warning("version %d aborted before its valid-from time: throw its labels printed ahead away",
+                        version, extra={"device": self.cfg.id})
+        if cancelled or restored or unknown or void:
             await self.ctx.emit("label", {"event": "aborted", "version": version, "cancelled": cancelled,
-                                          "restore_queued": restored, "no_earlier_label": unknown[:50]})
+                                          "restore_queued": restored, "no_earlier_label": unknown[:50],
+                                          "void": void})
         self._wake.set()
+
+    async def price_label_states(self, version: int) -> dict[str, LabelShows]:
+        return await asyncio.to_thread((await self.queue()).label_states, version)
+
+    async def price_restored(self, version: int) -> bool:
+        return all(v == "old" for v in (await self.price_label_states(version)).values())
+
+    async def price_reprint(self, request_id: str, change: PriceChange) -> int:
+        labels, _problems = await asyncio.to_thread(self._render, change)
+        n = await asyncio.to_thread((await self.queue()).reprint, change.version, labels, request_id)
+        log.info("reprint %s: %d label(s) queued", request_id, n, extra={"device": self.cfg.id})
+        self._wake.set()
+        return n
 
     async def price_confirmed(self, version: int) -> bool:
         return await asyncio.to_thread((await self.queue()).confirmed, version)

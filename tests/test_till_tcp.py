@@ -96,6 +96,9 @@ async def test_a_till_behind_the_book_is_told_stale_and_its_sales_are_flagged(
         def is_stale(self, _device: str) -> bool:
             return False
 
+        def version_for(self, _device: str) -> int:
+            return 5
+
     port = free_port()
     async with running(gateway_config(tmp_path, mosquitto.port, [_till(port)])) as gw:
         gw.services["prices"] = Book()

@@ -32,6 +32,8 @@ class Change:
     changed: list[Item] = field(default_factory=list)
     batch_id: str = "b-1"
     currency: str = "EUR"
+    transition_prices: dict[str, int] = field(default_factory=dict)
+    effective_at: float | None = None
 
 
 def gateway_config(tmp_path: Path, broker_port: int, devices: list[dict[str, Any]]) -> dict[str, Any]:

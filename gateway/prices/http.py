@@ -19,7 +19,8 @@ def routes(part: PricesPart) -> web.RouteTableDef:
 
     @table.get("/api/v1/prices/state")
     async def state(_request: web.Request) -> web.Response:
-        return web.json_response(await part.state.refresh() if part.ready.is_set() else {"state": "starting"})
+        # built fresh, never published from here: a GET must not send a retained message
+        return web.json_response(await part.state.current() if part.ready.is_set() else {"state": "starting"})
 
     @table.get("/api/v1/prices/{code}")
     async def lookup(request: web.Request) -> web.Response:

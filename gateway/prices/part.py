@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from storelink.prices.audit import Auditor
 from storelink.prices.book import PriceBook
+from storelink.prices.clock import ClockState, clock_state
 from storelink.prices.coordinator import Coordinator
 from storelink.prices.db import PriceDb
 from storelink.prices.intake import Intake
 from storelink.prices.models import PricesConfig
+from storelink.prices.schedule import Scheduler
+from storelink.prices.settle import Settler
 from storelink.prices.staging import Staging
 from storelink.prices.state import StatePublisher, build_state
 from storelink.prices.targets import Targets
@@ -36,17 +40,35 @@ class PricesPart:
         self.targets = Targets(gateway)
         self.state = StatePublisher(self.db, self._build_state,
                                     lambda body: gateway.uplink.publish_state(gateway.topics.prices_state, body))
-        self.book = PriceBook(self.db, is_stale=lambda device: self.auditor.is_stale(device))
+        self.book = PriceBook(self.db, is_stale=lambda device: self.auditor.is_stale(device),
+                              held_back=lambda device: self.settler.held_back.get(device))
         self.staging = Staging(self.db, self.cfg, conf.store_id, list(conf.groups), list(conf.trust.public_keys))
-        self.coordinator = Coordinator(self.db, self.cfg, self.targets, self.emit, self.state.mark)
-        self.auditor = Auditor(self.db, self.cfg, self.book, self.coordinator, self.emit, self.state.mark)
+        self.coordinator = Coordinator(self.db, self.cfg, self.targets, self.emit, self.state.mark, self._decided)
+        self.scheduler = Scheduler(self.db, self.cfg, self.coordinator.journal, self.emit, self.state.mark,
+                                   lambda: self.settler.wake.set())
+        self.auditor = Auditor(self.db, self.cfg, self.book, self.coordinator, self.scheduler, self.emit,
+                               self.state.mark)
+        self.settler = Settler(self.db, self.cfg, self.coordinator.journal, self.targets, self.emit, self.state.mark,
+                               self.auditor.set_label_drift)
         self.intake = Intake(self.db, self.cfg, self.staging, self.book, gateway.topics, list(conf.groups),
-                             self.emit, self.state.mark, self.coordinator.wake.set)
+                             self.emit, self.state.mark, self.coordinator.wake.set, self.clock)
+        self._clock: ClockState | None = None
         for topic, handler in self.intake.subscriptions():
             gateway.uplink.subscribe(topic, self._when_ready(handler))
 
     async def emit(self, kind: str, data: dict[str, Any]) -> Any:
         return await self.gateway.emit(kind, EVENT_DEVICE, data)
+
+    def clock(self) -> ClockState:
+        """The clock's synchronisation, asked again at most every 10 s (a cheap syscall, but asked per manifest)."""
+        if self._clock is None or time.time() - self._clock.checked_at > 10:
+            self._clock = clock_state(self.cfg.clock_synchronised)
+            self.state.mark()
+        return self._clock
+
+    def _decided(self) -> None:
+        self.scheduler.wake.set()
+        self.settler.wake.set()
 
     def _when_ready(self, handler: Callable[[Downlink], Awaitable[None]]) -> Callable[[Downlink], Awaitable[None]]:
         async def wrapped(down: Downlink) -> None:
@@ -58,7 +80,7 @@ class PricesPart:
     def _build_state(self, conn: Any) -> dict[str, Any]:
         devices = [(t.device, t.role) for t in self.targets.all()]
         return build_state(conn, self.gateway.config.store_id, devices, self.auditor.stale, self.auditor.drift,
-                           self.coordinator.current)
+                           self.coordinator.current, self.clock().as_dict(), self.settler.held_back)
 
     async def run(self) -> None:
         await asyncio.to_thread(self.db.open)
@@ -68,6 +90,8 @@ class PricesPart:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.state.run(), name="prices-state")
                 tg.create_task(self.coordinator.run(), name="prices-coordinator")
+                tg.create_task(self.scheduler.run(), name="prices-scheduler")
+                tg.create_task(self.settler.run(), name="prices-settler")
                 tg.create_task(self.auditor.run(), name="prices-audit")
                 tg.create_task(self.intake.run(), name="prices-intake")
         finally:

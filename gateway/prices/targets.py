@@ -63,6 +63,18 @@ class Targets:
             return None
         return handle.driver
 
+    def instance(self, device: str) -> Any | None:
+        """The running driver of `device` whatever its health: a label driver keeps an abort or a commit in its
+        own database and delivers it when its device answers again."""
+        if device in self.extra:
+            return self.extra[device]
+        handle = self.gateway.supervisor.devices.get(device)
+        return None if handle is None else handle.driver
+
+    def configured(self, device: str) -> bool:
+        """Still in the config (a device removed while it had something to deliver is given up)."""
+        return device in self.extra or device in self.gateway.supervisor.devices
+
     async def wait_driver(self, device: str, deadline: float) -> Any | None:
         """The live driver, waiting for it (a restarting driver, a till reconnecting) until `deadline`."""
         while True:
