@@ -299,10 +299,12 @@ class LabelQueue:
         with self._lock:
             return self._db.execute("SELECT 1 FROM jobs WHERE state='sent' LIMIT 1").fetchone() is not None
 
-    def requeue_sent(self, reason: str) -> int:
+    def requeue_sent(self, reason: str, written: bool = True) -> int:
+        """Sent jobs go back to the queue. `written` False: the connection failed before a byte went out, so the
+        attempt does not count (the label cannot be on paper)."""
         with self._lock:
-            return self._db.execute("UPDATE jobs SET state='queued', updated=?, note=? WHERE state='sent'",
-                                    (time.time(), reason[:200])).rowcount
+            return self._db.execute("UPDATE jobs SET state='queued', updated=?, note=?, attempts=attempts-? "
+                                    "WHERE state='sent'", (time.time(), reason[:200], 0 if written else 1)).rowcount
 
     def mark_sent_printed(self) -> list[Job]:
         """Every `sent` job is on paper: record it, and remember each label as the one the shelf now shows."""

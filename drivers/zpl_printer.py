@@ -80,6 +80,10 @@ class PrinterUnreachable(ConnectionError):
     """No connection (refused, unplugged) or no ~HS answer in time."""
 
 
+class PrinterNotConnected(PrinterUnreachable):
+    """Not even connected: not a byte of the labels can have reached the printer."""
+
+
 class _TcpLink:
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
@@ -89,7 +93,7 @@ class _TcpLink:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
         except (OSError, TimeoutError) as err:
-            raise PrinterUnreachable(f"cannot connect to {self.host}:{self.port}: {err or 'timed out'}") from err
+            raise PrinterNotConnected(f"cannot connect to {self.host}:{self.port}: {err or 'timed out'}") from err
         try:
             writer.write(data + HOST_STATUS_QUERY)
             await asyncio.wait_for(writer.drain(), timeout)
@@ -247,7 +251,8 @@ class ZplPrinter(Driver):
             status = parse_host_status(answer)
         except (PrinterUnreachable, HostStatusError) as err:
             # The bytes may or may not have arrived; they are sent again once the printer answers (at-least-once).
-            await asyncio.to_thread(queue.requeue_sent, f"write failed: {err}")
+            await asyncio.to_thread(queue.requeue_sent, f"write failed: {err}",
+                                    not isinstance(err, PrinterNotConnected))
             self.ctx.set_health(Health.OFFLINE, str(err))
             await self.ctx.emit("label", {"event": "print_failed", "labels": len(jobs), "error": str(err)})
             await self._pause(self.cfg.retry_interval)

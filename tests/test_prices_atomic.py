@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 from tests.prices_helpers import STORE, Publisher, batch, items, make_key, prices_config, wait_event
-from tests.store_floor import StoreFloor, devices_toml, money_to_minor
+from tests.store_floor import StoreFloor, devices_toml
 
 TAGGED = [f"SKU{i:06d}" for i in range(6)]
 MACS = {sku: f"00000B57A1B2C{i:03X}" for i, sku in enumerate(TAGGED)}
@@ -21,12 +21,14 @@ MACS = {sku: f"00000B57A1B2C{i:03X}" for i, sku in enumerate(TAGGED)}
 
 class Rig:
     def __init__(self, tmp_path: Path, mosquitto: Mosquitto, checkin: float = 0.2, print_seconds: float = 0.0,
-                 tills: int = 2):
+                 tills: int = 2, protocols: dict[str, int] | None = None, prices: str = "",
+                 tags: dict[str, str] | None = None, deadline: float = 20.0):
         self.key = make_key()
-        self.floor = StoreFloor([str(i + 1) for i in range(tills)], MACS, free_port(), checkin, print_seconds)
+        self.floor = StoreFloor([str(i + 1) for i in range(tills)], MACS if tags is None else tags, free_port(),
+                                checkin, print_seconds, protocols)
         self.http_port = free_port()
         self.config = write_config(tmp_path / "storelink.toml", STORE, mosquitto.port, self.http_port,
-                                   prices_config(self.key) + devices_toml(self.floor))
+                                   prices_config(self.key, prices, deadline) + devices_toml(self.floor))
         self.hq = Publisher(mosquitto.port)
         self.gw: GatewayProcess | None = None
 
@@ -44,12 +46,7 @@ class Rig:
                  what="every device ok")
 
     def paper_price(self, sku: str) -> tuple[int, int] | None:
-        """(price, version) of the last label printed for `sku`."""
-        found = None
-        for fields in self.floor.printed_labels():
-            if fields and fields[-1].startswith(sku + " "):
-                found = (money_to_minor(fields[1]), int(fields[-1].rsplit("v", 1)[1]))
-        return found
+        return self.floor.paper(sku)
 
     def close(self) -> None:
         if self.gw is not None:

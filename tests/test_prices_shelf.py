@@ -1,0 +1,176 @@
+"""The till never above the shelf, for tills with their own price table, through aborts with the label systems
+away and through a kill -9 while labels print (issue 12). A real `storelink run`, till simulators that charge only
+what they were told (no LOOKUP), a fake ESL access point and a fake ZPL printer; `ShelfWatch` compares the two at
+every instant either changes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import GatewayProcess, Mosquitto, Subscriber, wait_for
+from tests.prices_helpers import batch, items, wait_event
+from tests.store_floor import ShelfWatch
+from tests.test_prices_atomic import MACS, TAGGED, Rig
+
+
+def _state(rig: Rig) -> dict[str, Any]:
+    assert rig.gw is not None
+    return rig.gw.get("/api/v1/prices/state")[1]  # type: ignore[no-any-return]
+
+
+def _charges(rig: Rig, till: str, skus: list[str]) -> dict[str, int | None]:
+    return {s: rig.floor.tills[till].charge(s) for s in skus}
+
+
+@pytest.mark.parametrize("direction", ["increase", "decrease"])
+def test_a_till_with_its_own_table_never_charges_more_than_the_shelf(
+        tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber, direction: str) -> None:
+    # till 1 speaks protocol 2 (HOLD/FINAL), till 2 is an older protocol-1 till. An increase is dangerous when
+    # labels are slow (tags check in after 1.5 s, each paper label takes 0.3 s), a decrease when they are fast
+    # (a label printed and a tag checked in before the book switches)
+    slow = direction == "increase"
+    rig = Rig(tmp_path, mosquitto, checkin=1.5 if slow else 0.05, print_seconds=0.3 if slow else 0.0,
+              protocols={"1": 2, "2": 1})
+    try:
+        rig.start()
+        rig.floor.start_tills()
+        rig.wait_devices_ok()
+        rig.hq.batch(batch(rig.key, 1, items(8, base=1000)))
+        wait_event(subscriber, "price.confirmed", version=1, timeout=40)
+        watched = [*TAGGED[:3], "SKU000007"]  # three with a tag and a paper label, one with a paper label only
+        watch = ShelfWatch(rig.floor, watched)
+        rows = items(8, base=1000)
+        new = {}
+        for sku in watched:
+            i = int(sku[3:])
+            rows[i]["price"] = new[sku] = (1500 if direction == "increase" else 500) + i
+        rig.hq.batch(batch(rig.key, 2, rows))
+        wait_event(subscriber, "price.confirmed", version=2, timeout=60)
+        wait_for(lambda: _charges(rig, "1", watched) == new and _charges(rig, "2", watched) == new, 15,
+                 what="both tills on the new prices")
+        rig.floor.call(_noop())  # let the floor's loop run every pending callback
+        mine = [v for v in watch.violations if " till 1 " in v]
+        assert not mine, mine[:5]
+        assert watch.checks > 10
+        assert rig.floor.tills["1"].holds == {}  # FINAL released every hold
+        for sku in watched:
+            assert watch.charged("1", sku)[-2:] == [1000, new[sku]]
+        if direction == "increase":
+            # both kinds of till charged the old price until every label showed the new one, never above it
+            assert not watch.violations, watch.violations[:5]
+            for sku in watched:
+                assert watch.charged("2", sku)[-2:] == [1000, new[sku]]
+                raised = min(t for t, till, s, c in watch.timeline if till == "1" and s == sku and c == new[sku])
+                shown = max(t for t, s, p in watch.shelf_timeline if s == sku and p == new[sku])
+                assert raised >= shown  # charged only once the last of its labels showed it
+        else:
+            # the till with holds charged the lower price before any label could show it (HOLD comes first)
+            for sku in watched:
+                lowered = min(t for t, till, s, c in watch.timeline if till == "1" and s == sku and c == new[sku])
+                shown = min(t for t, s, p in watch.shelf_timeline if s == sku and p == new[sku])
+                assert lowered <= shown, (sku, lowered, shown)
+    finally:
+        rig.close()
+
+
+async def _noop() -> None:
+    return None
+
+
+def test_an_abort_reaches_label_systems_that_were_away_and_the_till_stays_below_them(
+        tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:
+    """Issue 12, case 1: v2 raises one item and lowers another; the ESL access point goes away in the middle of
+    the change (after taking the uploads of two tags) and the paper label printer is switched off, so the abort
+    finds both away. The abort is kept and delivered when each comes back; until the labels show the old prices
+    the till charges at most min(old, new), and the price state says so."""
+    tags = dict(MACS) | {"SKU999999": "00000B57A1B2CFFF"}  # a new item whose tag the AP does not know: aborts
+    rig = Rig(tmp_path, mosquitto, tags=tags, prices="abort_hold = 60\n")
+    del rig.floor.ap.tags[tags["SKU999999"]]
+    try:
+        rig.start()
+        rig.floor.start_tills()
+        rig.wait_devices_ok()
+        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
+        wait_event(subscriber, "price.confirmed", version=1, timeout=40)
+        up, down = "SKU000001", "SKU000002"
+        watch = ShelfWatch(rig.floor, [up, down])
+        rows = [*items(10, base=1000), {"sku": "SKU999999", "price": 100, "description": "New"}]
+        rows[1]["price"], rows[2]["price"] = 1721, 721
+        rig.floor.call(rig.floor.printer.refuse())  # the printer is switched off
+        rig.floor.ap.stop_after_uploads = 2  # the AP takes the two tags' uploads, then goes away
+        rig.hq.batch(batch(rig.key, 2, rows))
+        e = wait_event(subscriber, "price.aborted", version=2, timeout=30)
+        assert "SKU999999" in e["data"]["reason"]
+        assert len([c for _m, c in rig.floor.ap.uploads if '"v2"' in c]) == 2
+        wait_for(lambda: rig.floor.tag_version(down) == 2, 10, what="a tag showing the aborted price")
+        # both label systems are away: the abort is recorded by each driver; nothing claims they are current
+        wait_for(lambda: _state(rig)["devices"]["esl"]["state"] == "restoring", 10, what="esl restoring")
+        state = _state(rig)
+        assert [t["outcome"] for t in state["transition"]] == ["aborted"]
+        assert state["devices"]["zpl"]["state"] != "current" or rig.floor.printed_labels()[-1][-1].endswith("v1")
+        for _ in range(4):  # ~4 s away; the till never goes above the tag that shows the lowered price
+            assert rig.floor.tills["1"].charge(down) == 721 and rig.floor.lookup("1", down)["price"] == 721  # type: ignore[index]
+            time.sleep(1)
+        rig.floor.call(rig.floor.ap.start())
+        rig.floor.call(rig.floor.printer.start())
+        wait_for(lambda: rig.floor.tag_version(down) == 1 and rig.floor.tag_version(up) == 1, 30,
+                 what="the tags show version 1 again")
+        wait_for(lambda: _charges(rig, "1", [up, down]) == {up: 1000, down: 1000}, 20, what="old prices charged")
+        assert rig.floor.lookup("2", down)["price"] == 1000  # type: ignore[index]
+        assert not [f for f in rig.floor.printed_labels() if f[-1].endswith("v2")], "aborted labels printed"
+        assert rig.floor.paper(up) == (1000, 1) and rig.floor.paper(down) == (1000, 1)
+        assert not watch.violations, watch.violations[:5]
+        wait_for(lambda: {d["state"] for d in _state(rig)["devices"].values()} == {"current"}, 15,
+                 what="every device current")
+    finally:
+        rig.close()
+
+
+def test_kill9_while_labels_print_then_abort_restores_the_printed_labels(
+        tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:
+    """Issue 12, case 2: the gateway is killed while v2's paper labels are in the printer; the prepare deadline
+    passes while it is down and the printer is out of paper when it comes back. The labels that reached the
+    printer count as printed: the old labels print again once there is paper, and until then the till charges
+    at most min(old, new)."""
+    rig = Rig(tmp_path, mosquitto, deadline=4)
+    try:
+        rig.start()
+        rig.floor.start_tills()
+        rig.wait_devices_ok()
+        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
+        wait_event(subscriber, "price.confirmed", version=1, timeout=40)
+        up, down = "SKU000007", "SKU000003"  # paper only / tag and paper
+        watch = ShelfWatch(rig.floor, [up, down])
+        rows = items(10, base=1000)
+        rows[7]["price"], rows[3]["price"] = 1507, 503
+        core = rig.floor.printer.core
+        core.print_seconds = 1.0
+        rig.floor.ap.slow(120)  # the ESL side never finishes preparing: the change is still open at the kill
+        rig.hq.batch(batch(rig.key, 2, rows))
+        wait_for(lambda: core.pending, 15, what="v2 labels written to the printer")
+        assert rig.gw is not None
+        rig.gw.kill9()
+        wait_for(lambda: sum(1 for f in rig.floor.printed_labels() if f[-1].endswith("v2")) == 2, 15,
+                 what="the printer printed what it had been sent")
+        core.paper_out = True
+        rig.floor.ap.hurry()
+        time.sleep(4)  # the prepare deadline passes while the gateway is down
+        rig.gw = GatewayProcess(rig.config, rig.http_port).start()
+        e = wait_event(subscriber, "price.aborted", version=2, timeout=30)
+        assert "deadline" in e["data"]["reason"]
+        wait_for(lambda: _state(rig)["devices"]["zpl"]["state"] == "restoring", 15, what="zpl restoring")
+        for _ in range(3):  # no paper: the printed v2 labels stay on the shelf, the till stays below them
+            assert rig.floor.tills["1"].charge(up) == 1000 and rig.floor.tills["1"].charge(down) == 503
+            assert rig.floor.lookup("2", down)["price"] == 503  # type: ignore[index]
+            time.sleep(1)
+        core.paper_out = False
+        wait_for(lambda: rig.floor.paper(up) == (1000, 1) and rig.floor.paper(down) == (1000, 1), 30,
+                 what="the old labels printed again")
+        wait_for(lambda: _charges(rig, "1", [up, down]) == {up: 1000, down: 1000}, 20, what="old prices charged")
+        assert not watch.violations, watch.violations[:5]
+    finally:
+        rig.close()
