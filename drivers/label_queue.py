@@ -221,7 +221,8 @@ class LabelQueue:
     def label_states(self, version: int) -> dict[str, LabelShows]:
         """SKU -> what the shelf label of each item of `version` is known to show: "new" (this version's label,
         or a later one), "old" (the label from before it: never printed, cancelled, restored, or void) or
-        "unknown" (handed to the printer, not confirmed)."""
+        "unknown" (handed to the printer, not confirmed). After an abort a label that may have reached the
+        printer counts as printed ("new") until its restore label is printed."""
         with self._lock:
             state = self._db.execute("SELECT state FROM versions WHERE version=?", (version,)).fetchone()
             if state is None:
@@ -233,11 +234,12 @@ class LabelQueue:
                 "WHERE j.version=? AND j.kind='new'", (version,)).fetchall()
         out: dict[str, LabelShows] = {}
         for sku, job, attempts, shown_version, restore in rows:
-            on_paper: LabelShows = "new" if job == "printed" else "unknown" if attempts > 0 else "old"
-            if aborted:
-                out[sku] = "old" if void or restore == "printed" or on_paper == "old" else on_paper
+            if aborted:  # a label that may have reached the printer counts as printed until its restore is
+                out[sku] = "old" if void or restore == "printed" or (job != "printed" and attempts == 0) else "new"
+            elif shown_version is not None and shown_version >= version:
+                out[sku] = "new"
             else:
-                out[sku] = "new" if shown_version is not None and shown_version >= version else on_paper
+                out[sku] = "new" if job == "printed" else "unknown" if attempts > 0 else "old"
         return out
 
     def reprint(self, version: int, labels: list[NewLabel], request: str) -> int:
