@@ -218,16 +218,18 @@ class LabelQueue:
         row = db.execute("SELECT valid_from, aborted_at FROM versions WHERE version=?", (version,)).fetchone()
         return row is not None and row[0] is not None and row[1] is not None and row[1] < row[0]
 
-    def label_states(self, version: int) -> dict[str, LabelShows]:
+    def label_states(self, version: int, swap_seconds: float = 0.0) -> dict[str, LabelShows]:
         """SKU -> what the shelf label of each item of `version` is known to show: "new" (this version's label,
         or a later one), "old" (the label from before it: never printed, cancelled, restored, or void) or
         "unknown" (handed to the printer, not confirmed). After an abort a label that may have reached the
-        printer counts as printed ("new") until its restore label is printed."""
+        printer counts as printed ("new") until its restore label is printed. A label printed ahead of its
+        valid-from time counts as on the shelf `swap_seconds` after that time (someone has to put it up)."""
         with self._lock:
-            state = self._db.execute("SELECT state FROM versions WHERE version=?", (version,)).fetchone()
+            state = self._db.execute("SELECT state, valid_from FROM versions WHERE version=?", (version,)).fetchone()
             if state is None:
                 return {}
             aborted, void = state[0] == "aborted", self._void(self._db, version)
+            not_up_yet = state[1] is not None and time.time() < state[1] + swap_seconds
             rows = self._db.execute(
                 "SELECT j.sku, j.state, j.attempts, s.version, (SELECT r.state FROM jobs r WHERE r.version=j.version "
                 "AND r.sku=j.sku AND r.kind='restore') FROM jobs j LEFT JOIN shown s ON s.sku=j.sku "
@@ -236,6 +238,8 @@ class LabelQueue:
         for sku, job, attempts, shown_version, restore in rows:
             if aborted:  # a label that may have reached the printer counts as printed until its restore is
                 out[sku] = "old" if void or restore == "printed" or (job != "printed" and attempts == 0) else "new"
+            elif not_up_yet:
+                out[sku] = "old"
             elif shown_version is not None and shown_version >= version:
                 out[sku] = "new"
             else:

@@ -65,6 +65,8 @@ class ZplPrinterConfig(DeviceConfig):
     retry_interval: float = Field(2.0, gt=0, le=600, description="seconds between checks while in trouble")
     confirm_interval: float = Field(0.3, gt=0, le=10, description="seconds between ~HS while labels print")
     batch: int = Field(20, ge=1, le=500, description="labels written per connection")
+    swap_seconds: float = Field(300.0, ge=0, le=86400, description="seconds after its valid-from time until a label "
+                                "printed ahead counts as on the shelf (until then tills keep the old price if lower)")
     queue_path: Path | None = Field(None, description="job queue file; default zpl-{id}.db beside the gateway db")
 
     @model_validator(mode="after")
@@ -290,9 +292,7 @@ class ZplPrinter(Driver):
 
     async def price_prepare(self, change: PriceChange) -> None:
         ahead = change.effective_at is not None and change.effective_at > time.time()
-        # the store's local time: that is what the person changing the shelf reads
-        valid_from = datetime.fromtimestamp(change.effective_at).strftime("%Y-%m-%d %H:%M") \
-            if ahead and change.effective_at is not None else None
+        valid_from = _local_time(change.effective_at) if ahead and change.effective_at is not None else None
         labels, problems = await asyncio.to_thread(self._render, change, valid_from)
         queue = await self.queue()
         try:
@@ -325,7 +325,7 @@ class ZplPrinter(Driver):
         self._wake.set()
 
     async def price_label_states(self, version: int) -> dict[str, LabelShows]:
-        return await asyncio.to_thread((await self.queue()).label_states, version)
+        return await asyncio.to_thread((await self.queue()).label_states, version, self.cfg.swap_seconds)
 
     async def price_restored(self, version: int) -> bool:
         return all(v == "old" for v in (await self.price_label_states(version)).values())
@@ -342,3 +342,9 @@ class ZplPrinter(Driver):
 
     async def price_reported_version(self) -> int | None:
         return await asyncio.to_thread((await self.queue()).latest_confirmed)
+
+
+def _local_time(ts: float) -> str:
+    """The store's local time, as the person changing the shelf reads it (seconds only when not on the minute)."""
+    when = datetime.fromtimestamp(ts)
+    return when.strftime("%Y-%m-%d %H:%M" if when.second == 0 else "%Y-%m-%d %H:%M:%S")

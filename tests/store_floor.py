@@ -133,9 +133,11 @@ class StoreFloor:
 
 class ShelfWatch:
     """Checks `till charge <= every price the shelf shows` for `skus` at each change of either (on the floor's
-    loop, where every change happens), and keeps a timeline of what each till charged."""
+    loop, where every change happens), and keeps a timeline of what each till charged. A paper label printed ahead
+    of a scheduled change (`valid_from`: version -> unix time) goes on the shelf at that time, not when printed."""
 
-    def __init__(self, floor: StoreFloor, skus: list[str], tills: list[str] | None = None):
+    def __init__(self, floor: StoreFloor, skus: list[str], tills: list[str] | None = None,
+                 valid_from: dict[int, float] | None = None):
         self.floor = floor
         self.skus = skus
         self.tills = tills or list(floor.tills)
@@ -145,14 +147,15 @@ class ShelfWatch:
         self.shelf_timeline: list[tuple[float, str, int]] = []  # (time, sku, lowest price shown) when it changed
         self._last: dict[tuple[str, str], int | None] = {}
         self._shelf: dict[str, int] = {}
-        self._paper: dict[str, int] = {}  # sku -> price of its last printed label (kept per print: cheap)
+        self.valid_from = valid_from or {}
+        self._paper: dict[str, list[tuple[int, int]]] = {}  # sku -> (price, version) of each label printed
         floor.call(self._install())
 
     async def _install(self) -> None:
         for sku in self.skus:
             paper = self.floor.paper(sku)
             if paper is not None:
-                self._paper[sku] = paper[0]
+                self._paper[sku] = [paper]
         for t in self.tills:
             self.floor.tills[t].on_change.append(lambda _sim: self.check("till"))
         self.floor.ap.on_checkin.append(lambda _tag: self.check("tag"))
@@ -162,15 +165,23 @@ class ShelfWatch:
     def _printed(self, _fmt: bytes) -> None:
         fields = self.floor.printer.core.printed_fields()[-1]
         if fields:
-            self._paper[fields[-1].split(" ")[0]] = money_to_minor(fields[1])
+            sku, version = fields[-1].split(" ")[0], int(fields[-1].rsplit("v", 1)[1])
+            self._paper.setdefault(sku, []).append((money_to_minor(fields[1]), version))
         self.check("print")
+
+    def paper(self, sku: str, now: float) -> int | None:
+        """The paper label on the shelf: the last one printed that is valid by now."""
+        for price, version in reversed(self._paper.get(sku, [])):
+            if now >= self.valid_from.get(version, 0.0):
+                return price
+        return None
 
     def check(self, why: str) -> None:
         self.checks += 1
         now = time.time()
         for sku in self.skus:
             tag = self.floor.tag_price(sku) if sku in self.floor.tag_of else None
-            shown = [p for p in (tag, self._paper.get(sku)) if p is not None]
+            shown = [p for p in (tag, self.paper(sku, now)) if p is not None]
             if shown and self._shelf.get(sku) != min(shown):
                 self._shelf[sku] = min(shown)
                 self.shelf_timeline.append((now, sku, min(shown)))
@@ -196,5 +207,5 @@ def devices_toml(floor: StoreFloor, zpl: bool = True) -> str:
             f"tags = {{ {tags} }}\n")
     if zpl:
         out += (f'[[devices]]\nid = "zpl"\ndriver = "zpl_printer"\nhost = "127.0.0.1"\nport = {floor.printer.port}\n'
-                "poll_interval = 0.5\nretry_interval = 0.3\n")
+                "poll_interval = 0.5\nretry_interval = 0.3\nswap_seconds = 1\n")
     return out
