@@ -8,7 +8,7 @@ costs a few cents of paper, a missing one leaves the old price on the shelf whil
 A job that was ever handed to the printer (`attempts` > 0) may be on paper, whatever its state says now.
 
 Kinds: `new` (a version's label), `restore` (the label from before an aborted version), `reprint` (the label in
-force printed again on request; a second request for the same label queues it again).
+force printed again on request: one job per request and label).
 
 The queue also remembers, per SKU, the last label this printer printed; an abort queues that label again for
 every item whose new label may already be on paper. A version printed ahead of its effective time (`valid_from`)
@@ -41,7 +41,8 @@ JOBS_DDL = (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     note TEXT,
-    UNIQUE (version, sku, kind)
+    request TEXT NOT NULL DEFAULT '',
+    UNIQUE (version, sku, kind, request)
 )""",
     "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id)",
 )
@@ -62,7 +63,9 @@ CREATE TABLE IF NOT EXISTS shown (
 """
 
 KEEP_DONE_S = 30 * 24 * 3600
-SCHEMA_VERSION = 2  # 2: reprint jobs; versions.valid_from and aborted_at
+SCHEMA_VERSION = 2  # 2: reprint jobs (one per request); versions.valid_from and aborted_at
+_V1_COLUMNS = ("id, version, sku, kind, payload, previous, previous_version, state, attempts, created, updated, "
+               "note")
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -78,7 +81,7 @@ def _migrate(db: sqlite3.Connection) -> None:
             db.execute("ALTER TABLE jobs RENAME TO jobs_v1")
             for ddl in JOBS_DDL:
                 db.execute(ddl)
-            db.execute("INSERT INTO jobs SELECT * FROM jobs_v1")
+            db.execute(f"INSERT INTO jobs ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM jobs_v1")
             db.execute("DROP TABLE jobs_v1")
         have = {r[1] for r in db.execute("PRAGMA table_info(versions)")}
         for column in ("valid_from REAL", "aborted_at REAL"):
@@ -247,20 +250,18 @@ class LabelQueue:
         return out
 
     def reprint(self, version: int, labels: list[NewLabel], request: str) -> int:
-        """Queue `labels` (the labels in force, of `version`) to print again as reprint jobs, also where that label
-        was printed before: a reprint of the same label queues its job again. Returns how many were queued."""
+        """Queue `labels` (the labels in force, of `version`) to print again, one job each for this request, also
+        where that label was printed before (idempotent per request). Returns how many were queued."""
         now = time.time()
-        note = f"reprint {request}"[:200]
         with self._lock:
             db = self._tx()
             try:
                 n = 0
                 for label in labels:
                     n += db.execute(
-                        "INSERT INTO jobs (version, sku, kind, payload, state, created, updated, note) "
-                        "VALUES (?, ?, 'reprint', ?, 'queued', ?, ?, ?) ON CONFLICT (version, sku, kind) DO UPDATE "
-                        "SET payload=excluded.payload, state='queued', updated=excluded.updated, note=excluded.note "
-                        "WHERE jobs.state != 'sent'", (version, label.sku, label.payload, now, now, note)).rowcount
+                        "INSERT OR IGNORE INTO jobs (version, sku, kind, payload, state, created, updated, note, "
+                        "request) VALUES (?, ?, 'reprint', ?, 'queued', ?, ?, 'reprint', ?)",
+                        (version, label.sku, label.payload, now, now, request)).rowcount
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

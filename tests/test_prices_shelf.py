@@ -183,3 +183,63 @@ def test_kill9_while_labels_print_then_abort_restores_the_printed_labels(
         assert not watch.violations, watch.violations[:5]
     finally:
         rig.close()
+
+
+def test_an_access_point_that_disappears_ends_in_drift_at_the_deadline(
+        tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:
+    """The AP takes a change and disappears before its tags confirm. After `label_deadline` the change completes
+    without them: items whose label is known to show the old price stay at min(old, new) and are listed as drift
+    (price.drift, an alarm on the status page); the rest are released. When the AP is back the drift clears."""
+    import os
+
+    from tests.test_status_page import CHROMIUM, CHROMIUM_ARGS
+
+    rig = Rig(tmp_path, mosquitto, checkin=1.0, prices="label_deadline = 3\n")
+    try:
+        rig.start()
+        rig.floor.start_tills()
+        rig.wait_devices_ok()
+        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
+        wait_event(subscriber, "price.confirmed", version=1, timeout=30)
+        tagged, paper_only = ["SKU000001", "SKU000002"], "SKU000007"
+        watch = ShelfWatch(rig.floor, [*tagged, paper_only])
+        rows = items(10, base=1000)
+        rows[1]["price"], rows[2]["price"], rows[7]["price"] = 1201, 1202, 1207
+        rig.floor.ap.stop_after_uploads = 2  # it takes both tags' content, then is gone
+        rig.hq.batch(batch(rig.key, 2, rows))
+        wait_event(subscriber, "price.committed", version=2, timeout=20)
+        e = wait_event(subscriber, "price.confirmed", version=2, timeout=20)
+        assert e["data"]["complete"] is False and e["data"]["stragglers"] == 2
+        drift = wait_event(subscriber, "price.drift", timeout=10, drifting=1)
+        problem = drift["data"]["devices"][0]
+        assert problem["device"] == "esl" and "SKU000001" in problem["problem"] and "SKU000002" in problem["problem"]
+        wait_for(lambda: _state(rig)["devices"]["esl"]["state"] == "drift", 5, what="esl shown drifting")
+        state = _state(rig)
+        assert state["drift"] == 1 and "SKU000001" in state["devices"]["esl"]["drift"]
+        assert [t["outcome"] for t in state["transition"]] == ["drift"]
+        # released where the label shows the new price (paper), held where the tag is known to show the old
+        wait_for(lambda: rig.floor.tills["1"].charge(paper_only) == 1207, 10, what="the paper-only item released")
+        assert _charges(rig, "1", tagged) == {"SKU000001": 1000, "SKU000002": 1000}
+        assert rig.floor.lookup("2", "SKU000001")["price"] == 1000  # type: ignore[index]
+        assert rig.floor.lookup("2", paper_only)["price"] == 1207  # type: ignore[index]
+        assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: run the README's test command (scripts/test.sh)"
+        from playwright.sync_api import expect, sync_playwright
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{rig.http_port}/")
+                expect(page.locator("#verdict")).to_contain_text("Shelf labels not confirmed: esl")
+                expect(page.locator("#prices")).to_contain_text("esl: drift")
+                page.screenshot(path=str(tmp_path / "status-label-drift.png"), full_page=True)
+            finally:
+                browser.close()
+        rig.floor.call(rig.floor.ap.start())  # back: the tags had checked in meanwhile
+        wait_event(subscriber, "price.drift", timeout=20, drifting=0)
+        wait_for(lambda: _charges(rig, "1", tagged) == {"SKU000001": 1201, "SKU000002": 1202}, 15,
+                 what="the stragglers released once their tags are confirmed")
+        assert _state(rig)["transition"] == [] and _state(rig)["devices"]["esl"]["state"] == "current"
+        assert not watch.violations, watch.violations[:5]
+    finally:
+        rig.close()

@@ -128,6 +128,7 @@ class Settler:
         settled = [s for s in skus if verdict.get(s, {want}) == {want}]
         left = await self.db.write(bk.settle_skus, b.batch_id, settled, committed) if settled else len(skus)
         past = outcome == "drift"
+        release: list[str] = []
         if left and not past and deadline is not None and time.time() >= deadline:
             stuck = {s for s in skus if other in verdict.get(s, set())} - set(settled)
             release = [s for s in skus if s not in stuck and s not in settled]
@@ -136,13 +137,17 @@ class Settler:
             past = left > 0
             log.warning("batch %s: labels past their deadline; %d item(s) stay at min(old, new) where a label is "
                         "known to show the %s price, %d released", b.batch_id, left, other, len(release))
+            if committed and left:  # the change is complete without them; they are drift from now on
+                await self.db.write(self._shows_version, [t.device for t in labels], b.version)
+                await self.emit("price.confirmed", {"batch_id": b.batch_id, "version": b.version, "complete": False,
+                                                    "stragglers": left})
         still = set(skus) - set(settled)
         for device, states in views.items():
             counts = {"new": 0, "old": 0, "unknown": 0}
             for sku in still:
                 if sku in states:
                     counts[states[sku]] += 1
-            if any(counts.values()):
+            if counts[other] or counts["unknown"]:  # this device has labels not (known to be) showing the outcome
                 summary.setdefault(device, {}).setdefault("batches", []).append(
                     {"batch_id": b.batch_id, "version": b.version, "outcome": "committed" if committed else "aborted",
                      "shows": counts, "past_deadline": past})
@@ -157,10 +162,10 @@ class Settler:
                 self._shown.pop((b.batch_id, device), None)
             log.info("batch %s: every label shows the %s prices; lookups answer the book's price again",
                      b.batch_id, "new" if committed else "old")
-            if committed:
+            if committed and outcome != "drift":  # (after drift, price.confirmed went out at the deadline)
                 await self.db.write(self._shows_version, list(views), b.version)
                 await self.emit("price.confirmed", {"batch_id": b.batch_id, "version": b.version,
-                                                    "complete": outcome != "drift"})
+                                                    "complete": not release, "stragglers": 0})
             self.on_change()
 
     @staticmethod
