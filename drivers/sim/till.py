@@ -143,9 +143,10 @@ class TillSimulator:
         return min([int(item["price"])] + [h[sku] for h in self.holds.values() if sku in h])
 
     def _hold(self, v: int) -> None:
-        if v not in self.holds:
-            self.holds[v] = {i["sku"]: int(i["transition_price"]) for i in self.staged.get(v, [])
-                             if i.get("transition_price") is not None}
+        caps = {i["sku"]: int(i["transition_price"]) for i in self.staged.get(v, [])
+                if i.get("transition_price") is not None}
+        if caps and v not in self.holds:
+            self.holds[v] = caps
 
     def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
         kind, v = msg.get("type"), msg.get("version")
