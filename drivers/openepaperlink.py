@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storelink.drivers.base import (
@@ -40,6 +39,7 @@ from storelink.drivers.base import (
     PriceItem,
 )
 from storelink.drivers.esl_state import EslState, Push
+from storelink.drivers.openepaperlink_ap import AccessPoint, AccessPointError
 from storelink.drivers.price_text import format_money, unit_price_text
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,6 @@ def render_tag_content(item: PriceItem, currency: str, version: int, layout: Tag
     return json.dumps(elements, ensure_ascii=False, separators=(",", ":"))
 
 
-class AccessPointError(ConnectionError):
-    """The AP is unreachable, answered with an error status, or sent something that is not a tag record."""
-
-
 class OpenEPaperLink(Driver):
     config_model: ClassVar[type[DeviceConfig]] = OpenEPaperLinkConfig
     capabilities: ClassVar[frozenset[str]] = frozenset({"labels", "price_target", "esl"})
@@ -154,8 +150,7 @@ class OpenEPaperLink(Driver):
         self.tags = config.tag_map()
         self._state: EslState | None = None
         self._state_lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
-        self._limit = asyncio.Semaphore(config.max_parallel)
+        self.ap = AccessPoint(config.url, config.request_timeout, config.max_parallel)
         self._wake = asyncio.Event()
         self._announced: set[int] = set()
 
@@ -176,74 +171,6 @@ class OpenEPaperLink(Driver):
             raise RuntimeError("no state_path and no gateway storage path to put the ESL state beside")
         return await asyncio.to_thread(EslState, path, sync)
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout))
-        return self._session
-
-    async def _request(self, method: str, path: str, **kw: Any) -> tuple[int, str]:
-        async with self._limit:
-            try:
-                async with self.session().request(method, self.cfg.url + path, **kw) as resp:
-                    return resp.status, await resp.text()
-            except (aiohttp.ClientError, TimeoutError, OSError) as err:
-                raise AccessPointError(f"access point {self.cfg.url} unreachable: "
-                                       f"{type(err).__name__}: {err or 'timed out'}") from err
-
-    async def get_tag(self, mac: str) -> dict[str, Any]:
-        status, text = await self._request("GET", "/get_db", params={"mac": mac})
-        records = self._tag_records(status, text, f"get_db?mac={mac}")
-        if not records:
-            raise AccessPointError(f"tag {mac} is not known to the access point")
-        return records[0]
-
-    async def all_tags(self) -> dict[str, dict[str, Any]]:
-        """Every tag record, following the AP's paging (`pos` and `continu`)."""
-        out: dict[str, dict[str, Any]] = {}
-        pos: int | None = 0
-        while pos is not None:
-            status, text = await self._request("GET", "/get_db", params={"pos": str(pos)} if pos else None)
-            body = self._json(status, text, "get_db")
-            for rec in self._tag_records(status, text, "get_db"):
-                out[rec["mac"]] = rec
-            nxt = body.get("continu")
-            pos = int(nxt) if isinstance(nxt, int) and nxt > pos else None
-        return out
-
-    def _json(self, status: int, text: str, what: str) -> dict[str, Any]:
-        if status != 200:
-            raise AccessPointError(f"{what}: HTTP {status} {text[:100]!r}")
-        try:
-            body = json.loads(text)
-        except ValueError as err:
-            raise AccessPointError(f"{what}: not JSON: {text[:100]!r}") from err
-        if not isinstance(body, dict) or "error" in body:
-            raise AccessPointError(f"{what}: {str(body)[:100]}")
-        return body
-
-    def _tag_records(self, status: int, text: str, what: str) -> list[dict[str, Any]]:
-        tags = self._json(status, text, what).get("tags")
-        if not isinstance(tags, list):
-            raise AccessPointError(f"{what}: no tag list in the answer")
-        for rec in tags:
-            if not (isinstance(rec, dict) and isinstance(rec.get("mac"), str) and isinstance(rec.get("hash"), str)
-                    and isinstance(rec.get("pending"), int)):
-                raise AccessPointError(f"{what}: malformed tag record {str(rec)[:100]}")
-        return tags
-
-    async def upload(self, mac: str, content: str) -> None:
-        status, text = await self._request("POST", "/jsonupload", data={"mac": mac, "json": content})
-        if status != 200:
-            raise AccessPointError(f"jsonupload to {mac}: HTTP {status} {text.strip()[:100]!r}")
-
-    async def _current_content(self, mac: str) -> str | None:
-        """What the AP holds for a tag this gateway never wrote (the AP serves /current/{MAC}.json)."""
-        with contextlib.suppress(AccessPointError):
-            status, text = await self._request("GET", f"/current/{mac}.json")
-            if status == 200 and text.strip().startswith("["):
-                return text
-        return None
-
     # the loop -----------------------------------------------------------------------------------------------
     async def run(self) -> None:
         state = await self.state()
@@ -257,9 +184,9 @@ class OpenEPaperLink(Driver):
                     if pushes or waiting:
                         await self._refresh(state, pushes)
                     elif self.tags:
-                        await self.get_tag(next(iter(self.tags.values())))
+                        await self.ap.get_tag(next(iter(self.tags.values())))
                     else:
-                        await self.all_tags()
+                        await self.ap.all_tags()
                     self.ctx.seen()
                     self._report_stale(await asyncio.to_thread(state.unconfirmed))
                 except AccessPointError as err:
@@ -268,8 +195,7 @@ class OpenEPaperLink(Driver):
                     await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
                 self._wake.clear()
         finally:
-            if self._session is not None:
-                await self._session.close()
+            await self.ap.close()
 
     def _report_stale(self, pushes: list[Push]) -> None:
         now = time.time()
@@ -292,10 +218,10 @@ class OpenEPaperLink(Driver):
         restores = await asyncio.to_thread(state.restores_pending, True)
         reprints = await asyncio.to_thread(state.reprints, True)
         if len(pushes) + len(restores) + len(reprints) > 20:
-            records = await self.all_tags()
+            records = await self.ap.all_tags()
         else:
             macs = sorted({p.mac for p in pushes} | {p.mac for p in restores} | {m for m, _c in reprints})
-            got = await asyncio.gather(*(self.get_tag(m) for m in macs), return_exceptions=True)
+            got = await asyncio.gather(*(self.ap.get_tag(m) for m in macs), return_exceptions=True)
             for r in got:
                 if isinstance(r, BaseException) and not isinstance(r, AccessPointError):
                     raise r
@@ -324,12 +250,12 @@ class OpenEPaperLink(Driver):
     async def _restore(self, state: EslState) -> None:
         for p in await asyncio.to_thread(state.restores_pending):
             assert p.previous_content is not None
-            await self.upload(p.mac, p.previous_content)
+            await self.ap.upload(p.mac, p.previous_content)
             await asyncio.to_thread(state.restore_uploaded, p.version, p.mac)
 
     async def _reprint(self, state: EslState) -> None:
         for mac, content in await asyncio.to_thread(state.reprints, False):
-            await self.upload(mac, content)
+            await self.ap.upload(mac, content)
             await asyncio.to_thread(state.reprint_done, mac, False)
 
     # PriceTarget --------------------------------------------------------------------------------------------
@@ -351,7 +277,7 @@ class OpenEPaperLink(Driver):
 
     async def _check_tags(self, mine: list[tuple[str, str, str]]) -> None:
         try:
-            records = await self.all_tags()
+            records = await self.ap.all_tags()
         except AccessPointError as err:
             self.ctx.set_health(Health.OFFLINE, str(err))
             raise PrepareFailed(f"{self.cfg.id}: {err}") from err
@@ -369,9 +295,9 @@ class OpenEPaperLink(Driver):
         failed: list[str] = []
         try:
             if len(todo) > 20:
-                records = await self.all_tags()
+                records = await self.ap.all_tags()
             else:
-                got = await asyncio.gather(*(self.get_tag(m) for _s, m, _c in todo), return_exceptions=True)
+                got = await asyncio.gather(*(self.ap.get_tag(m) for _s, m, _c in todo), return_exceptions=True)
                 records = {m: r for (_s, m, _c), r in zip(todo, got, strict=True) if isinstance(r, dict)}
                 failed += [f"{sku}@{m}: {r}" for (sku, m, _c), r in zip(todo, got, strict=True)
                            if isinstance(r, Exception)]
@@ -382,11 +308,11 @@ class OpenEPaperLink(Driver):
                    if m not in records and not any(f.startswith(f"{sku}@{m}:") for f in failed)]
         todo = [t for t in todo if t[1] in records]
         known = set((await asyncio.to_thread(state.shown)).keys())
-        found = await asyncio.gather(*(self._current_content(m) for _s, m, _c in todo if m not in known))
+        found = await asyncio.gather(*(self.ap.current_content(m) for _s, m, _c in todo if m not in known))
         found_by_mac = dict(zip([m for _s, m, _c in todo if m not in known], found, strict=True))
         await asyncio.to_thread(state.record_pushes, version, [
             (m, sku, content, records[m]["hash"], found_by_mac.get(m)) for sku, m, content in todo])
-        results = await asyncio.gather(*(self.upload(m, c) for _s, m, c in todo), return_exceptions=True)
+        results = await asyncio.gather(*(self.ap.upload(m, c) for _s, m, c in todo), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
@@ -464,7 +390,7 @@ class OpenEPaperLink(Driver):
         """Every mapped tag as the AP sees it now beside what this gateway last confirmed on it: `drift` is true
         when a tag with nothing pending shows another hash (content changed behind the gateway's back)."""
         shown = await asyncio.to_thread((await self.state()).shown)
-        records = await self.all_tags()
+        records = await self.ap.all_tags()
         out = []
         for sku, mac in sorted(self.tags.items()):
             rec = records.get(mac)

@@ -160,7 +160,7 @@ async def test_protocol_2_holds_the_transition_prices_until_final_and_protocol_1
             await d.price_commit(1)
         change = Change(2, [Item("up", 150), Item("down", 80)], transition_prices={"up": 100, "down": 80})
         await drv.price_prepare(change)
-        prepare = [m for m in new.received if m["type"] == "PREPARE" and m["version"] == 2][0]
+        prepare = next(m for m in new.received if m["type"] == "PREPARE" and m["version"] == 2)
         assert {i["sku"]: i["transition_price"] for i in prepare["items"]} == {"up": 100, "down": 80}
         assert new.charge("down") == 100  # staged only: nothing charged differently yet
         await drv.price_hold(2)
@@ -174,7 +174,7 @@ async def test_protocol_2_holds_the_transition_prices_until_final_and_protocol_1
         await drv.price_final(2, [])  # repeated after a restart: harmless
         # a protocol-1 till gets the same PREPARE without transition prices, and no HOLD/FINAL exists for it
         await legacy.price_prepare(change)
-        prepare = [m for m in old.received if m["type"] == "PREPARE" and m["version"] == 2][0]
+        prepare = next(m for m in old.received if m["type"] == "PREPARE" and m["version"] == 2)
         assert all("transition_price" not in i for i in prepare["items"]) and "effective_at" not in prepare
         with pytest.raises(TillRejected, match="unknown_type"):
             await legacy.price_hold(2)
