@@ -235,3 +235,34 @@ def test_a_store_whose_clock_is_not_synchronised_refuses_to_schedule(
         wait_event(subscriber, "price.committed", version=1, timeout=15)
     finally:
         rig.close()
+
+
+def test_a_till_back_while_a_change_waits_is_caught_up_and_switches_with_the_others(
+        tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:
+    """No lock is held while a batch waits for effective_at: a till that was away is caught up meanwhile, staged
+    with the scheduled batch too, and switches on time with the others."""
+    rig = Rig(tmp_path, mosquitto, checkin=0.3, prices=SYNCED)
+    try:
+        rig.start()
+        rig.floor.start_tills(["1"])  # till 2 is switched off
+        wait_for(lambda: rig.floor.tills["1"].hello_reply, 15, what="till 1 connected")
+        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
+        wait_event(subscriber, "price.confirmed", version=1, timeout=30)
+        effective = _ahead(6.0)
+        watch = ShelfWatch(rig.floor, ["SKU000005"], valid_from={2: effective + SWAP})
+        rows = items(10, base=1000)
+        rows[5]["price"] = 650
+        rig.hq.batch(batch(rig.key, 2, rows, effective_at=_at(effective)))
+        e = wait_event(subscriber, "price.committed", version=1)
+        assert e["data"]["devices"]["till-2"] == "excluded"
+        wait_event(subscriber, "price.prepared", version=2, timeout=10)
+        rig.floor.start_tills(["2"])
+        e = wait_event(subscriber, "price.caught_up", device="till-2", timeout=15)
+        assert e["data"]["version"] == 1 and time.time() < effective
+        assert 2 in rig.floor.tills["2"].staged  # the scheduled batch is staged on it too
+        wait_event(subscriber, "price.confirmed", version=2, timeout=30)
+        for till in ("1", "2"):
+            assert effective <= _switched(watch, till, "SKU000005", 650) <= effective + 1.0
+        assert not watch.violations, watch.violations[:5]
+    finally:
+        rig.close()

@@ -62,8 +62,9 @@ class PricesPart:
     def clock(self) -> ClockState:
         """The clock's synchronisation, asked again at most every 10 s (a cheap syscall, but asked per manifest)."""
         if self._clock is None or time.time() - self._clock.checked_at > 10:
-            self._clock = clock_state(self.cfg.clock_synchronised)
-            self.state.mark()
+            before, self._clock = self._clock, clock_state(self.cfg.clock_synchronised)
+            if before is None or before.synchronised != self._clock.synchronised:
+                self.state.mark()
         return self._clock
 
     def _decided(self) -> None:

@@ -50,6 +50,7 @@ class Settler:
         self._shown: dict[tuple[str, str], dict[str, str]] = {}  # (batch, device) -> last label states read
         self._summary: dict[str, dict[str, Any]] = {}  # device -> what it is known to show (as last written)
         self._drifting: dict[str, str] = {}  # device -> problem, as last reported
+        self._failing: dict[tuple[str, str, str], str] = {}  # (batch, device, action) -> last error (logged once)
 
     async def run(self) -> None:
         await self._load_held_back()
@@ -97,11 +98,20 @@ class Settler:
             try:
                 await (drv.price_commit(version) if action == "commit" else drv.price_abort(version))
             except Exception as err:
-                log.info("batch %s: %s to %s not delivered yet: %s", batch_id, action, device, err)
+                self._not_yet(batch_id, device, action, err)
                 continue
+            self._failing.pop((batch_id, device, action), None)
             await self.journal.set_target(batch_id, device, "committed" if action == "commit" else "aborted")
             log.info("batch %s: %s delivered to %s", batch_id, action, device)
             self.on_change()
+
+    def _not_yet(self, batch_id: str, device: str, action: str, err: Exception) -> None:
+        """Log a delivery that failed once per distinct error (it is tried again every round)."""
+        key, text = (batch_id, device, action), str(err) or type(err).__name__
+        if self._failing.get(key) != text:
+            self._failing[key] = text
+            log.warning("batch %s: %s to %s not delivered yet (trying again until it is): %s", batch_id, action,
+                        device, text)
 
     # -- 2. the transition, item by item ------------------------------------------------------------------
     async def _settle(self, b: BatchRow, outcome: str, deadline: float | None, summary: dict[str, dict[str, Any]],
@@ -226,15 +236,21 @@ class Settler:
                 continue
             drv = self.targets.driver(device)
             if drv is None or not drv.price_can_hold:
+                await self._gone(batch_id, device, "FINAL")
                 continue  # away (or now without holds): the holds stay until it is back
             try:
                 await drv.price_final(version, keep)
             except Exception as err:
-                log.info("batch %s: FINAL to %s not delivered yet: %s", batch_id, device, err)
+                self._not_yet(batch_id, device, "FINAL", err)
                 continue
             await self.journal.set_cols(batch_id, device, final_left=len(keep))
             log.info("batch %s: FINAL to %s (%d item(s) still held)", batch_id, device, len(keep))
         await self._deferred_commits(open_)
+
+    async def _gone(self, batch_id: str, device: str, what: str) -> None:
+        if not self.targets.configured(device):
+            log.warning("batch %s: till %s was removed before it took its %s", batch_id, device, what)
+            await self.journal.set_target(batch_id, device, "gone", f"{what} not delivered: removed")
 
     @staticmethod
     def _keep(conn: Any, batch_id: str, version: int, catchup: bool) -> list[str]:
@@ -257,12 +273,13 @@ class Settler:
                 continue
             drv = self.targets.driver(device)
             if drv is None:
+                await self._gone(batch_id, device, "COMMIT")
                 continue
             b = await self.journal.batch(batch_id)
             try:
                 await drv.price_commit(b.version)
             except Exception as err:
-                log.info("batch %s: held-back COMMIT to %s not delivered yet: %s", batch_id, device, err)
+                self._not_yet(batch_id, device, "COMMIT", err)
                 continue
             await self.journal.record_tills(b, [device], "committed", committed=True)
             log.info("batch %s: the labels show the increase; COMMIT delivered to %s", batch_id, device)
