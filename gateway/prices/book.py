@@ -146,10 +146,11 @@ def compute_changes(conn: sqlite3.Connection, batch_id: str, full: bool, queued_
 
 
 def transition_prices(conn: sqlite3.Connection, batch_id: str) -> dict[str, int]:
-    """SKU -> min(old, new) of a batch's changes: the most a till may charge while the labels change."""
+    """SKU -> min(old, new) of a batch's price changes: the most a till may charge while the labels change. Items
+    added, removed or with the same price need no hold (a till charges at most their one price anyway)."""
     return {r[0]: r[1] for r in conn.execute(
-        "SELECT sku, MIN(COALESCE(old_price, new_price), COALESCE(new_price, old_price)) FROM changes "
-        "WHERE batch_id=?", (batch_id,))}
+        "SELECT sku, MIN(old_price, new_price) FROM changes WHERE batch_id=? AND kind='change' "
+        "AND old_price != new_price", (batch_id,))}
 
 
 def raises_prices(conn: sqlite3.Connection, batch_id: str) -> bool:

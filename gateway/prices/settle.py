@@ -5,12 +5,13 @@ Every ``confirm_poll`` seconds the settler
 
 1. delivers each label target's commit or abort (``targets.state``) to its driver, whatever its health: a label
    driver records it in its own database and puts the content on the shelf when its device answers again;
-2. asks every label target what it is known to show for each item of each open transition
-   (``price_label_states``): an item's transition ends once every label carrying it shows the outcome (the new
-   content after a commit, the old one after an abort). Past the deadline (``label_deadline`` after a commit,
-   ``abort_hold`` after an abort) the change completes without the stragglers: only items whose label is known
-   to show the other price stay at min(old, new), listed as drift (``price.drift``, the status page), until
-   their label catches up;
+2. asks every label target whether it shows the outcome of each open transition (the new content after a
+   commit, the old one after an abort: ``price_confirmed`` / ``price_restored``, one count in the driver's
+   database), and now and then and at the deadline what it is known to show for each item
+   (``price_label_states``): an item's transition ends once every label carrying it shows the outcome. Past the
+   deadline (``label_deadline`` after a commit, ``abort_hold`` after an abort) the change completes without the
+   stragglers: only items whose label is known to show the other price stay at min(old, new), listed as drift
+   (``price.drift``, the status page), until their label catches up;
 3. sends FINAL to tills that hold the transition prices (keeping the stragglers held), and COMMIT to tills
    without holds whose COMMIT was held back for a price increase (in version order);
 4. records per label device what it is known to display (``devices.shows``, shown in ``prices/state``).
@@ -33,6 +34,7 @@ from storelink.prices.targets import Targets
 
 log = logging.getLogger(__name__)
 ReportDrift = Callable[[str, str | None], Awaitable[None]]
+ITEMS_EVERY = 10.0  # seconds between item-by-item looks at a change whose labels are not all confirmed yet
 
 
 class Settler:
@@ -51,6 +53,7 @@ class Settler:
         self._summary: dict[str, dict[str, Any]] = {}  # device -> what it is known to show (as last written)
         self._drifting: dict[str, str] = {}  # device -> problem, as last reported
         self._failing: dict[tuple[str, str, str], str] = {}  # (batch, device, action) -> last error (logged once)
+        self._looked: dict[str, float] = {}  # batch -> when its labels were last asked item by item (monotonic)
 
     async def run(self) -> None:
         await self._load_held_back()
@@ -122,27 +125,37 @@ class Settler:
         for device in undelivered:
             summary.setdefault(device, {}).setdefault("undelivered", []).append(
                 {"batch_id": b.batch_id, "version": b.version, "action": "commit" if committed else "abort"})
-        if undelivered:
-            return  # a label that has not taken the outcome yet cannot show it
-        skus = await self.db.read(lambda c: [r[0] for r in c.execute("SELECT sku FROM changes WHERE batch_id=?",
-                                                                     (b.batch_id,))])
-        views: dict[str, dict[str, str]] = {}
-        for t in labels:
-            views[t.device] = await self._label_states(b, t.device, t.state == "gone")
+        if undelivered and (deadline is None or time.time() < deadline):
+            return  # a label that has not taken the outcome yet cannot show it (past the deadline: what is known)
         want, other = ("new", "old") if committed else ("old", "new")
-        verdict: dict[str, set[str]] = {}
-        for states in views.values():
-            for sku in skus:
-                if sku in states:
-                    verdict.setdefault(sku, set()).add(states[sku])
-        settled = [s for s in skus if verdict.get(s, {want}) == {want}]
-        left = await self.db.write(bk.settle_skus, b.batch_id, settled, committed) if settled else len(skus)
         past = outcome == "drift"
+        overdue = not past and deadline is not None and time.time() >= deadline
+        # cheap first: a device that confirms the whole version (one count in its database) needs no item list
+        pending = [t for t in labels if not await self._all_shown(b, t.device, t.state == "gone", committed)]
+        if not pending:
+            await self.db.write(bk.settle_skus, b.batch_id, await self._skus(b), committed)
+            return await self._ended(b, outcome, [t.device for t in labels], committed, complete=True)
+        now = time.monotonic()
+        every = max(ITEMS_EVERY, (b.changed or 0) / 1000)  # a 100k-item change: every 100 s (a Pi's CPU)
+        if not (past or overdue) and now < self._looked.get(b.batch_id, 0.0) + every:
+            self._summarise(b, committed, summary, pending, None, want, past)
+            return  # item by item only now and then while nothing is overdue
+        self._looked[b.batch_id] = now
+        skus = await self._skus(b)
+        views = {t.device: await self._label_states(b, t.device, t.state == "gone") for t in pending}
+        not_yet: set[str] = set()  # items some label is not known to show the outcome on
+        opposite: set[str] = set()  # ... known to show the other price on
+        for states in views.values():
+            for sku, shows in states.items():
+                if shows != want:
+                    not_yet.add(sku)
+                    if shows == other:
+                        opposite.add(sku)
+        settled = [s for s in skus if s not in not_yet]
+        left = await self.db.write(bk.settle_skus, b.batch_id, settled, committed) if settled else len(skus)
         release: list[str] = []
-        if left and not past and deadline is not None and time.time() >= deadline:
-            stuck = {s for s in skus if other in verdict.get(s, set())} - set(settled)
-            release = [s for s in skus if s not in stuck and s not in settled]
-            settled += release
+        if left and overdue:
+            release = sorted(not_yet - opposite)
             left = await self.db.write(self._to_drift, b.batch_id, release, committed)
             past = left > 0
             log.warning("batch %s: labels past their deadline; %d item(s) stay at min(old, new) where a label is "
@@ -151,32 +164,55 @@ class Settler:
                 await self.db.write(self._shows_version, [t.device for t in labels], b.version)
                 await self.emit("price.confirmed", {"batch_id": b.batch_id, "version": b.version, "complete": False,
                                                     "stragglers": left})
-        still = set(skus) - set(settled)
+        if left == 0:
+            return await self._ended(b, outcome, [t.device for t in labels], committed, complete=not release)
+        still = (opposite if past else not_yet) & set(skus)
+        self._summarise(b, committed, summary, pending, views, want, past)
         for device, states in views.items():
-            counts = {"new": 0, "old": 0, "unknown": 0}
-            for sku in still:
-                if sku in states:
-                    counts[states[sku]] += 1
-            if counts[other] or counts["unknown"]:  # this device has labels not (known to be) showing the outcome
-                summary.setdefault(device, {}).setdefault("batches", []).append(
-                    {"batch_id": b.batch_id, "version": b.version, "outcome": "committed" if committed else "aborted",
-                     "shows": counts, "past_deadline": past})
-        for device, states in views.items():
-            mine = sorted(s for s in still if s in states and states[s] != want) if past else []
+            mine = sorted(s for s in still if states.get(s, want) != want) if past else []
             if mine:
                 drift.setdefault(device, []).append(
                     f"{len(mine)} label(s) of version {b.version} not known to show the {want} price after the "
                     f"deadline: {', '.join(mine[:10])}")
-        if left == 0:
-            for device in views:
-                self._shown.pop((b.batch_id, device), None)
-            log.info("batch %s: every label shows the %s prices; lookups answer the book's price again",
-                     b.batch_id, "new" if committed else "old")
-            if committed and outcome != "drift":  # (after drift, price.confirmed went out at the deadline)
-                await self.db.write(self._shows_version, list(views), b.version)
-                await self.emit("price.confirmed", {"batch_id": b.batch_id, "version": b.version,
-                                                    "complete": not release, "stragglers": 0})
-            self.on_change()
+
+    async def _skus(self, b: BatchRow) -> list[str]:
+        return await self.db.read(lambda c: [r[0] for r in c.execute("SELECT sku FROM changes WHERE batch_id=?",
+                                                                     (b.batch_id,))])
+
+    async def _all_shown(self, b: BatchRow, device: str, gone: bool, committed: bool) -> bool:
+        drv = None if gone else self.targets.instance(device)
+        if drv is None:
+            return False
+        try:
+            return bool(await (drv.price_confirmed(b.version) if committed else drv.price_restored(b.version)))
+        except Exception as err:
+            log.debug("label %s: cannot say whether version %d shows: %s", device, b.version, err)
+            return False
+
+    def _summarise(self, b: BatchRow, committed: bool, summary: dict[str, dict[str, Any]], pending: list[Any],
+                   views: dict[str, dict[str, str]] | None, want: str, past: bool) -> None:
+        """Per device still changing: how many of the batch's items its labels show new / old / either (from the
+        last item-by-item look)."""
+        for t in pending:
+            states = views[t.device] if views is not None else self._shown.get((b.batch_id, t.device), {})
+            counts = {"new": 0, "old": 0, "unknown": 0}
+            for shows in states.values():
+                counts[shows] += 1
+            summary.setdefault(t.device, {}).setdefault("batches", []).append(
+                {"batch_id": b.batch_id, "version": b.version, "outcome": "committed" if committed else "aborted",
+                 "shows": counts if states else None, "past_deadline": past})
+
+    async def _ended(self, b: BatchRow, outcome: str, devices: list[str], committed: bool, complete: bool) -> None:
+        for device in devices:
+            self._shown.pop((b.batch_id, device), None)
+        self._looked.pop(b.batch_id, None)
+        log.info("batch %s: every label shows the %s prices; lookups answer the book's price again",
+                 b.batch_id, "new" if committed else "old")
+        if committed and outcome != "drift":  # (after drift, price.confirmed went out at the deadline)
+            await self.db.write(self._shows_version, devices, b.version)
+            await self.emit("price.confirmed", {"batch_id": b.batch_id, "version": b.version,
+                                                "complete": complete, "stragglers": 0})
+        self.on_change()
 
     @staticmethod
     def _shows_version(conn: Any, devices: list[str], version: int) -> None:
