@@ -38,6 +38,15 @@ class Rig:
             self.gw.wait_online()  # head office's price batches are not retained: the store must be listening
         return self.gw
 
+    def start_on_version_1(self, subscriber: Subscriber, count: int = 10, base: int = 1000) -> None:
+        """Gateway up, every till connected and every device answering, version 1 (`count` items at `base`)
+        confirmed on every till and label."""
+        self.start()
+        self.floor.start_tills()
+        self.wait_devices_ok()
+        self.hq.batch(batch(self.key, 1, items(count, base=base)))
+        wait_event(subscriber, "price.confirmed", version=1, timeout=40)
+
     def wait_devices_ok(self, timeout: float = 20) -> None:
         """Every till connected and every label device answering (a batch then takes them all in)."""
         assert self.gw is not None

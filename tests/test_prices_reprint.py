@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.helpers import Mosquitto, Subscriber, wait_for
-from tests.prices_helpers import batch, items, wait_event
 from tests.test_prices_atomic import MACS, Rig
 
 TOKEN = "r" * 24
@@ -18,11 +17,7 @@ def test_reprint_of_labels_already_printed_and_pushed(tmp_path: Path, mosquitto:
     rig.config.write_text(rig.config.read_text().replace("[http]\n", f'[http]\ntoken = "{TOKEN}"\n'))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
-        rig.start()
-        rig.floor.start_tills()
-        rig.wait_devices_ok()
-        rig.hq.batch(batch(rig.key, 1, items(10, base=400)))
-        wait_event(subscriber, "price.confirmed", version=1, timeout=30)
+        rig.start_on_version_1(subscriber, 10, 400)
         assert rig.gw is not None
         sku, mac = "SKU000003", MACS["SKU000003"]
 

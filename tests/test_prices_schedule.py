@@ -91,11 +91,7 @@ def test_a_scheduled_decrease_and_increase_switch_on_time_and_never_above_the_sh
         tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:
     rig = Rig(tmp_path, mosquitto, checkin=0.5, print_seconds=0.1, prices=SYNCED)
     try:
-        rig.start()
-        rig.floor.start_tills()
-        rig.wait_devices_ok()
-        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
-        wait_event(subscriber, "price.confirmed", version=1, timeout=30)
+        rig.start_on_version_1(subscriber, 10, 1000)
         up, down, paper = "SKU000001", "SKU000002", "SKU000007"  # tag+paper up, tag+paper down, paper only down
         effective = _ahead(3.0)
         watch = ShelfWatch(rig.floor, [up, down, paper], valid_from={2: effective + SWAP})
@@ -135,11 +131,7 @@ def test_scheduled_versions_queue_and_a_newer_batch_supersedes_a_scheduled_one(
         tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:
     rig = Rig(tmp_path, mosquitto, checkin=0.3, prices=SYNCED)
     try:
-        rig.start()
-        rig.floor.start_tills()
-        rig.wait_devices_ok()
-        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
-        wait_event(subscriber, "price.confirmed", version=1, timeout=30)
+        rig.start_on_version_1(subscriber, 10, 1000)
         a, b = "SKU000001", "SKU000008"
         t2, t3 = _ahead(3.0), _ahead(5.0)
         watch = ShelfWatch(rig.floor, [a, b], valid_from={2: t2 + SWAP, 3: t3 + SWAP})
@@ -193,11 +185,7 @@ def test_kill9_while_waiting_for_effective_at_still_switches_on_time(
         tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:
     rig = Rig(tmp_path, mosquitto, checkin=0.3, prices=SYNCED)
     try:
-        rig.start()
-        rig.floor.start_tills()
-        rig.wait_devices_ok()
-        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
-        wait_event(subscriber, "price.confirmed", version=1, timeout=30)
+        rig.start_on_version_1(subscriber, 10, 1000)
         effective = _ahead(6.0)
         watch = ShelfWatch(rig.floor, ["SKU000005"], valid_from={2: effective + SWAP})
         rows = items(10, base=1000)

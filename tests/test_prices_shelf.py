@@ -37,11 +37,7 @@ def test_a_till_with_its_own_table_never_charges_more_than_the_shelf(
     rig = Rig(tmp_path, mosquitto, checkin=1.5 if slow else 0.05, print_seconds=0.3 if slow else 0.0,
               protocols={"1": 2, "2": 1})
     try:
-        rig.start()
-        rig.floor.start_tills()
-        rig.wait_devices_ok()
-        rig.hq.batch(batch(rig.key, 1, items(8, base=1000)))
-        wait_event(subscriber, "price.confirmed", version=1, timeout=40)
+        rig.start_on_version_1(subscriber, 8, 1000)
         watched = [*TAGGED[:3], "SKU000007"]  # three with a tag and a paper label, one with a paper label only
         watch = ShelfWatch(rig.floor, watched)
         rows = items(8, base=1000)
@@ -96,11 +92,7 @@ def test_an_abort_reaches_label_systems_that_were_away_and_the_till_stays_below_
     rig = Rig(tmp_path, mosquitto, tags=tags, prices="abort_hold = 60\n")
     del rig.floor.ap.tags[tags["SKU999999"]]
     try:
-        rig.start()
-        rig.floor.start_tills()
-        rig.wait_devices_ok()
-        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
-        wait_event(subscriber, "price.confirmed", version=1, timeout=40)
+        rig.start_on_version_1(subscriber, 10, 1000)
         up, down = "SKU000001", "SKU000002"
         watch = ShelfWatch(rig.floor, [up, down])
         rows = [*items(10, base=1000), {"sku": "SKU999999", "price": 100, "description": "New"}]
@@ -143,11 +135,7 @@ def test_kill9_while_labels_print_then_abort_restores_the_printed_labels(
     at most min(old, new)."""
     rig = Rig(tmp_path, mosquitto, deadline=4, prices="abort_hold = 60\n")
     try:
-        rig.start()
-        rig.floor.start_tills()
-        rig.wait_devices_ok()
-        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
-        wait_event(subscriber, "price.confirmed", version=1, timeout=40)
+        rig.start_on_version_1(subscriber, 10, 1000)
         up, down = "SKU000007", "SKU000003"  # paper only / tag and paper
         watch = ShelfWatch(rig.floor, [up, down])
         rows = items(10, base=1000)
@@ -196,11 +184,7 @@ def test_an_access_point_that_disappears_ends_in_drift_at_the_deadline(
 
     rig = Rig(tmp_path, mosquitto, checkin=1.0, prices="label_deadline = 3\n")
     try:
-        rig.start()
-        rig.floor.start_tills()
-        rig.wait_devices_ok()
-        rig.hq.batch(batch(rig.key, 1, items(10, base=1000)))
-        wait_event(subscriber, "price.confirmed", version=1, timeout=30)
+        rig.start_on_version_1(subscriber, 10, 1000)
         tagged, paper_only = ["SKU000001", "SKU000002"], "SKU000007"
         watch = ShelfWatch(rig.floor, [*tagged, paper_only])
         rows = items(10, base=1000)
