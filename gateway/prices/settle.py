@@ -137,7 +137,7 @@ class Settler:
             return await self._ended(b, outcome, [t.device for t in labels], committed, complete=True)
         now = time.monotonic()
         every = max(ITEMS_EVERY, (b.changed or 0) / 1000)  # a 100k-item change: every 100 s (a Pi's CPU)
-        if not (past or overdue) and now < self._looked.get(b.batch_id, 0.0) + every:
+        if not (past or overdue) and now < self._looked.setdefault(b.batch_id, now) + every:
             self._summarise(b, committed, summary, pending, None, want, past)
             return  # item by item only now and then while nothing is overdue
         self._looked[b.batch_id] = now
