@@ -268,10 +268,11 @@ class LabelQueue:
                 raise
         return n
 
-    def confirmed(self, version: int) -> bool:
+    def confirmed(self, version: int, swap_seconds: float = 0.0) -> bool:
+        """Every label of `version` printed (and, printed ahead, `swap_seconds` past its valid-from time)."""
         with self._lock:
-            row = self._db.execute("SELECT state FROM versions WHERE version=?", (version,)).fetchone()
-            if row is None or row[0] == "aborted":
+            row = self._db.execute("SELECT state, valid_from FROM versions WHERE version=?", (version,)).fetchone()
+            if row is None or row[0] == "aborted" or (row[1] is not None and time.time() < row[1] + swap_seconds):
                 return False
             left = self._db.execute("SELECT COUNT(*) FROM jobs WHERE version=? AND kind='new' AND state!='printed'",
                                     (version,)).fetchone()[0]

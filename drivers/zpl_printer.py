@@ -338,7 +338,7 @@ class ZplPrinter(Driver):
         return n
 
     async def price_confirmed(self, version: int) -> bool:
-        return await asyncio.to_thread((await self.queue()).confirmed, version)
+        return await asyncio.to_thread((await self.queue()).confirmed, version, self.cfg.swap_seconds)
 
     async def price_reported_version(self) -> int | None:
         return await asyncio.to_thread((await self.queue()).latest_confirmed)

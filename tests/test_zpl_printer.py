@@ -301,9 +301,10 @@ async def test_a_change_printed_ahead_is_marked_and_void_when_aborted_before_it(
     async with running(driver):
         ahead = Change(4, ITEMS[:1], effective_at=time.time() + 3600)
         await driver.price_prepare(ahead)
-        await until_async(lambda: driver.price_confirmed(4))
+        await until(lambda: driver._queue and driver._queue.counts()["printed"] == 1, what="printed ahead")
         assert printer.core.printed_fields()[0][-2].startswith("valid from ")
         assert await driver.price_label_states(4) == {"1001": "old"}  # not on the shelf before its time
+        assert not await driver.price_confirmed(4)
         await driver.price_abort(4)
         assert await driver.price_restored(4)  # never on the shelf: nothing to put back
         await asyncio.sleep(0.3)
