@@ -108,7 +108,8 @@ class UpdateAgent:
     def _publish(self) -> None:
         payload = UpdateState(version=__version__, state=self.state["state"], target=self.state["target"],
                               rollout=self.state["rollout"], reason=self.state["reason"],
-                              progress=self.state["progress"], ts=iso_ts(time.time()))
+                              progress=self.state["progress"], groups=list(self.gateway.config.groups),
+                              ts=iso_ts(time.time()))
         self.gateway.uplink.publish_state(self.gateway.topics.update_state, payload.model_dump())
 
     async def _set(self, phase: UpdatePhase, *, reason: str | None = None, event: bool = False, **extra: Any) -> None:

@@ -105,6 +105,7 @@ class UpdateState(BaseModel):
     rollout: str | None = None
     reason: str | None = None
     progress: float | None = None  # downloading: 0..1
+    groups: list[str] = Field(default_factory=list)  # the store's groups: head office targets --group by them
     ts: str
 
 
