@@ -288,14 +288,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append({"store": store, "version": st.get("version"), "state": st.get("state") or row.get("state"),
                      "target": st.get("target"), "reason": st.get("reason") or row.get("reason"),
                      "ring": row.get("ring")})
-    doc = {"rollout": {"id": rollout.id, "version": rollout.data["version"], **rollout.progress()} if rollout
-           else None, "stores": rows}
+    progress = {"id": rollout.id, "version": rollout.data["version"], **rollout.progress()} if rollout else None
+    doc = {"rollout": progress, "stores": rows}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    if rollout:
-        p = doc["rollout"]
-        print(f"rollout {rollout.id} (release {p['version']}): {p['status']}, ring {p['ring']} {p['ring_name']!r}; "
+    if progress is not None:
+        p = progress
+        print(f"rollout {p['id']} (release {p['version']}): {p['status']}, ring {p['ring']} {p['ring_name']!r}; "
               f"{p['healthy']} healthy, {p['rolled_back']} rolled back, {p['failed'] + p['refused']} failed, "
               f"{p['timeout']} no answer, of {p['stores']}" + (f"\n  {p['reason']}" if p["reason"] else ""))
     print(f"{'STORE':<20} {'VERSION':<12} {'STATE':<15} {'TARGET':<12} REASON")
