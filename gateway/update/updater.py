@@ -99,8 +99,11 @@ class Updater:
                 return None
             try:
                 trial = self._prepare(pending)
-            except (BundleError, InstallError, ServiceError) as err:
+            except Exception as err:  # anything at all: pending.json must go, or the path unit loops on it
                 reason = getattr(err, "reason", None) or str(err)
+                if not isinstance(err, BundleError | InstallError | ServiceError):
+                    log.exception("release %s: the updater failed", pending.version)
+                    reason = f"updater error: {type(err).__name__}: {err}"
                 log.error("release %s refused: %s", pending.version, reason)
                 (self.dir / "pending.json").unlink(missing_ok=True)
                 return self._finish(UpdateResult(version=pending.version, previous=self.releases.current(),
@@ -149,7 +152,11 @@ class Updater:
         self.releases.switch_to(pending.version)
         (self.dir / "pending.json").unlink(missing_ok=True)
         log.info("switched to %s; restarting the gateway (baseline: %s)", pending.version, json.dumps(baseline))
-        self.service.restart()
+        try:
+            self.service.restart()
+        except ServiceError:
+            self.releases.switch_to(current)  # never leave a release switched in that nobody judges
+            raise
         trial.restarts_at_switch = self.service.restarts()
         trial.deadline = time.time() + self.settings.health_deadline
         write_model(self.dir / "trial.json", trial)
