@@ -164,7 +164,9 @@ def _follow_ring(rollout: Rollout, index: int, states: StatesFn, timeout: float,
         if len(failed) > allowed:
             data["status"] = "halted"
             data["reason"] = (f"ring {ring['name']!r}: {len(failed)} of {len(ring['stores'])} stores failed "
-                              f"(threshold {data['threshold']:.0%}): {', '.join(sorted(failed))}")
+                              f"(threshold {data['threshold']:.0%}): " + ", ".join(
+                                  f"{s} ({rollout.store_row(s)['state']}: {rollout.store_row(s).get('reason')})"
+                                  for s in sorted(failed)))
             say(f"HALTED: {data['reason']}")
             return True
         if not waiting:

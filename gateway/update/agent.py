@@ -156,7 +156,6 @@ class UpdateAgent:
         if args.action == "install" and version in self.state["rolled_back"]:
             raise UpdateRefused("failed", f"release {version} was rolled back on this store before; publish a "
                                           "newer one")
-        self.state["reported_result"] = None
         await self._set("downloading" if args.action == "install" else "waiting_window", target=version,
                         rollout=args.rollout, job=args.model_dump(mode="json"))
         self._job = asyncio.create_task(self._work(args), name="update")
