@@ -20,16 +20,6 @@ from tests.release_helpers import HttpsFileServer, ReleaseKit
 from tests.tls_certs import make_pki
 
 
-@pytest.fixture(scope="session")
-def hq_key() -> KeyPair:
-    return keygen()
-
-
-@pytest.fixture(scope="session")
-def kit(tmp_path_factory: pytest.TempPathFactory, hq_key: KeyPair) -> ReleaseKit:
-    return ReleaseKit(tmp_path_factory.mktemp("releases"), hq_key)
-
-
 def rewrite(bundle: Path, out: Path, *, manifest: dict | None = None, wheel_edit: str | None = None,
             extra: tuple[str, bytes] | None = None, drop: str | None = None) -> Path:
     """A copy of ``bundle`` with one thing changed (the tampering a hostile server or a broken build does)."""
@@ -56,8 +46,9 @@ def signed_manifest(bundle: Path) -> dict:
         return json.loads(tar.extractfile(MANIFEST).read())  # type: ignore[union-attr]
 
 
-def test_bundle_is_signed_complete_and_installable_by_pip(kit: ReleaseKit, hq_key: KeyPair, tmp_path: Path) -> None:
-    bundle = kit.bundle("1.0.0")
+def test_bundle_is_signed_complete_and_installable_by_pip(release_kit: ReleaseKit, hq_key: KeyPair,
+                                                          tmp_path: Path) -> None:
+    bundle = release_kit.bundle("1.0.0")
     verified = verify_bundle(bundle, [hq_key.public_b64], expected_version="1.0.0", extract_to=tmp_path / "x")
     m = verified.manifest
     assert m.version == "1.0.0" and m.requirement == "storelink==1.0.0"
@@ -76,9 +67,9 @@ def test_bundle_is_signed_complete_and_installable_by_pip(kit: ReleaseKit, hq_ke
     ("missing_wheel", "missing"),
     ("path_trick", "unexpected file"),
 ])
-def test_tampered_bundles_are_refused_and_leave_nothing(kit: ReleaseKit, hq_key: KeyPair, tmp_path: Path,
+def test_tampered_bundles_are_refused_and_leave_nothing(release_kit: ReleaseKit, hq_key: KeyPair, tmp_path: Path,
                                                         tamper: str, reason: str) -> None:
-    bundle = kit.bundle("1.0.0")
+    bundle = release_kit.bundle("1.0.0")
     env = signed_manifest(bundle)
     wheel = next(w["file"] for w in env["payload"]["wheels"] if w["file"].startswith("paho"))
     out = tmp_path / "bad.bundle"
@@ -114,9 +105,9 @@ def https(tmp_path: Path) -> Iterator[tuple[HttpsFileServer, dict[str, Path]]]:
 
 
 def test_download_resumes_after_the_connection_drops(https: tuple[HttpsFileServer, dict[str, Path]],
-                                                     kit: ReleaseKit, tmp_path: Path) -> None:
+                                                     release_kit: ReleaseKit, tmp_path: Path) -> None:
     server, pki = https
-    bundle = kit.bundle("1.0.0")
+    bundle = release_kit.bundle("1.0.0")
     (server.root / bundle.name).write_bytes(bundle.read_bytes())
     size, digest = bundle.stat().st_size, file_sha256(bundle)
     server.cut_after = [size // 3, size // 3]  # two interrupted transfers, then a whole one
@@ -131,9 +122,9 @@ def test_download_resumes_after_the_connection_drops(https: tuple[HttpsFileServe
 
 
 def test_download_refuses_untrusted_tls_wrong_content_and_plain_http(
-        https: tuple[HttpsFileServer, dict[str, Path]], kit: ReleaseKit, tmp_path: Path) -> None:
+        https: tuple[HttpsFileServer, dict[str, Path]], release_kit: ReleaseKit, tmp_path: Path) -> None:
     server, pki = https
-    bundle = kit.bundle("1.0.0")
+    bundle = release_kit.bundle("1.0.0")
     (server.root / bundle.name).write_bytes(bundle.read_bytes())
     size, digest = bundle.stat().st_size, file_sha256(bundle)
     with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED"):  # the system CAs do not know the test CA

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from storelink.remote.signing import KeyPair, keygen
+from storelink.remote.signing import KeyPair
 from tests.helpers import STORELINK, Mosquitto, Subscriber, free_port, wait_for
 from tests.hq_helpers import HeadOffice, signed_command
 from tests.release_helpers import HttpsFileServer, ReleaseKit, Supervisor
@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 STORE = "store-0042"
 BROKEN = {"gateway/app.py": (  # a release whose uplink can never reach the broker: fails its health gate
     "        self.topics = self.uplink.topics\n",
-    "        self.topics = self.uplink.topics\n        self.uplink.cfg = self.uplink.cfg.model_copy(update={'port': 1})\n")}
+    "        self.topics = self.uplink.topics\n"
+    "        self.uplink.cfg = self.uplink.cfg.model_copy(update={'port': 1})\n")}
 CRASHING = {"gateway/cli.py": (  # a release that dies at every start: a crash loop
     "    cfg = load_config(config_path)\n", "    raise SystemExit(3)\n")}
 
@@ -104,11 +105,10 @@ def publish(bundle: Path, server: HttpsFileServer, store: Store, broker: Mosquit
     return result.returncode, result.stdout + result.stderr
 
 
-def test_update_then_health_gate_and_crash_loop_rollbacks(tmp_path: Path, mosquitto: Mosquitto) -> None:
+def test_update_then_health_gate_and_crash_loop_rollbacks(tmp_path: Path, mosquitto: Mosquitto, hq_key: KeyPair,
+                                                          release_kit: ReleaseKit) -> None:
     started = time.monotonic()
-    key = keygen()
-    kit = ReleaseKit(tmp_path / "kit", key)
-    (tmp_path / "kit").mkdir()
+    key, kit = hq_key, release_kit
     pki = make_pki(tmp_path)
     (tmp_path / "www").mkdir()
     server = HttpsFileServer(tmp_path / "www", pki)

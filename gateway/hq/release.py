@@ -105,7 +105,7 @@ def _key(path: str) -> Any:
 class Fleet:
     """One MQTT connection: retained update/state of every store, and signed commands with replies."""
 
-    def __init__(self, broker: str, key: Any = None):
+    def __init__(self, broker: str, key: Any = None, listen: float = 0.0):
         from storelink.hq.prices import _client
 
         self.key = key
@@ -121,6 +121,7 @@ class Fleet:
         self.client.subscribe([(f"{PREFIX}/+/update/state", 1), (self.reply_topic, 1)])
         if not subscribed.wait(10):
             raise RolloutError("the broker did not confirm the subscriptions within 10 s")
+        time.sleep(listen)  # the retained states of every store arrive right after SUBSCRIBE
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         try:
@@ -177,7 +178,6 @@ def _targets(args: argparse.Namespace, fleet: Fleet) -> tuple[list[dict[str, Any
                 raise RolloutError(f"no ring {args.ring!r} in {args.rings}")
         return rings, threshold
     if args.group:
-        time.sleep(args.listen)  # retained states of every store arrive right after SUBSCRIBE
         stores = sorted(s for s, st in fleet.snapshot().items() if args.group in (st.get("groups") or []))
         if not stores:
             raise RolloutError(f"no store reports group {args.group!r} (stores report groups in update/state)")
@@ -205,7 +205,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print("release " + manifest.version + " cannot be rolled back past: " + "; ".join(blocked)
               + "\nrefusing without --allow-irreversible; nothing was published", file=sys.stderr)
         return 1
-    fleet = Fleet(args.broker, key)
+    fleet = Fleet(args.broker, key, args.listen)
     try:
         rings, threshold = _targets(args, fleet)
         rollout = Rollout(args.rollouts / f"{manifest.version}-{int(time.time())}.json", {
@@ -236,7 +236,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         rollout.data["status"], rollout.data["reason"] = "running", None
         rollout.data["ring"] += 1  # the halted ring stays as it is; the next one goes ahead
         rollout.save()
-        fleet = Fleet(args.broker, _key(args.key))
+        fleet = Fleet(args.broker, _key(args.key), args.listen)
     except RolloutError as err:
         print(str(err), file=sys.stderr)
         return 1
@@ -249,12 +249,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     try:
         rollout = Rollout.load(args.rollouts, args.rollout)
-        fleet = Fleet(args.broker, _key(args.key))
+        fleet = Fleet(args.broker, _key(args.key), args.listen)
     except RolloutError as err:
         print(str(err), file=sys.stderr)
         return 1
     try:
-        time.sleep(args.listen)  # retained states arrive right after SUBSCRIBE
         live = fleet.snapshot()
         bad = 0
         for store, row in sorted(rollout.data["stores"].items()):
@@ -276,9 +275,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     rollout = Rollout.load(args.rollouts, args.rollout) if args.rollout else (
         Rollout.latest(args.rollouts) if args.rollouts.is_dir() else None)
-    fleet = Fleet(args.broker)
+    fleet = Fleet(args.broker, listen=args.listen)
     try:
-        time.sleep(args.listen)
         live = fleet.snapshot()
     finally:
         fleet.close()
