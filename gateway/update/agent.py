@@ -182,6 +182,9 @@ class UpdateAgent:
         except (DownloadError, BundleError, OSError) as err:
             reason = getattr(err, "reason", None) or str(err)
             log.error("update to %s refused: %s", version, reason)
+            for name in (f"storelink-{version}.bundle", f"storelink-{version}.bundle.part",
+                         f"storelink-{version}.bundle.part.json"):
+                (self.dir / "bundles" / name).unlink(missing_ok=True)  # a refused bundle is not kept
             await self._set("failed", reason=reason, event=True, job=None)
 
     async def _fetch(self, args: UpdateArgs) -> Path:

@@ -98,6 +98,7 @@ def download(url: str, dest: Path, *, sha256: str, size: int, ca: Path | None = 
         part.unlink(missing_ok=True)
         last_error = f"downloaded {have} bytes with sha256 {digest.hexdigest()[:16]}..., expected {sha256[:16]}..."
         if restarted:
+            meta.unlink(missing_ok=True)
             break
         restarted = True
     raise DownloadError(f"{url}: {last_error}")
