@@ -129,10 +129,10 @@ def mode_owner(path: Path) -> tuple[int, int, int]:
 
 
 def test_storelink_runs_inside_the_root(image: Image) -> None:
-    version = image.chroot("/opt/storelink/venv/bin/storelink", "--version")
+    version = image.chroot("/opt/storelink/current/bin/storelink", "--version")
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == f"storelink {__version__}"
-    check = image.chroot("/opt/storelink/venv/bin/storelink", "check-config", "/etc/storelink/storelink.toml",
+    check = image.chroot("/opt/storelink/current/bin/storelink", "check-config", "/etc/storelink/storelink.toml",
                          user="storelink")
     assert check.returncode == 0, check.stderr
     assert "ok" in check.stdout

@@ -3,7 +3,7 @@
 `systemd-analyze verify` exits 0 on unknown or misspelt keys and only prints a warning, so every test here reads
 the output and fails on any line at all. It also fails when the ExecStart binary is missing, so the units are
 verified in a temporary copy whose ExecStart points at this checkout's real `storelink` (the image test checks
-that /opt/storelink/venv/bin/storelink exists in the image root).
+that /opt/storelink/current/bin/storelink exists in the image root).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 UNITS_DIR = ROOT / "systemd"
 UNITS = ["storelink.service", "storelink-recover.service", "storelink-recover.timer", "storelink-provision.service"]
-INSTALLED_STORELINK = "/opt/storelink/venv/bin/storelink"
+INSTALLED_STORELINK = "/opt/storelink/current/bin/storelink"
 LOCAL_STORELINK = str(Path(sys.executable).parent / "storelink")
 INSTALLED_PROVISION = "/opt/storelink/bin/storelink-provision"
 LOCAL_PROVISION = str(ROOT / "image/provision/storelink-provision")
