@@ -5,7 +5,8 @@
   storelink.update.service.PidFileService reads: a restart is SIGTERM to that pid; ``restarts`` counts the
   starts after an exit, systemd's NRestarts).
 - ``storelink-update.path`` (``PathExists=`` pending.json / trial.json): whenever one of them exists in the
-  watched directory and the updater is not running, runs the updater command once.
+  watched directory and the updater is not running, runs the updater command once (its pid goes into the
+  state file too, so a test can kill it mid-trial).
 
     python tests/service_supervisor.py --state S --watch DIR --updater '["cmd", ...]' --log L -- gateway cmd...
 """
@@ -46,6 +47,12 @@ def main() -> int:
     starts, restarts = 0, 0
     child: subprocess.Popen[bytes] | None = None
     updater: subprocess.Popen[bytes] | None = None
+
+    def write_state() -> None:
+        tmp = args.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": child.pid if child else 0, "starts": starts, "restarts": restarts,
+                                   "updater_pid": updater.pid if updater else 0}))
+        os.replace(tmp, args.state)
     while not stopping:
         if child is None or child.poll() is not None:
             if child is not None:
@@ -55,14 +62,13 @@ def main() -> int:
                 time.sleep(RESTART_SEC)
             child = subprocess.Popen(cmd, stdout=log, stderr=log)
             starts += 1
-            tmp = args.state.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"pid": child.pid, "starts": starts, "restarts": restarts}))
-            os.replace(tmp, args.state)
+            write_state()
         if (updater is None or updater.poll() is not None) and any(
                 (args.watch / f).exists() for f in ("pending.json", "trial.json")):
             if updater is not None:
                 print(f"supervisor: updater exited {updater.returncode}", file=sys.stderr, flush=True)
             updater = subprocess.Popen(updater_cmd, stdout=log, stderr=log)
+            write_state()
         time.sleep(0.05)
     for proc in (updater, child):
         if proc is not None and proc.poll() is None:

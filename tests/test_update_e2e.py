@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -105,6 +106,20 @@ def publish(bundle: Path, server: HttpsFileServer, store: Store, broker: Mosquit
     return result.returncode, result.stdout + result.stderr
 
 
+killed: list[int] = []
+
+
+def kill_updater_mid_trial(store: Store, sup: Supervisor) -> None:
+    def on_trial() -> bool:
+        s = store.status()
+        return bool((store.update_dir / "trial.json").exists() and s and s["version"] == "1.0.2")
+
+    wait_for(on_trial, 120, what="release 1.0.2 on trial")
+    pid = sup.data()["updater_pid"]
+    os.kill(pid, signal.SIGKILL)
+    killed.append(pid)
+
+
 def test_update_then_health_gate_and_crash_loop_rollbacks(tmp_path: Path, mosquitto: Mosquitto, hq_key: KeyPair,
                                                           release_kit: ReleaseKit) -> None:
     started = time.monotonic()
@@ -133,8 +148,14 @@ def test_update_then_health_gate_and_crash_loop_rollbacks(tmp_path: Path, mosqui
         assert sorted(p.name for p in (store.root / "opt/storelink/releases").iterdir()) == ["1.0.0", "1.0.1",
                                                                                           "current"]
 
-        # N+2 never reaches the broker: the gate fails at the deadline and the updater goes back by itself.
+        # N+2 never reaches the broker: the gate fails at the deadline and the updater goes back by itself,
+        # even though the updater itself is killed (kill -9) in the middle of the trial: the path unit starts it
+        # again because trial.json is still there, and it judges the trial from where it was.
+        killer = threading.Thread(target=kill_updater_mid_trial, args=(store, sup), daemon=True)
+        killer.start()
         rc, out = publish(kit.bundle("1.0.2", BROKEN), server, store, mosquitto, tmp_path)
+        killer.join(5)
+        assert killed, "the updater was killed during the trial"
         assert rc == 3 and "HALTED" in out, out
         assert "broker not connected" in out, out
         assert os.readlink(store.root / "opt/storelink/releases/current") == "1.0.1"
