@@ -18,13 +18,15 @@ from tests.helpers import STORELINK, Mosquitto, wait_for
 from tests.release_helpers import ReleaseKit
 
 FLEET = [f"s{i:02d}" for i in range(1, 11)]
+NORTH = {"s01", "s02", "s05"}
 FAILING = {"s03": "not healthy within the deadline: device pos was ok before the update, now offline",
            "s04": "crash loop: the gateway was restarted 3 times since the switch"}
 
 
 @pytest.fixture
 def fleet(mosquitto: Mosquitto, hq_key: KeyPair) -> Iterator[dict[str, SimulatedStore]]:
-    stores = {s: SimulatedStore(s, mosquitto.port, [hq_key.public_b64], fail_with=FAILING.get(s)) for s in FLEET}
+    stores = {s: SimulatedStore(s, mosquitto.port, [hq_key.public_b64], fail_with=FAILING.get(s),
+                                groups=["north"] if s in NORTH else ["south"]) for s in FLEET}
     yield stores
     for store in stores.values():
         store.close()
@@ -92,3 +94,15 @@ def test_publish_refuses_a_bundle_it_cannot_verify(tmp_path: Path, mosquitto: Mo
     result = hq(tmp_path, mosquitto, "publish", str(release_kit.bundle("2.0.0")), "--url", "https://x.invalid/b",
                 "--store", "s01", "--key", str(other))
     assert result.returncode == 1 and "unknown key_id" in result.stderr and "nothing was published" in result.stderr
+
+
+def test_publish_to_a_group_reaches_exactly_its_stores(tmp_path: Path, mosquitto: Mosquitto, hq_key: KeyPair,
+                                                       release_kit: ReleaseKit, fleet: dict[str, SimulatedStore]
+                                                       ) -> None:
+    key = tmp_path / "hq.key"
+    key.write_text(hq_key.private_b64)
+    result = hq(tmp_path, mosquitto, "publish", str(release_kit.bundle("2.0.0")), "--url", "https://x.invalid/b",
+                "--group", "north", "--key", str(key), "--ring-timeout", "30", "--listen", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {s for s, sim in fleet.items() if sim.commands} == NORTH
+    assert {s for s, sim in fleet.items() if sim.version == "2.0.0"} == NORTH

@@ -32,12 +32,14 @@ def _now() -> str:
 
 class SimulatedStore:
     def __init__(self, store_id: str, port: int, trusted: list[str], *, version: str = "1.0.0",
-                 fail_with: str | None = None, step: float = 0.1, host: str = "127.0.0.1", prefix: str = "storelink"):
+                 fail_with: str | None = None, step: float = 0.1, host: str = "127.0.0.1", prefix: str = "storelink",
+                 groups: list[str] | None = None):
         self.store_id = store_id
         self.version = version
         self.fail_with = fail_with
         self.step = step
         self.trusted = trusted
+        self.groups = groups or []
         self.base = f"{prefix}/{store_id}"
         self.commands: list[dict[str, Any]] = []
         self._ready = threading.Event()
@@ -53,7 +55,7 @@ class SimulatedStore:
 
     def _state(self, state: str, **extra: Any) -> None:
         body = {"version": self.version, "state": state, "target": None, "rollout": None, "reason": None,
-                "progress": None, "groups": [], "ts": _now(), **extra}
+                "progress": None, "groups": self.groups, "ts": _now(), **extra}
         self.client.publish(f"{self.base}/update/state", json.dumps(body), qos=1, retain=True)
 
     def _reply(self, msg: mqtt.MQTTMessage, body: dict[str, Any]) -> None:
