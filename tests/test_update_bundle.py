@@ -164,3 +164,18 @@ def test_schema_versions_migrate_forward_and_refuse_what_an_old_release_cannot_r
     assert rollback_problems(schemas_as_dict(), schemas_as_dict(v3)) == [
         "outbox: schema 3 is readable only by schema 3+, the running release has 1"]
     assert rollback_problems(schemas_as_dict(), schemas_as_dict(v2)) == []
+
+
+def test_a_partial_download_is_resumed_by_the_next_process(https: tuple[HttpsFileServer, dict[str, Path]],
+                                                           release_kit: ReleaseKit, tmp_path: Path) -> None:
+    server, pki = https
+    bundle = release_kit.bundle("1.0.0")
+    (server.root / bundle.name).write_bytes(bundle.read_bytes())
+    size, digest = bundle.stat().st_size, file_sha256(bundle)
+    dest = tmp_path / "dl" / bundle.name
+    server.cut_after = [size // 2]
+    with pytest.raises(DownloadError, match="connection closed"):  # the gateway stops here (a restart, a kill)
+        download(server.url(bundle.name), dest, sha256=digest, size=size, ca=pki["ca"], attempts=1)
+    assert dest.with_name(dest.name + ".part").stat().st_size == size // 2
+    download(server.url(bundle.name), dest, sha256=digest, size=size, ca=pki["ca"])
+    assert server.requests[-1]["range"] == f"bytes={size // 2}-" and file_sha256(dest) == digest
