@@ -31,6 +31,10 @@ from storelink.remote.signing import KeyPair
 REPO = Path(__file__).resolve().parent.parent
 PIP = [sys.executable, "-m", "pip"]
 SOURCE_PARTS = ("README.md", "pyproject.toml", "gateway", "drivers", "scripts")
+# A release whose outbox schema the previous release could not read (a rollback past it is impossible).
+IRREVERSIBLE = {"gateway/system/schema.py": (
+    '"outbox": Schema(version=1, readable_by=1, migrates_from=1)',
+    '"outbox": Schema(version=2, readable_by=2, migrates_from=1)')}
 
 
 def _cache_root() -> Path:

@@ -15,7 +15,7 @@ import pytest
 from storelink.drivers.sim.update_store import SimulatedStore
 from storelink.remote.signing import KeyPair
 from tests.helpers import STORELINK, Mosquitto, wait_for
-from tests.release_helpers import ReleaseKit
+from tests.release_helpers import IRREVERSIBLE, ReleaseKit
 
 FLEET = [f"s{i:02d}" for i in range(1, 11)]
 NORTH = {"s01", "s02", "s05"}
@@ -106,3 +106,13 @@ def test_publish_to_a_group_reaches_exactly_its_stores(tmp_path: Path, mosquitto
     assert result.returncode == 0, result.stdout + result.stderr
     assert {s for s, sim in fleet.items() if sim.commands} == NORTH
     assert {s for s, sim in fleet.items() if sim.version == "2.0.0"} == NORTH
+    # Head office's side of irreversible releases: compared with the last completed rollout (the one above).
+    irreversible = release_kit.bundle("3.0.0", IRREVERSIBLE)
+    refused = hq(tmp_path, mosquitto, "publish", str(irreversible), "--url", "https://x.invalid/c", "--group",
+                 "north", "--key", str(key), "--listen", "1")
+    assert refused.returncode == 1 and "cannot be rolled back past: outbox: schema 2" in refused.stderr
+    assert "--allow-irreversible" in refused.stderr and {len(sim.commands) for sim in fleet.values()} <= {0, 1}
+    allowed = hq(tmp_path, mosquitto, "publish", str(irreversible), "--url", "https://x.invalid/c", "--group",
+                 "north", "--key", str(key), "--listen", "1", "--allow-irreversible", "--ring-timeout", "30")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert all(fleet[s].commands[-1]["allow_irreversible"] for s in NORTH)

@@ -18,7 +18,7 @@ from storelink.update.manifest import file_sha256
 from storelink.update.models import UpdateSettings
 from tests.helpers import STORELINK, GatewayProcess, Mosquitto, wait_for
 from tests.hq_helpers import HeadOffice, signed_command, start_gateway
-from tests.release_helpers import HttpsFileServer, ReleaseKit
+from tests.release_helpers import IRREVERSIBLE, HttpsFileServer, ReleaseKit
 from tests.test_update_bundle import rewrite, signed_manifest
 from tests.tls_certs import make_pki
 
@@ -136,3 +136,33 @@ def test_usb_stick_bundle_is_refused_the_same_way(tmp_path: Path, release_kit: R
                              str(tmp_path / "root")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "bad signature" in result.stderr, result.stderr
     assert not (tmp_path / "root").exists() and not (tmp_path / "data/update/pending.json").exists()
+
+
+def test_a_release_that_cannot_be_rolled_back_past_needs_an_explicit_flag(
+        tmp_path: Path, hq_key: KeyPair, release_kit: ReleaseKit) -> None:
+    """Store side: the updater compares the bundle's schemas with the running release's before it installs."""
+    bundle = release_kit.bundle("3.0.0", IRREVERSIBLE)
+    root, data = tmp_path / "root", tmp_path / "data"
+    running = root / "opt/storelink/releases/1.0.0"
+    running.mkdir(parents=True)
+    (running / ".storelink-release.json").write_text(json.dumps({  # as image/install-into-root.sh writes it
+        "version": "1.0.0", "manifest_sha256": "image",
+        "schemas": {n: {"version": 1, "readable_by": 1, "migrates_from": 1} for n in ("outbox", "prices", "kiosk")}}))
+    (root / "opt/storelink/releases/current").symlink_to("1.0.0")
+    config = tmp_path / "storelink.toml"
+    config.write_text(f'store_id = "s1"\n[storage]\npath = "{data}/storelink.db"\n'
+                      f'[trust]\npublic_keys = ["{hq_key.public_b64}"]\n')
+    (data / "update/bundles").mkdir(parents=True)
+    (data / "update/bundles" / bundle.name).write_bytes(bundle.read_bytes())
+    (data / "update/pending.json").write_text(json.dumps({
+        "action": "install", "version": "3.0.0", "bundle": str(data / "update/bundles" / bundle.name),
+        "requested_at": 0}))
+    result = subprocess.run([STORELINK, "update", "apply", "--config", str(config), "--root", str(root),
+                             "--service", f"pidfile:{tmp_path / 'none.json'}"], capture_output=True, text=True,
+                            timeout=120)
+    verdict = json.loads((data / "update/result.json").read_text())
+    assert result.returncode == 1 and verdict["outcome"] == "failed", result.stdout + result.stderr
+    assert "rollback past this release would be impossible (outbox: schema 2 is readable only by schema 2+" \
+        in verdict["reason"] and "--allow-irreversible" in verdict["reason"]
+    assert sorted(p.name for p in (root / "opt/storelink/releases").iterdir()) == ["1.0.0", "current"]
+    assert not (data / "update/pending.json").exists()
