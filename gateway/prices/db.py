@@ -15,8 +15,8 @@ Tables (the journal is ``batches.phase`` + ``targets``):
   the transition prices and how many SKUs the last FINAL kept); ``devices``: each device's last known version
   and, for labels, what it is known to show (``shows``).
 
-Columns added after the first release are in ``ADDED_COLUMNS``; ``open()`` adds the missing ones to an older
-database (SQLite's ADD COLUMN), so the same code reads databases of every release.
+Columns added after the first release are in ``ADDED_COLUMNS`` (schema 2): the migration adds them to an older
+database with SQLite's ADD COLUMN; release 1 ignores them, so a rollback can still use the file.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from storelink.outbox import open_database
+from storelink.system.schema import ensure_schema
 
 T = TypeVar("T")
 
@@ -80,6 +81,19 @@ ADDED_COLUMNS = {
 }
 
 
+def _add_columns(conn: sqlite3.Connection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column.split()[0] not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    _add_columns(conn)
+
+
 class PriceDb:
     def __init__(self, path: Path, synchronous: str = "FULL"):
         self.path = path
@@ -96,12 +110,8 @@ class PriceDb:
 
     def _open(self) -> None:
         conn = open_database(self.path, self.synchronous)
-        conn.executescript(SCHEMA)
-        for table, columns in ADDED_COLUMNS.items():
-            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-            for column in columns:
-                if column.split()[0] not in have:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        # versioned (storelink.system.schema): schema 2 adds ADDED_COLUMNS, which release 1 still reads and writes
+        ensure_schema(conn, "prices", _create, {2: _add_columns})
         self._writer = conn
 
     @property
