@@ -214,6 +214,10 @@ class EslState:
                                  (version, now))
                 self._db.execute("UPDATE pushes SET state='cancelled' WHERE version=? AND state='planned'",
                                  (version,))
+                # a tag that confirmed a later version since shows that: nothing of this one to put back
+                self._db.execute("UPDATE pushes SET state='restored' WHERE version=? AND state IN ('pushed', "
+                                 "'confirmed') AND EXISTS (SELECT 1 FROM shown s WHERE s.mac=pushes.mac "
+                                 "AND s.version > pushes.version)", (version,))
                 self._db.execute("UPDATE pushes SET state='restore_pending' WHERE version=? "
                                  "AND state IN ('pushed', 'confirmed') AND previous_content IS NOT NULL", (version,))
                 self._db.execute("UPDATE pushes SET state='no_restore' WHERE version=? "

@@ -197,9 +197,11 @@ class LabelQueue:
                 void = self._void(db, version)
                 cancelled = db.execute("UPDATE jobs SET state='cancelled', updated=? WHERE version=? "
                                        "AND kind='new' AND state='queued'", (now, version)).rowcount
+                # not where a later label was printed since (it is what the shelf shows: nothing to put back)
                 rows = [] if void else db.execute(
-                    "SELECT sku, previous, previous_version FROM jobs WHERE version=? AND kind='new' "
-                    "AND (attempts > 0 OR state='printed')", (version,)).fetchall()
+                    "SELECT j.sku, j.previous, j.previous_version FROM jobs j WHERE j.version=? AND j.kind='new' "
+                    "AND (j.attempts > 0 OR j.state='printed') AND NOT EXISTS (SELECT 1 FROM shown s "
+                    "WHERE s.sku=j.sku AND s.version > j.version)", (version,)).fetchall()
                 restored, unknown = 0, []
                 for sku, previous, previous_version in rows:
                     if previous is None:
@@ -240,7 +242,9 @@ class LabelQueue:
         out: dict[str, LabelShows] = {}
         for sku, job, attempts, shown_version, restore in rows:
             if aborted:  # a label that may have reached the printer counts as printed until its restore is
-                out[sku] = "old" if void or restore == "printed" or (job != "printed" and attempts == 0) else "new"
+                later = shown_version is not None and shown_version > version  # a later label replaced it
+                out[sku] = "old" if void or later or restore == "printed" or (job != "printed" and attempts == 0) \
+                    else "new"
             elif not_up_yet:
                 out[sku] = "old"
             elif shown_version is not None and shown_version >= version:
