@@ -188,10 +188,14 @@ class Coordinator:
                 bk.begin_transition(conn, b.batch_id, now)
             for t in infos:
                 state = "preparing" if t.online or t.role != "till" else "excluded"
+                # held: an immediate change sends HOLD to a till with holds; journalled before it is sent, so the
+                # till gets its FINAL whatever happens (FINAL to a till that holds nothing is harmless)
+                held = int(immediate and state == "preparing" and (protocols.get(t.device) or 1) >= 2)
                 conn.execute("INSERT OR REPLACE INTO targets(batch_id, device, role, state, error, updated_at, "
-                             "protocol) VALUES(?,?,?,?,?,?,?)",
+                             "protocol, held) VALUES(?,?,?,?,?,?,?,?)",
                              (b.batch_id, t.device, t.role, state,
-                              None if state == "preparing" else "offline at prepare", now, protocols.get(t.device)))
+                              None if state == "preparing" else "offline at prepare", now, protocols.get(t.device),
+                              held))
                 if state == "excluded":
                     conn.execute("INSERT INTO devices(device, role, stale, updated_at) VALUES(?,?,1,?) "
                                  "ON CONFLICT(device) DO UPDATE SET stale=1, updated_at=excluded.updated_at",
@@ -236,8 +240,6 @@ class Coordinator:
             async with gate:
                 await drv.price_prepare(change)
             if role == "till" and not b.scheduled and (protocol or 1) >= 2:
-                # journalled before it is sent: a till that may hold gets its FINAL (harmless if it does not)
-                await self.journal.set_cols(b.batch_id, device, held=1)
                 try:
                     await drv.price_hold(b.version)
                 except Exception as err:
