@@ -126,9 +126,9 @@ class Auditor:
 
     def _whole_book(self, conn: Any) -> tuple[list[Any], dict[str, int], bool, str]:
         items = list(self.book.iter_items())
-        caps = {r[0]: r[1] for r in conn.execute(
-            "SELECT c.sku, MIN(MIN(COALESCE(c.old_price, c.new_price), COALESCE(c.new_price, c.old_price))) "
-            "FROM changes c JOIN transitions t ON t.batch_id=c.batch_id GROUP BY c.sku")}
+        caps = {r[0]: r[1] for r in conn.execute(  # as book.transition_prices, over every open transition
+            "SELECT c.sku, MIN(MIN(c.old_price, c.new_price)) FROM changes c JOIN transitions t "
+            "ON t.batch_id=c.batch_id WHERE c.kind='change' AND c.old_price != c.new_price GROUP BY c.sku")}
         raising = conn.execute(
             "SELECT 1 FROM changes c JOIN transitions t ON t.batch_id=c.batch_id WHERE t.outcome != 'drift' "
             "AND c.old_price IS NOT NULL AND c.new_price > c.old_price LIMIT 1").fetchone() is not None
