@@ -108,7 +108,7 @@ def test_a_scheduled_decrease_and_increase_switch_on_time_and_never_above_the_sh
         assert any(f[-2].startswith("valid from ") for f in rig.floor.printed_labels() if f[-1].endswith("v2"))
         assert not [c for _m, c in rig.floor.ap.uploads if '"v2"' in c]
         wait_event(subscriber, "price.confirmed", version=2, timeout=30)
-        wait_for(lambda: poll.samples and poll.samples[-1][1] > time.time() - 0.5, 5, what="a recent lookup")
+        wait_for(lambda: any(x[2] == up and x[3] == 1300 for x in poll.samples), 5, what="a lookup after the end")
         poll.stop()
         assert not poll.above_shelf(), poll.above_shelf()[:5]
         assert not watch.violations, watch.violations[:5]
