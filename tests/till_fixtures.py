@@ -34,6 +34,21 @@ class Change:
     currency: str = "EUR"
 
 
+class FakeBook:
+    """A price book for driver tests (storelink.drivers.base.PriceBookView); tests override what they need."""
+
+    active_version = 0
+
+    def is_stale(self, _device: str) -> bool:
+        return False
+
+    async def alookup(self, _code: str) -> dict[str, Any] | None:
+        return None
+
+    def iter_items(self) -> list[Item]:
+        return []
+
+
 def gateway_config(tmp_path: Path, broker_port: int, devices: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "store_id": STORE,

@@ -65,7 +65,7 @@ async def _scanner(gateway: Any) -> None:
 
 
 async def _customer(gateway: Any) -> None:
-    kiosk = gateway.services["kiosk"]
+    kiosk = gateway.kiosk
     pin = Device.pin_factory.pin(MAT_PIN)
     await _wait_ok(gateway, "mat-1")
     while True:

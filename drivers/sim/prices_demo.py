@@ -51,7 +51,7 @@ async def run(gateway: Any) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-hq-prices", protocol=mqtt.MQTTv311)
     await asyncio.to_thread(client.connect, "127.0.0.1", gateway.config.mqtt.port)
     client.loop_start()
-    book = gateway.services["prices"]
+    book = gateway.device_services.prices
 
     async def publish(version: int, rows: list[dict[str, Any]]) -> None:
         b = build_batch(rows, version=version, batch_id=f"demo-v{version}", store=store, key=_state["key"])
