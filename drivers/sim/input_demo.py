@@ -19,8 +19,6 @@ from typing import Any
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
-
 MAT_PIN = 17
 SCANS: list[tuple[str, bytes]] = [
     ("EAN-13", b"]E04006381333931\r"),
@@ -98,5 +96,3 @@ async def run(gateway: Any) -> None:
         with contextlib.suppress(OSError):
             os.close(_state.pop("master"))
 
-
-DEMO_EXTENSIONS.append((prepare, run))

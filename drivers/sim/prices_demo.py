@@ -15,8 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
-
 _state: dict[str, Any] = {}
 DEMO_ITEMS = [
     {"sku": "1001", "gtin": "4006381333931", "price": 199, "unit_price": 199, "unit_basis": "l",
@@ -90,5 +88,3 @@ async def run(gateway: Any) -> None:
             client.loop_stop()
             client.disconnect()
 
-
-DEMO_EXTENSIONS.append((prepare, run))
