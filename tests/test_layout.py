@@ -6,8 +6,6 @@ import ast
 import tomllib
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"storelink": ROOT / "gateway", "storelink.drivers": ROOT / "drivers"}
 
