@@ -276,9 +276,30 @@ def json_schemas() -> list[tuple[str, type[BaseModel], dict[str, Any]]]:
     return [(topic, model, model.model_json_schema()) for topic, model in rows]
 
 
+def _untitled(value: Any) -> Any:
+    """A schema without pydantic's generated titles ("Store Id" for store_id): noise for a reader."""
+    if isinstance(value, dict):
+        return {k: _untitled(v) for k, v in value.items() if not (k == "title" and isinstance(v, str))}
+    if isinstance(value, list):
+        return [_untitled(v) for v in value]
+    return value
+
+
+def _dump(value: Any, indent: int = 0, width: int = 116) -> str:
+    """JSON with every object or list that fits in one line written on one line."""
+    flat = json.dumps(value, ensure_ascii=False)
+    if indent + len(flat) <= width or not isinstance(value, dict | list) or not value:
+        return flat
+    pad = " " * (indent + 2)
+    if isinstance(value, dict):
+        inner = [f"{pad}{json.dumps(k)}: {_dump(v, indent + 2, width)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(inner) + "\n" + " " * indent + "}"
+    return "[\n" + ",\n".join(pad + _dump(v, indent + 2, width) for v in value) + "\n" + " " * indent + "]"
+
+
 def render_schemas() -> str:
     """The generated section of docs/mqtt.md."""
     out = []
     for topic, model, schema in json_schemas():
-        out += [f"### `{topic}`: {model.__name__}", "", "```json", json.dumps(schema, indent=1), "```", ""]
+        out += [f"### `{topic}`: {model.__name__}", "", "```json", _dump(_untitled(schema)), "```", ""]
     return "\n".join(out)

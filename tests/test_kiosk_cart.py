@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from storelink.drivers.base import Health
+from tests import contract_check
 from tests.helpers import Mosquitto, Subscriber
 from tests.input_helpers import STORE, base_config, running_gateway, until
 
@@ -48,6 +49,7 @@ class HeadOfficeCarts:
         assert ready.wait(10)
 
     def _on_request(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        contract_check.check_cart_request(msg.topic, bytes(msg.payload))
         req = json.loads(msg.payload)
         self.requests.append(req)
         if req["customer"] == "silent":

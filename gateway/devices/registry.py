@@ -67,9 +67,9 @@ def available_drivers() -> dict[str, type[Driver]]:
     return {name: cls for name in driver_names() if not isinstance(cls := _load(name), str)}
 
 
-def missing_requirement(cls: type[Driver], config: DeviceConfig) -> tuple[Requirement, str] | None:
-    """The first library this device needs that is not installed, with a readable reason; None when all are."""
-    for req in cls.requirements(config):
+def missing_requirement(requirements: tuple[Requirement, ...]) -> tuple[Requirement, str] | None:
+    """The first of these libraries that is not installed, with a readable reason; None when all are."""
+    for req in requirements:
         try:
             found = importlib.util.find_spec(req.module) is not None
         except (ImportError, ValueError):  # a parent package that is missing or broken
@@ -101,12 +101,15 @@ def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceCon
         except DriverUnavailable as err:
             problems.append(f"{where}.driver: {err}")
             continue
-        try:
-            cfg = cls.config_model.model_validate(table)
-        except ValidationError as err:
-            problems += [f"{where}.{p}" for p in describe_validation_error(err)]
-            continue
-        missing = missing_requirement(cls, cfg)
+        # The driver's own libraries first (its validators may use them), then what this device's settings add.
+        missing = missing_requirement(cls.requires)
+        if missing is None:
+            try:
+                cfg = cls.config_model.model_validate(table)
+            except ValidationError as err:
+                problems += [f"{where}.{p}" for p in describe_validation_error(err)]
+                continue
+            missing = missing_requirement(cls.requirements(cfg))
         if missing is not None:
             req, why = missing
             problems.append(f"{where}.driver: {name} needs the extra {req.pip_name} "
