@@ -57,7 +57,7 @@ class DeviceHandle:
         self.since = time.time()
         self.restarts = 0
         self.next_start: float | None = None  # when a failed driver is started again (backoff)
-        self._seen_published: float | None = None
+        self.state_published_at: float | None = None
         self.driver: Driver | None = None
         self.task: asyncio.Task[None] | None = None
         self.run_task: asyncio.Task[None] | None = None
@@ -82,7 +82,7 @@ class DeviceHandle:
 
     def seen(self) -> None:
         self.last_seen = now = time.time()
-        if self._seen_published is None or now - self._seen_published >= SEEN_REPUBLISH_S:
+        if self.state_published_at is None or now - self.state_published_at >= SEEN_REPUBLISH_S:
             self._sup.publish_state(self)
 
     @property
@@ -136,7 +136,7 @@ class DeviceSupervisor:
         self._tg: asyncio.TaskGroup | None = None
 
     def publish_state(self, handle: DeviceHandle) -> None:
-        handle._seen_published = time.time()
+        handle.state_published_at = time.time()
         self._publish(self._state_topic(handle.device_id), handle.state_payload())
 
     def status(self) -> list[dict[str, Any]]:

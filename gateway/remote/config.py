@@ -235,6 +235,9 @@ class RemoteConfig(BasePart):
             elif section == "devices":
                 result = await self.devices.replace(new.device_configs)
                 log.info("devices: %s", {k: v for k, v in result.items() if v})
+                if self.devices.services.kiosk is None and any(
+                        h.driver_class.uses_kiosk_sessions for h in self.devices.devices.values()):
+                    restart.append("devices")  # the kiosk sessions a new kiosk device needs start at the next start
             elif section == "logging":
                 logging.getLogger().setLevel(new.logging.level)
                 if new.logging.journal != old.logging.journal:
