@@ -189,3 +189,19 @@ def test_kiosk_and_cart_are_installed_only_when_the_config_asks(tmp_path: Path) 
     assert names({"devices": [mat], "cart": {"enabled": False}}) == [*core[:3], "kiosk", *core[3:]]
     assert names({"cart": {"timeout": 3}}) == with_kiosk
     assert json.dumps(names({})) == json.dumps(core)
+
+
+async def test_open_live_streams_do_not_hold_up_a_stop(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The status page's and the kiosk screen's server-sent events end when the gateway stops (the SSE helper
+    never swallows the cancellation; the parts end their streams when they stop)."""
+    cfg = {**gateway_config(tmp_path, mosquitto.port, []), "cart": {"enabled": True}}
+    async with ClientSession() as http:
+        async with running(cfg) as gw:
+            base = "http://{}:{}".format(*gw.http.bound)  # type: ignore[str-format]
+            streams = [await http.get(base + path) for path in ("/api/v1/stream", "/api/v1/kiosk/kiosk-1/events")]
+            assert [(await s.content.readline()).strip() for s in streams] == [b"event: status", b"event: session"]
+            stopping = asyncio.get_running_loop().time()
+        assert asyncio.get_running_loop().time() - stopping < 2.5  # aiohttp alone would wait 60 s per stream
+        for s in streams:
+            assert await s.content.read() is not None  # the server ended the response
+            s.close()

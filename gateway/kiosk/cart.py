@@ -84,7 +84,7 @@ class KioskCart(BasePart):
         self.devices = devices
         sessions.add_listener(self.on_session)
         self._pending: dict[str, _Pending] = {}  # correlation id (hex) -> waiting request
-        self._screens: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
+        self._screens: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]] | None]]] = {}  # None: stream ends
         self.counts = {"requests": 0, "answered": 0, "timeouts": 0, "offline": 0, "printed": 0, "cleared": 0}
 
     # -- head office round trip --------------------------------------------------------------------------------
@@ -179,6 +179,12 @@ class KioskCart(BasePart):
         for queue in self._screens.get(kiosk_id, set()):
             queue.put_nowait((name, data))
 
+    async def stop(self) -> None:
+        """The part stops (the gateway is stopping): end the kiosk screens' streams."""
+        for queues in self._screens.values():
+            for queue in queues:
+                queue.put_nowait(None)
+
     def status(self) -> dict[str, Any]:
         return {"waiting": len(self._pending), "screens": sum(len(s) for s in self._screens.values()),
                 **self.counts}
@@ -227,13 +233,12 @@ class KioskCart(BasePart):
 
     async def _screen(self, kiosk_id: str) -> AsyncGenerator[tuple[str, str], None]:
         """What the kiosk's screen hears: its state now, then each session start and end."""
-        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
         self._screens.setdefault(kiosk_id, set()).add(queue)
         try:
             yield "session", json.dumps({"state": "started" if self.sessions.active(kiosk_id) else "idle"})
-            while True:
-                name, data = await queue.get()
-                yield name, json.dumps(data)
+            while (item := await queue.get()) is not None:
+                yield item[0], json.dumps(item[1])
         finally:
             self._screens[kiosk_id].discard(queue)
 

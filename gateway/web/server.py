@@ -26,6 +26,9 @@ OUTBOX_KEY: web.AppKey[Outbox] = web.AppKey("outbox", Outbox)
 STATUS_KEY: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
 HEALTH_KEY: web.AppKey[Callable[[], list[str]]] = web.AppKey("health")
 MAX_EVENTS_PER_POST = 1000
+# At a stop, requests in progress get this long before they are cancelled (aiohttp waits 60 s by default, which a
+# browser holding a live stream would add to every restart).
+SHUTDOWN_TIMEOUT = 3.0
 _ingest_list = TypeAdapter(list[IngestEvent])
 
 
@@ -122,7 +125,8 @@ class HttpServer:
 
     async def start(self) -> None:
         host, port = self.config.current.http.host_port
-        self.runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
+                                    shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
         await site.start()
