@@ -4,9 +4,10 @@ real `storelink run` and gets the same typed DeviceContext as StoreLink's driver
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
-from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
+from tests.helpers import STORELINK, GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 
 STORE = "store-0042"
 
@@ -35,21 +36,40 @@ class Probe(Driver):
             "fields": sorted(n for n in dir(ctx) if not n.startswith("_") and n not in ("config", "driver")),
         })
         await asyncio.get_running_loop().create_future()
+
+
+class HalfTill(Probe):
+    """Says it charges prices but implements only part of PriceTarget."""
+
+    price_role = "till"
+
+    async def price_prepare(self, change) -> None:
+        pass
+
+    def price_commit(self, version):  # not a coroutine
+        pass
 '''
 
 
-def test_a_retailers_driver_gets_the_typed_context(tmp_path: Path, mosquitto: Mosquitto,
-                                                   subscriber: Subscriber) -> None:
+def _install(tmp_path: Path) -> dict[str, str]:
+    """The retailer's distribution, on the gateway's path: a module and its dist-info with the entry points."""
     site = tmp_path / "site"
     dist = site / "acme_probe-1.0.dist-info"
     dist.mkdir(parents=True)
     (site / "acme_probe.py").write_text(MODULE)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-probe\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[storelink.drivers]\nacme_probe = acme_probe:Probe\n")
+    (dist / "entry_points.txt").write_text("[storelink.drivers]\nacme_probe = acme_probe:Probe\n"
+                                           "acme_half_till = acme_probe:HalfTill\n")
+    return {"PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_a_retailers_driver_gets_the_typed_context(tmp_path: Path, mosquitto: Mosquitto,
+                                                   subscriber: Subscriber) -> None:
+    env = _install(tmp_path)
     http = free_port()
     cfg = write_config(tmp_path / "storelink.toml", STORE, mosquitto.port, http,
                        '[[devices]]\nid = "probe-1"\ndriver = "acme_probe"\ngreeting = "hej"\n')
-    gw = GatewayProcess(cfg, http, env={"PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    gw = GatewayProcess(cfg, http, env=env)
     gw.start()
     try:
         events = wait_for(lambda: [e for e in subscriber.events(STORE) if e["kind"] == "probe.context"], 15,
@@ -67,3 +87,13 @@ def test_a_retailers_driver_gets_the_typed_context(tmp_path: Path, mosquitto: Mo
         assert device["driver"] == "acme_probe" and device["state"] == "ok"
     finally:
         gw.stop()
+
+
+def test_a_price_target_is_checked_against_the_protocol_when_loaded(tmp_path: Path) -> None:
+    env = {**os.environ, **_install(tmp_path)}
+    cfg = write_config(tmp_path / "storelink.toml", STORE, 1883, 8080,
+                       '[[devices]]\nid = "till-9"\ndriver = "acme_half_till"\n')
+    res = subprocess.run([STORELINK, "check-config", str(cfg)], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 1, res
+    assert ("devices[0] (id='till-9').driver: driver 'acme_half_till' declares price_role 'till' but has no async "
+            "price_commit, price_abort, price_confirmed, price_reported_version (PriceTarget)") in res.stderr
