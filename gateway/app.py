@@ -34,6 +34,7 @@ from storelink.prices.part import PricesPart
 from storelink.remote.commands import Commands
 from storelink.remote.config import RemoteConfig
 from storelink.system.watchdog import ProgressWatchdog
+from storelink.update.agent import UpdateAgent
 from storelink.uplink import Uplink
 from storelink.web.metrics import Metrics
 from storelink.web.server import HttpServer
@@ -73,9 +74,10 @@ def standard_parts(core: Core) -> list[Part]:
     config = core.config.current
     prices = PricesPart(config, core.topics, core.uplink.publish_state, core.emit, core.devices)
     core.device_services.prices = prices.book
-    commands = Commands(core.config, core.uplink, core.devices, prices, core.status)
+    update = UpdateAgent(core.config, core.uplink, core.emit)
+    commands = Commands(core.config, core.uplink, core.devices, prices, core.status, {"update": update.command()})
     parts: list[Part] = [prices, RemoteConfig(core.config, core.uplink, core.devices, core.http, core.emit),
-                         commands]
+                         commands, update]
     if wants_kiosk_sessions(config, core.devices):
         kiosk = KioskSessions(config.storage.path.parent / "kiosk", core.emit)
         core.device_services.kiosk = kiosk

@@ -18,6 +18,7 @@ from storelink.devices.registry import validate_device_tables
 from storelink.drivers.base import DeviceConfig
 from storelink.prices.models import PricesConfig
 from storelink.remote.models import CartSettings, RemoteConfigSettings
+from storelink.update.models import UpdateSettings
 from storelink.validation import Identifier, StrictModel, describe_validation_error
 
 
@@ -121,6 +122,7 @@ class GatewayConfig(StrictModel):
     prices: PricesConfig = Field(default_factory=PricesConfig)  # type: ignore[arg-type]
     remote: RemoteConfigSettings = Field(default_factory=RemoteConfigSettings)  # type: ignore[arg-type]
     cart: CartSettings = Field(default_factory=CartSettings)  # type: ignore[arg-type]
+    update: UpdateSettings = Field(default_factory=UpdateSettings)  # type: ignore[arg-type]
     # Raw device tables; each is validated by its driver's own model (storelink.devices.registry), so that a
     # retailer's driver found through an entry point is validated exactly like ours.
     devices: list[dict[str, Any]] = Field(default_factory=list)

@@ -24,6 +24,7 @@ from storelink.remote.models import (
     ConfigReported,
     SignedCommand,
 )
+from storelink.update.models import UpdateState
 from storelink.validation import Identifier, StrictModel
 
 KIND_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
@@ -59,6 +60,11 @@ class Topics:
     @property
     def config_reported(self) -> str:
         return f"{self.base}/config/reported"
+
+    @property
+    def update_state(self) -> str:
+        """Retained: the release this store runs and where its last software update stands (UpdateState)."""
+        return f"{self.base}/update/state"
 
     # downlink --------------------------------------------------------------------------------------------
     @property
@@ -251,6 +257,7 @@ def uplink_payloads(topics: Topics, kind: str = "+", device: str = "+", name: st
         (topics.device_state(device), DeviceStatePayload),
         (topics.prices_state, PricesStatePayload),
         (topics.config_reported, ConfigReported),
+        (topics.update_state, UpdateState),
         (topics.command_reply(name), CommandResponse),
         (topics.cart_request, CartRequest),
     ]

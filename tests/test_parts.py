@@ -180,13 +180,13 @@ def test_kiosk_and_cart_are_installed_only_when_the_config_asks(tmp_path: Path) 
 
         return [p.name for p in Gateway(parse_config({**base, **extra}, "<test>")).parts.parts]
 
-    core = ["prices", "config", "commands", "status_page", "metrics"]
+    core = ["prices", "config", "commands", "update", "status_page", "metrics"]
     assert names({"devices": [{"id": "till-1", "driver": "till_tcp"}]}) == core
     assert names({"cart": {"enabled": False}}) == core
     mat = {"id": "mat-1", "driver": "kiosk_mat", "pin": 17}
-    with_kiosk = [*core[:3], "kiosk", "cart", *core[3:]]
+    with_kiosk = [*core[:4], "kiosk", "cart", *core[4:]]
     assert names({"devices": [mat]}) == with_kiosk
-    assert names({"devices": [mat], "cart": {"enabled": False}}) == [*core[:3], "kiosk", *core[3:]]
+    assert names({"devices": [mat], "cart": {"enabled": False}}) == [*core[:4], "kiosk", *core[4:]]
     assert names({"cart": {"timeout": 3}}) == with_kiosk
     assert json.dumps(names({})) == json.dumps(core)
 

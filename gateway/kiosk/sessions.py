@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from storelink.outbox import iso_ts
 from storelink.parts import BasePart
+from storelink.system.schema import ensure_schema
 from storelink.validation import is_identifier
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ class KioskSessions(BasePart):
         conn.execute("PRAGMA synchronous=FULL")
         # Deleted content is overwritten with zeros instead of left in free pages for a forensic tool.
         conn.execute("PRAGMA secure_delete=ON")
-        conn.executescript(_SCHEMA)
+        ensure_schema(conn, "kiosk", lambda c: c.executescript(_SCHEMA))  # versioned: see storelink.system.schema
         with self._db_lock:
             self._db = conn
 

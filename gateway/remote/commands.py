@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,7 @@ class RestartArgs(_Args):
 
 @dataclass(frozen=True)
 class Command:
-    args: type[_Args]
+    args: type[StrictModel]  # the arguments model; unknown keys are refused
     changes_something: bool
     run: Callable[[Any], Awaitable[Any]]
     help: str
@@ -86,7 +86,8 @@ class Commands(BasePart):
     name = "commands"
 
     def __init__(self, config: RunningConfig, uplink: Uplink, devices: DeviceSupervisor, prices: PricesPart | None,
-                 status: Callable[[], dict[str, Any]]):
+                 status: Callable[[], dict[str, Any]], more: Mapping[str, Command] | None = None):
+        """``more``: commands other parts run (the update agent's ``update``), by name."""
         self.config = config
         self.uplink = uplink
         self.topics = uplink.topics
@@ -101,6 +102,7 @@ class Commands(BasePart):
             "reprint-labels": Command(ReprintArgs, True, self._reprint, "print/push labels again: skus or all"),
             "resync-prices": Command(NoArgs, True, self._resync, "re-check devices and ask for a resend if behind"),
             "restart-device": Command(RestartArgs, True, self._restart, "restart one device's driver"),
+            **(more or {}),
         }
 
     def subscriptions(self) -> list[Subscription]:

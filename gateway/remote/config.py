@@ -38,7 +38,7 @@ from storelink.web.server import HttpServer
 log = logging.getLogger(__name__)
 
 # Sections applied by swapping the running config (they are read at each use) or by the code below.
-SWAP_ONLY = {"trust", "config_version", "remote"}
+SWAP_ONLY = {"trust", "config_version", "remote", "update"}
 # Secrets head office may leave out of the desired config: the store keeps its own (see docs/operations.md).
 LOCAL_SECRETS = (("mqtt", "password"), ("http", "token"))
 
