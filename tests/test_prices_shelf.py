@@ -227,3 +227,35 @@ def test_an_access_point_that_disappears_ends_in_drift_at_the_deadline(
         assert not watch.violations, watch.violations[:5]
     finally:
         rig.close()
+
+
+def test_a_pos_that_imports_price_files_gets_an_increase_once_the_labels_show_it(
+        tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:
+    """plu_file keeps no holds (a POS reads a whole file): a change that lowers prices is committed to it at the
+    decision, one that raises a price only once every label shows the new prices."""
+    pos = tmp_path / "pos"
+    pos.mkdir()
+    rig = Rig(tmp_path, mosquitto, checkin=1.5, print_seconds=0.3)
+    rig.config.write_text(rig.config.read_text() + f'[[devices]]\nid = "pos"\ndriver = "plu_file"\n'
+                                                   f'directory = "{pos}"\ncheck_interval = 1\n')
+    try:
+        rig.start_on_version_1(subscriber, 8, 1000)
+        assert (pos / "prices_1.csv").exists()
+        rows = items(8, base=1000)
+        rows[3]["price"] = 900  # a decrease only: committed to the POS at the decision
+        rig.hq.batch(batch(rig.key, 2, rows))
+        wait_event(subscriber, "price.committed", version=2, timeout=20)
+        assert (pos / "prices_2.csv").exists()
+        rows[3]["price"], rows[1]["price"] = 900, 1300  # raises SKU000001 (tag and paper)
+        rig.hq.batch(batch(rig.key, 3, rows))
+        e = wait_event(subscriber, "price.committed", version=3, timeout=20)
+        assert e["data"]["devices"]["pos"] == "deferred" and not (pos / "prices_3.csv").exists()
+        wait_for(lambda: _state(rig)["devices"]["pos"]["state"] == "held_back", 5, what="the POS shown held back")
+        assert _state(rig)["devices"]["pos"]["version"] == 2
+        assert rig.floor.tag_price("SKU000001") != 1300 or rig.floor.paper("SKU000001") != (1300, 3)
+        wait_event(subscriber, "price.confirmed", version=3, timeout=30)
+        wait_for(lambda: (pos / "prices_3.csv").exists(), 10, what="the POS file once the labels show the increase")
+        assert rig.floor.tag_price("SKU000001") == 1300 and rig.floor.paper("SKU000001") == (1300, 3)
+        wait_for(lambda: _state(rig)["devices"]["pos"]["state"] == "current", 10, what="the POS current")
+    finally:
+        rig.close()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from storelink.drivers.base import TagStateReporting, TillPriceTarget
 from storelink.prices.book import PriceBook
 from storelink.prices.coordinator import Coordinator
 from storelink.prices.db import PriceDb, get_meta
@@ -98,7 +99,7 @@ class Auditor:
             return
         await self._set_stale(device, True, reported)
         async with self.coord.lock:
-            drv = self.coord.targets.driver(device)
+            drv = self.coord.targets.till(device)
             if drv is None or self.book.active_version != active:
                 return
             can_hold = bool(drv.price_can_hold)
@@ -134,7 +135,7 @@ class Auditor:
             "AND c.old_price IS NOT NULL AND c.new_price > c.old_price LIMIT 1").fetchone() is not None
         return items, caps, raising, str(get_meta(conn, "active_batch", ""))
 
-    async def _prepare_queued(self, device: str, drv: Any) -> None:
+    async def _prepare_queued(self, device: str, drv: TillPriceTarget) -> None:
         """Stage the scheduled batches the other tills already hold, so this one switches with them."""
         async with self.scheduler.lock:
             for b in await self.coord.journal.batches("phase='commit_decided'"):
@@ -186,7 +187,7 @@ class Auditor:
             expected = self.book.version_for(t.device) if t.role == "till" else took_part.get(t.device)
             if expected and reported != expected and not (t.role == "label" and in_transition):
                 drift[t.device] = f"reports version {reported}, expected {expected}"
-            if t.role == "label" and hasattr(drv, "tag_states"):  # only ESL systems can be read back
+            if t.role == "label" and isinstance(drv, TagStateReporting):  # only ESL systems can be read back
                 try:
                     tags = await drv.tag_states()
                 except Exception as err:

@@ -12,43 +12,36 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Literal
+
+from storelink.contract import ClockReport
 
 TIME_ERROR = 5  # adjtimex's clock state "not synchronised"
 _TIMEX_SIZE = 512  # struct timex is 208 bytes on 64-bit Linux; a larger zeroed buffer leaves room for any ABI
 
 
-@dataclass(frozen=True)
-class ClockState:
-    synchronised: bool | None  # None: the kernel could not tell
-    source: str  # "adjtimex" or "config"
-    detail: str
-    checked_at: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def _report(synchronised: bool | None, source: Literal["adjtimex", "config"], detail: str) -> ClockReport:
+    return ClockReport(synchronised=synchronised, source=source, detail=detail, checked_at=time.time())
 
 
-def kernel_clock_state() -> ClockState:
+def kernel_clock_state() -> ClockReport:
     """Ask the kernel (adjtimex with modes = 0: read only)."""
-    now = time.time()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         buf = ctypes.create_string_buffer(_TIMEX_SIZE)  # modes (the first field) = 0: change nothing
         state = int(libc.adjtimex(buf))
     except (OSError, AttributeError) as err:
-        return ClockState(None, "adjtimex", f"adjtimex unavailable: {err}", now)
+        return _report(None, "adjtimex", f"adjtimex unavailable: {err}")
     if state < 0:
-        return ClockState(None, "adjtimex", f"adjtimex failed: errno {ctypes.get_errno()}", now)
+        return _report(None, "adjtimex", f"adjtimex failed: errno {ctypes.get_errno()}")
     if state == TIME_ERROR:
-        return ClockState(False, "adjtimex", "the kernel marks the clock unsynchronised (no NTP sync)", now)
-    return ClockState(True, "adjtimex", f"synchronised (clock state {state})", now)
+        return _report(False, "adjtimex", "the kernel marks the clock unsynchronised (no NTP sync)")
+    return _report(True, "adjtimex", f"synchronised (clock state {state})")
 
 
-def clock_state(setting: Literal["auto"] | bool) -> ClockState:
+def clock_state(setting: Literal["auto"] | bool) -> ClockReport:
     """`[prices] clock_synchronised`: "auto" asks the kernel; true/false is taken as said (tests, or a store with
     another time reference)."""
     if setting == "auto":
         return kernel_clock_state()
-    return ClockState(bool(setting), "config", "[prices] clock_synchronised = " + str(setting).lower(), time.time())
+    return _report(bool(setting), "config", "[prices] clock_synchronised = " + str(setting).lower())

@@ -175,8 +175,8 @@ class Coordinator:
         immediate = b.effective_at is None or b.effective_at <= now
         protocols: dict[str, int | None] = {}
         for t in infos:
-            drv = self.targets.driver(t.device) if t.role == "till" else None
-            can_hold = drv.price_can_hold if drv is not None else None
+            till = self.targets.till(t.device) if t.role == "till" else None
+            can_hold = till.price_can_hold if till is not None else None
             protocols[t.device] = None if can_hold is None else (2 if can_hold else 1)
 
         def txn(conn: Any) -> int:
@@ -240,8 +240,11 @@ class Coordinator:
             async with gate:
                 await drv.price_prepare(change)
             if role == "till" and not b.scheduled and (protocol or 1) >= 2:
+                till = self.targets.holding(device)
                 try:
-                    await drv.price_hold(b.version)
+                    if till is None:
+                        raise ConnectionError("it went offline")
+                    await till.price_hold(b.version)
                 except Exception as err:
                     raise PrepareFailed(f"till {device} did not take HOLD {b.version}: {err}") from err
             await self.journal.set_target(b.batch_id, device, "prepared")

@@ -21,9 +21,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from storelink.contract import Topics
+from storelink.contract import ClockReport, Topics
 from storelink.prices.book import PriceBook
-from storelink.prices.clock import ClockState
 from storelink.prices.db import PriceDb
 from storelink.prices.models import IN_PROGRESS, ChunkMessage, Desired, Manifest, PricesConfig, Reason
 from storelink.prices.staging import Outcome, Rejected, Staging, _loads_object, decode_chunk
@@ -36,7 +35,7 @@ Emit = Callable[[str, dict[str, Any]], Awaitable[Any]]
 class Intake:
     def __init__(self, db: PriceDb, cfg: PricesConfig, staging: Staging, book: PriceBook, topics: Topics,
                  groups: list[str], emit: Emit, on_change: Callable[[], None], on_complete: Callable[[], None],
-                 clock: Callable[[], ClockState]):
+                 clock: Callable[[], ClockReport]):
         self.db = db
         self.cfg = cfg
         self.staging = staging

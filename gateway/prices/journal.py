@@ -153,7 +153,10 @@ class Journal:
                 if drv is None:
                     return False
                 try:
-                    await getattr(drv, f"price_{action}")(b.version)
+                    if action == "commit":
+                        await drv.price_commit(b.version)
+                    else:
+                        await drv.price_abort(b.version)
                 except Exception as err:
                     log.info("batch %s: %s to %s failed (%s); retrying", b.batch_id, action.upper(), row.device, err)
                     return False

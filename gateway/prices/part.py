@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from aiohttp import web
+
+from storelink.config import GatewayConfig
+from storelink.contract import ClockReport, PricesStatePayload, Topics
+from storelink.devices.supervisor import DeviceSupervisor
+from storelink.drivers.base import EventRef
+from storelink.parts import BasePart, Subscription
 from storelink.prices.audit import Auditor
 from storelink.prices.book import PriceBook
-from storelink.prices.clock import ClockState, clock_state
+from storelink.prices.clock import clock_state
 from storelink.prices.coordinator import Coordinator
 from storelink.prices.db import PriceDb
+from storelink.prices.http import routes
 from storelink.prices.intake import Intake
 from storelink.prices.models import PricesConfig
 from storelink.prices.schedule import Scheduler
@@ -20,26 +29,27 @@ from storelink.prices.settle import Settler
 from storelink.prices.staging import Staging
 from storelink.prices.state import StatePublisher, build_state
 from storelink.prices.targets import Targets
-from storelink.uplink import Downlink
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.uplink import StatePayload
 
 log = logging.getLogger(__name__)
 EVENT_DEVICE = "prices"  # the `device` of every price.* event
 
+EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
 
-class PricesPart:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-        conf = gateway.config
+
+class PricesPart(BasePart):
+    name = "prices"
+
+    def __init__(self, conf: GatewayConfig, topics: Topics, publish_state: Callable[[str, StatePayload], None],
+                 emit: EmitFn, devices: DeviceSupervisor):
+        self.store_id = conf.store_id
+        self._emit = emit
         self.cfg: PricesConfig = conf.prices
         path = self.cfg.path or conf.storage.path.parent / "prices.db"
         self.db = PriceDb(path, conf.storage.synchronous)
         self.ready = asyncio.Event()
-        self.targets = Targets(gateway)
-        self.state = StatePublisher(self.db, self._build_state,
-                                    lambda body: gateway.uplink.publish_state(gateway.topics.prices_state, body))
+        self.targets = Targets(devices)
+        self.state = StatePublisher(self.db, self._build_state, lambda body: publish_state(topics.prices_state, body))
         self.book = PriceBook(self.db, is_stale=lambda device: self.auditor.is_stale(device),
                               held_back=lambda device: self.settler.held_back.get(device))
         self.staging = Staging(self.db, self.cfg, conf.store_id, list(conf.groups), list(conf.trust.public_keys))
@@ -50,16 +60,14 @@ class PricesPart:
                                self.state.mark)
         self.settler = Settler(self.db, self.cfg, self.coordinator.journal, self.targets, self.emit, self.state.mark,
                                self.auditor.set_label_drift)
-        self.intake = Intake(self.db, self.cfg, self.staging, self.book, gateway.topics, list(conf.groups),
+        self.intake = Intake(self.db, self.cfg, self.staging, self.book, topics, list(conf.groups),
                              self.emit, self.state.mark, self.coordinator.wake.set, self.clock)
-        self._clock: ClockState | None = None
-        for topic, handler in self.intake.subscriptions():
-            gateway.uplink.subscribe(topic, self._when_ready(handler))
+        self._clock: ClockReport | None = None
 
-    async def emit(self, kind: str, data: dict[str, Any]) -> Any:
-        return await self.gateway.emit(kind, EVENT_DEVICE, data)
+    async def emit(self, kind: str, data: dict[str, Any]) -> EventRef:
+        return await self._emit(kind, EVENT_DEVICE, data)
 
-    def clock(self) -> ClockState:
+    def clock(self) -> ClockReport:
         """The clock's synchronisation, asked again at most every 10 s (a cheap syscall, but asked per manifest)."""
         if self._clock is None or time.time() - self._clock.checked_at > 10:
             before, self._clock = self._clock, clock_state(self.cfg.clock_synchronised)
@@ -71,30 +79,34 @@ class PricesPart:
         self.scheduler.wake.set()
         self.settler.wake.set()
 
-    def _when_ready(self, handler: Callable[[Downlink], Awaitable[None]]) -> Callable[[Downlink], Awaitable[None]]:
-        async def wrapped(down: Downlink) -> None:
-            await self.ready.wait()  # a message can arrive before the database is open
-            await handler(down)
+    def subscriptions(self) -> list[Subscription]:
+        return [Subscription(topic, handler) for topic, handler in self.intake.subscriptions()]
 
-        return wrapped
+    def routes(self) -> list[web.RouteDef]:
+        return routes(self.book, self.state, self.ready)
 
-    def _build_state(self, conn: Any) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        return self.state.latest
+
+    def _build_state(self, conn: sqlite3.Connection) -> PricesStatePayload:
         devices = [(t.device, t.role) for t in self.targets.all()]
-        return build_state(conn, self.gateway.config.store_id, devices, self.auditor.stale, self.auditor.drift,
-                           self.coordinator.current, self.clock().as_dict(), self.settler.held_back)
+        return build_state(conn, self.store_id, devices, self.auditor.stale, self.auditor.drift,
+                           self.coordinator.current, self.clock(), self.settler.held_back)
 
-    async def run(self) -> None:
+    async def start(self) -> None:
         await asyncio.to_thread(self.db.open)
         await self.auditor.load()
         self.ready.set()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.state.run(), name="prices-state")
-                tg.create_task(self.coordinator.run(), name="prices-coordinator")
-                tg.create_task(self.scheduler.run(), name="prices-scheduler")
-                tg.create_task(self.settler.run(), name="prices-settler")
-                tg.create_task(self.auditor.run(), name="prices-audit")
-                tg.create_task(self.intake.run(), name="prices-intake")
-        finally:
-            self.ready.clear()
-            await asyncio.to_thread(self.db.close)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.state.run(), name="prices-state")
+            tg.create_task(self.coordinator.run(), name="prices-coordinator")
+            tg.create_task(self.scheduler.run(), name="prices-scheduler")
+            tg.create_task(self.settler.run(), name="prices-settler")
+            tg.create_task(self.auditor.run(), name="prices-audit")
+            tg.create_task(self.intake.run(), name="prices-intake")
+
+    async def stop(self) -> None:
+        self.ready.clear()
+        await asyncio.to_thread(self.db.close)

@@ -270,8 +270,8 @@ class Settler:
             keep = await self.db.read(self._keep, batch_id, version, bool(catchup))
             if final_left is not None and final_left == len(keep):
                 continue
-            drv = self.targets.driver(device)
-            if drv is None or not drv.price_can_hold:
+            drv = self.targets.holding(device)
+            if drv is None:
                 await self._gone(batch_id, device, "FINAL")
                 continue  # away (or now without holds): the holds stay until it is back
             try:
@@ -307,7 +307,7 @@ class Settler:
         for device, batch_id in first.items():
             if open_.get(batch_id) not in (None, "drift"):
                 continue
-            drv = self.targets.driver(device)
+            drv = self.targets.till(device)
             if drv is None:
                 await self._gone(batch_id, device, "COMMIT")
                 continue

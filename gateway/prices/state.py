@@ -13,13 +13,22 @@ commit or an abort not yet known to show it), ``undelivered`` (it has not taken 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
+from storelink.contract import (
+    ClockReport,
+    LabelShowsState,
+    LastBatch,
+    PendingBatch,
+    PriceDeviceState,
+    PricesStatePayload,
+    ScheduledBatch,
+    TransitionState,
+)
 from storelink.outbox import iso_ts
 from storelink.prices.db import PriceDb, get_meta
 from storelink.prices.models import IN_PROGRESS
@@ -27,29 +36,34 @@ from storelink.prices.models import IN_PROGRESS
 log = logging.getLogger(__name__)
 
 
+Role = Literal["till", "label"]
+Standing = Literal["current", "stale", "pending", "unknown", "holding", "held_back", "confirming", "restoring",
+                   "undelivered", "drift"]
+
+
 def _ts(value: float | None) -> str | None:
     return iso_ts(value) if value else None
 
 
-def _label_standing(shows: dict[str, Any] | None) -> str:
-    if not shows:
+def _label_standing(shows: LabelShowsState | None) -> Standing:
+    if shows is None:
         return "current"
-    if shows.get("undelivered"):
+    if shows.undelivered:
         return "undelivered"
-    batches = shows.get("batches") or []
-    if any(x.get("past_deadline") for x in batches):
+    if any(x.past_deadline for x in shows.batches):
         return "drift"
-    return "restoring" if any(x.get("outcome") == "aborted" for x in batches) else "confirming"
+    if any(x.outcome == "aborted" for x in shows.batches):
+        return "restoring"
+    return "confirming" if shows.batches else "current"
 
 
-def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str, str]], stale: set[str],
-                drift: dict[str, str], current: str | None, clock: dict[str, Any],
-                held_back: dict[str, int]) -> dict[str, Any]:
+def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str, Role]], stale: set[str],
+                drift: dict[str, str], current: str | None, clock: ClockReport,
+                held_back: dict[str, int]) -> PricesStatePayload:
     active = int(get_meta(conn, "active_version", "0") or 0)
     now = time.time()
-    waiting = ("SELECT batch_id, version, effective_at, decided_at FROM batches WHERE phase='commit_decided' "
-               "AND effective_at > ? ORDER BY version")
-    scheduled = conn.execute(waiting, (now,)).fetchall()
+    scheduled = conn.execute("SELECT batch_id, version, effective_at, decided_at FROM batches "
+                             "WHERE phase='commit_decided' AND effective_at > ? ORDER BY version", (now,)).fetchall()
     pending = conn.execute(
         "SELECT batch_id, version, phase, effective_at, chunks_done, chunks_total, item_count, changed, received_at "
         f"FROM batches WHERE phase IN ({','.join('?' * len(IN_PROGRESS))}) AND NOT (phase='commit_decided' "
@@ -66,10 +80,11 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
     holding = {r[0] for r in conn.execute(
         "SELECT DISTINCT t.device FROM targets t JOIN batches b ON b.batch_id=t.batch_id WHERE t.role='till' "
         "AND t.held=1 AND (t.final_left IS NULL OR t.final_left > 0) AND b.phase IN ('done','aborted','committed')")}
-    out_devices: dict[str, Any] = {}
+    out_devices: dict[str, PriceDeviceState] = {}
+    standing: Standing
     for device, role in devices:
         version, was_stale, shows_json = known.get(device, (None, 0, None))
-        shows = json.loads(shows_json) if shows_json else None
+        shows = LabelShowsState.model_validate_json(shows_json) if shows_json else None
         if device in in_batch and in_batch[device] not in ("excluded",):
             standing = "pending"
         elif device in stale or (was_stale and role == "till"):
@@ -84,39 +99,37 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
             standing = "stale"
         else:
             standing = "holding" if device in holding else "current"
-        entry = {"role": role, "version": held_back.get(device, version), "state": standing,
-                 "batch_state": in_batch.get(device), "drift": drift.get(device)}
-        if role == "label":
-            entry["shows"] = shows
-        out_devices[device] = entry
-    return {
-        "store_id": store_id,
-        "active_version": active,
-        "active_batch": get_meta(conn, "active_batch"),
-        "currency": get_meta(conn, "currency"),
-        "active_since": _ts(float(get_meta(conn, "active_since", "0") or 0)),
-        "items": conn.execute("SELECT COUNT(*) FROM book").fetchone()[0],
-        "pending": None if pending is None else {
-            "batch_id": pending[0], "version": pending[1], "phase": pending[2],
-            "effective_at": _ts(pending[3]), "chunks_done": pending[4], "chunks_total": pending[5],
-            "items": pending[6], "changed": pending[7], "received_at": _ts(pending[8]),
-            "running": current == pending[0],
-        },
-        "scheduled": [{"batch_id": r[0], "version": r[1], "effective_at": _ts(r[2]), "decided_at": _ts(r[3])}
-                      for r in scheduled],
-        "transition": [{"batch_id": b, "outcome": o, "skus": n} for b, o, n in transition],
-        "last": None if last is None else {"batch_id": last[0], "version": last[1], "outcome": last[2],
-                                           "reason": last[3], "at": _ts(last[4])},
-        "devices": out_devices,
-        "drift": len(drift),
-        "clock": clock,
-        "updated_at": iso_ts(now),
-    }
+        out_devices[device] = PriceDeviceState(role=role, version=held_back.get(device, version), state=standing,
+                                               batch_state=in_batch.get(device), drift=drift.get(device),
+                                               shows=shows if role == "label" else None)
+    return PricesStatePayload(
+        store_id=store_id,
+        active_version=active,
+        active_batch=get_meta(conn, "active_batch"),
+        currency=get_meta(conn, "currency"),
+        active_since=_ts(float(get_meta(conn, "active_since", "0") or 0)),
+        items=conn.execute("SELECT COUNT(*) FROM book").fetchone()[0],
+        pending=None if pending is None else PendingBatch(
+            batch_id=pending[0], version=pending[1], phase=pending[2],
+            effective_at=_ts(pending[3]), chunks_done=pending[4], chunks_total=pending[5],
+            items=pending[6], changed=pending[7], received_at=_ts(pending[8]),
+            running=current == pending[0],
+        ),
+        scheduled=[ScheduledBatch(batch_id=r[0], version=r[1], effective_at=_ts(r[2]), decided_at=_ts(r[3]))
+                   for r in scheduled],
+        transition=[TransitionState(batch_id=b, outcome=o, skus=n) for b, o, n in transition],
+        last=None if last is None else LastBatch(batch_id=last[0], version=last[1], outcome=last[2],
+                                                 reason=last[3], at=_ts(last[4])),
+        devices=out_devices,
+        drift=len(drift),
+        clock=clock,
+        updated_at=iso_ts(now),
+    )
 
 
 class StatePublisher:
-    def __init__(self, db: PriceDb, build: Callable[[sqlite3.Connection], dict[str, Any]],
-                 publish: Callable[[dict[str, Any]], None]):
+    def __init__(self, db: PriceDb, build: Callable[[sqlite3.Connection], PricesStatePayload],
+                 publish: Callable[[PricesStatePayload], None]):
         self.db = db
         self.build = build
         self.publish = publish
@@ -128,11 +141,12 @@ class StatePublisher:
 
     async def current(self) -> dict[str, Any]:
         """The state as it is on disk now (for GET /api/v1/prices/state: publishing is the run loop's job)."""
-        return await self.db.read(self.build)
+        return (await self.db.read(self.build)).model_dump()
 
     async def refresh(self) -> dict[str, Any]:
-        self.latest = await self.current()
-        self.publish(self.latest)
+        report = await self.db.read(self.build)
+        self.publish(report)
+        self.latest = report.model_dump()
         return self.latest
 
     async def run(self) -> None:
