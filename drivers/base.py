@@ -318,15 +318,16 @@ def price_target_problem(cls: type[Driver]) -> str | None:
         return None
     if cls.price_role not in ("till", "label"):
         return f"price_role must be 'till' or 'label', not {cls.price_role!r}"
-    wanted = PRICE_TARGET_METHODS + ROLE_METHODS[cls.price_role]
+    role = ROLE_METHODS[cls.price_role]
     if cls.price_role == "till" and any(hasattr(cls, m) for m in HOLD_METHODS):
-        wanted += HOLD_METHODS
-    missing = [m for m in wanted if not inspect.iscoroutinefunction(getattr(cls, m, None))]
-    kind = "TillPriceTarget" if cls.price_role == "till" else "LabelPriceTarget"
-    if missing:
-        return f"declares price_role {cls.price_role!r} but has no async {', '.join(missing)} ({kind})"
+        role = HOLD_METHODS
+    for protocol, methods in (("PriceTarget", PRICE_TARGET_METHODS),
+                              ("HoldingTillTarget" if cls.price_role == "till" else "LabelPriceTarget", role)):
+        missing = [m for m in methods if not inspect.iscoroutinefunction(getattr(cls, m, None))]
+        if missing:
+            return f"declares price_role {cls.price_role!r} but has no async {', '.join(missing)} ({protocol})"
     if cls.price_role == "till" and not isinstance(getattr(cls, "price_can_hold", None), property):
-        return f"declares price_role 'till' but has no property price_can_hold ({kind})"
+        return "declares price_role 'till' but has no property price_can_hold (TillPriceTarget)"
     return None
 
 
