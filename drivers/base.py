@@ -10,11 +10,22 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 DEVICE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def _port_is_a_number(value: Any) -> Any:
+    if isinstance(value, str):  # pydantic would quietly turn "8883" into 8883: a quoted number is a typo here
+        hint = f"write {value.strip()} without quotes" if value.strip().isdigit() else "1 to 65535"
+        raise ValueError(f"a TCP port is a number, not the string {value!r} ({hint})")
+    return value
+
+
+# A TCP port in any config (the broker's, a printer's): an integer 1..65535; a string or a float is an error.
+TcpPort = Annotated[int, BeforeValidator(_port_is_a_number), Field(ge=1, le=65535, strict=True)]
 
 
 class DeviceConfig(BaseModel):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, TcpPort
 
 if TYPE_CHECKING:
     from escpos.escpos import Escpos
@@ -58,7 +58,7 @@ class EscposPrinterConfig(DeviceConfig):
     driver: Literal["escpos_printer"] = "escpos_printer"
     connection: Literal["network", "serial", "usb", "file"] = "network"
     host: str | None = Field(None, description="printer address (network)")
-    port: int = Field(9100, ge=1, le=65535)
+    port: TcpPort = 9100
     serial_port: str | None = Field(None, description="for example /dev/ttyUSB0 (serial)")
     baudrate: int = Field(19200, ge=300, le=921600)
     usb_vendor_id: int | None = Field(None, ge=0, le=0xFFFF, description="USB id (usb; needs pyusb)")

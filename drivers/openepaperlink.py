@@ -46,16 +46,22 @@ def normalize_mac(mac: str) -> str:
 def read_tags_file(path: Path) -> dict[str, str]:
     """`sku,mac` lines (a header line and # comments allowed) -> {sku: mac}. ValueError names the line."""
     out: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row or row[0].lstrip().startswith("#") or (n == 1 and row[0].strip().lower() == "sku"):
-                continue
-            if len(row) != 2 or not row[0].strip():
-                raise ValueError(f"{path}:{n}: expected 'sku,mac', got {','.join(row)!r}")
-            try:
-                out[row[0].strip()] = normalize_mac(row[1])
-            except ValueError as err:
-                raise ValueError(f"{path}:{n}: {err}") from err
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except OSError as err:  # check-config names the file, no traceback
+        raise ValueError(f"cannot read tags_file {path}: {(err.strerror or str(err)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"tags_file {path} is not UTF-8 text") from None
+    for n, row in enumerate(rows, 1):
+        if not row or row[0].lstrip().startswith("#") or (n == 1 and row[0].strip().lower() == "sku"):
+            continue
+        if len(row) != 2 or not row[0].strip():
+            raise ValueError(f"{path}:{n}: expected 'sku,mac', got {','.join(row)!r}")
+        try:
+            out[row[0].strip()] = normalize_mac(row[1])
+        except ValueError as err:
+            raise ValueError(f"{path}:{n}: {err}") from err
     return out
 
 

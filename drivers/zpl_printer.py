@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, TcpPort
 from storelink.drivers.label_queue import LabelQueue, NewLabel
 from storelink.drivers.zpl_label import (
     HOST_STATUS_QUERY,
@@ -45,7 +45,7 @@ class ZplPrinterConfig(DeviceConfig):
     driver: Literal["zpl_printer"] = "zpl_printer"
     connection: Literal["tcp", "serial"] = "tcp"
     host: str | None = Field(None, description="printer address (connection = tcp)")
-    port: int = Field(9100, ge=1, le=65535)
+    port: TcpPort = 9100
     serial_port: str | None = Field(None, description="for example /dev/ttyUSB0 (connection = serial)")
     baudrate: int = Field(9600, ge=300, le=921600)
     layout: LabelLayout = Field(default_factory=LabelLayout)  # type: ignore[arg-type]

@@ -6,13 +6,15 @@ store ends up running with a default nobody chose. Errors name the file and the 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from storelink.drivers.base import TcpPort
 from storelink.prices.models import PricesConfig
 from storelink.remote.models import CartSettings, RemoteConfigSettings
 
@@ -47,7 +50,7 @@ class TlsConfig(Strict):
 
 class MqttConfig(Strict):
     host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
+    port: TcpPort = 1883
     username: str | None = None
     password: str | None = Field(None, repr=False)
     tls: TlsConfig | None = None
@@ -110,10 +113,19 @@ class HttpConfig(Strict):
         return _parse_listen(self.listen)
 
 
+def _usable_public_key(text: str) -> str:
+    from storelink.remote.signing import load_public_key
+
+    load_public_key(text)  # ValueError says what is wrong (not base64, no such file, not Ed25519)
+    return text
+
+
 class TrustConfig(Strict):
     """Head-office Ed25519 public keys (base64 of the 32 raw bytes, or a PEM file path)."""
 
-    public_keys: list[str] = Field(default_factory=list)
+    # Each one is loaded at check time: a key that cannot verify anything is a config error, not a later
+    # "bad signature" on every price batch.
+    public_keys: list[Annotated[str, AfterValidator(_usable_public_key)]] = Field(default_factory=list)
 
 
 class LoggingConfig(Strict):
@@ -169,28 +181,66 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def describe_validation_error(err: ValidationError) -> list[str]:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`TlsConfig | None`, `list[X]`), if there is one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+def _keys_beside(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str]:
+    """The keys `model` accepts in the table that holds `loc` (for "did you mean"); [] when unknown."""
+    current = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list's item model was already taken from its annotation
+        field = current.model_fields.get(part) if current is not None else None
+        current = _model_in(field.annotation) if field is not None else None
+    return list(current.model_fields) if current is not None else []
+
+
+def describe_validation_error(err: ValidationError, model: type[BaseModel] | None = None,
+                              where: str = "") -> list[str]:
+    """One line per problem, ``dotted.key: what is wrong``, in words a store's installer can act on. With the
+    model that was validated, an unknown key also names the closest key it knows (a typo's likely fix).
+    `where` is the path of the validated table itself (``devices[0] (id='till-1')``)."""
     problems = []
     for e in err.errors():
-        key = _loc(tuple(e["loc"]))
+        inner = _loc(tuple(e["loc"])) if e["loc"] else ""
+        key = f"{where}.{inner}" if where and inner else (where or inner or "(top level)")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_beside(model, tuple(e["loc"])), n=1)
+            if close:
+                msg += f" (did you mean {close[0]!r}?)"
+        elif e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == STORE_ID_RE:
+            msg = "must be 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or a digit"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # our own validators' text, without pydantic's label
         problems.append(f"{key}: {msg}")
     return problems
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfig:
+    """Validate a whole config in one pass: top-level and device problems are reported together."""
     from storelink.devices.registry import validate_device_tables
 
+    problems: list[str] = []
+    cfg: GatewayConfig | None = None
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, describe_validation_error(err)) from None
-    devices, problems = validate_device_tables(cfg.devices)
-    if problems:
+        problems += describe_validation_error(err, GatewayConfig)
+    tables = data.get("devices", []) if isinstance(data, dict) else []
+    devices, device_problems = validate_device_tables(tables if isinstance(tables, list) else [])
+    problems += device_problems
+    if problems or cfg is None:
         raise ConfigError(source, problems)
     cfg._device_configs = devices
     return cfg

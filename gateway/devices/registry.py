@@ -50,7 +50,7 @@ def available_drivers() -> dict[str, type[Driver]]:
     return {name: cls for name in driver_names() if (cls := load_driver(name)) is not None}
 
 
-def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceConfig], list[str]]:
+def validate_device_tables(tables: list[Any]) -> tuple[list[DeviceConfig], list[str]]:
     """Validate each table with its driver's model. Returns (configs, problems); problems name the key."""
     from storelink.config import describe_validation_error
 
@@ -58,6 +58,8 @@ def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceCon
     problems: list[str] = []
     seen_ids: set[str] = set()
     for i, table in enumerate(tables):
+        if not isinstance(table, dict):
+            continue  # the top-level model reports a `devices` entry that is not a table
         where = f"devices[{i}]"
         if isinstance(table.get("id"), str):
             where += f" (id={table['id']!r})"
@@ -80,7 +82,7 @@ def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceCon
         try:
             cfg = cls.config_model.model_validate(table)
         except ValidationError as err:
-            problems += [f"{where}.{p}" for p in describe_validation_error(err)]
+            problems += describe_validation_error(err, cls.config_model, where)
             continue
         configs.append(cfg)
     return configs, problems

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -104,6 +105,23 @@ def build_app(gateway: Gateway) -> web.Application:
     return app
 
 
+class ListenError(Exception):
+    """The HTTP server cannot have its address (in use, not an address of this machine, no permission). The
+    caller names the setting to change: `[http] listen` for `storelink run`, `--listen` for the demo."""
+
+    def __init__(self, address: str, err: OSError):
+        self.address = address
+        # (asyncio's message repeats the address: the errno's own text is what a person needs)
+        self.reason = (os.strerror(err.errno) if err.errno else str(err)).lower()
+        super().__init__(f"cannot listen on {address}: {self.reason}")
+
+    def explain(self, option: str) -> str:
+        """One line for a person: what failed, why, and what to change."""
+        in_use = self.reason == "address already in use"
+        hint = " (another program, or another StoreLink, is using it)" if in_use else ""
+        return f"cannot listen on {self.address}: {self.reason}{hint}; change {option}"
+
+
 class HttpServer:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -115,7 +133,11 @@ class HttpServer:
         self.runner = web.AppRunner(build_app(self.gateway), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as err:
+            await self.stop()
+            raise ListenError(self.gateway.config.http.listen, err) from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
