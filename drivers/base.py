@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import abc
 import enum
+import errno
+import os
+import re
 from collections.abc import Callable
-from typing import Annotated, Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -26,6 +29,26 @@ def _port_is_a_number(value: Any) -> Any:
 
 # A TCP port in any config (the broker's, a printer's): an integer 1..65535; a string or a float is an error.
 TcpPort = Annotated[int, BeforeValidator(_port_is_a_number), Field(ge=1, le=65535, strict=True)]
+
+
+# Network errors whose text asyncio replaces with "Connect call failed ('10.0.0.5', 9100)": the OS's words instead.
+_LINK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                errno.ENETUNREACH, errno.EHOSTDOWN, errno.EPIPE}
+_ERRNO_TAG = re.compile(r"\[Errno -?\d+\] ")
+
+
+def plain_error(err: BaseException) -> str:
+    """A device fault in words for store staff and the log: one line, no exception class name, no errno number
+    ("connection refused", "no such file or directory: /dev/ttyUSB0", a driver's own message as it is)."""
+    if isinstance(err, OSError) and err.errno in _LINK_ERRNOS:
+        text = os.strerror(err.errno).lower()
+    elif isinstance(err, OSError) and err.errno and err.filename:
+        text = f"{os.strerror(err.errno).lower()}: {err.filename}"
+    elif isinstance(err, TimeoutError) and not str(err):
+        text = "no answer in time"
+    else:
+        text = str(err) or re.sub(r"(?<!^)(?=[A-Z])", " ", type(err).__name__).lower()
+    return " ".join(_ERRNO_TAG.sub("", text).split())
 
 
 class DeviceConfig(BaseModel):
@@ -162,4 +185,14 @@ class PriceTarget(Protocol):
 
     async def price_reported_version(self) -> int | None:
         """The version the device itself reports (for reconciliation); None when it cannot tell."""
+        ...
+
+
+@runtime_checkable
+class LabelProgress(Protocol):
+    """Optional for label targets: how far a price version has got onto the shelf. While labels confirm, the
+    status page shows "labels left" from it (the coordinator asks while it waits for `price_confirmed`)."""
+
+    async def price_labels_left(self, version: int) -> tuple[int, int]:
+        """(labels that do not show `version` yet, labels `version` changes on this device)."""
         ...

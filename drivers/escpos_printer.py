@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, TcpPort
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, TcpPort, plain_error
 
 if TYPE_CHECKING:
     from escpos.escpos import Escpos
@@ -160,7 +160,7 @@ class EscposPrinter(Driver):
         try:
             printer.open()
         except Exception as err:
-            raise PrinterUnavailable(f"{self._where()}: {type(err).__name__}: {err}") from err
+            raise PrinterUnavailable(f"{self._where()}: {plain_error(err)}") from err
         if getattr(printer, "device", None) is None:
             raise PrinterUnavailable(f"{self._where()}: could not open the printer")
         return printer
@@ -175,7 +175,7 @@ class EscposPrinter(Driver):
         try:
             printer._raw(data)
         except Exception as err:
-            raise PrinterUnavailable(f"{self._where()}: write failed: {err}") from err
+            raise PrinterUnavailable(f"{self._where()}: write failed: {plain_error(err)}") from err
         finally:
             with contextlib.suppress(Exception):
                 printer.close()

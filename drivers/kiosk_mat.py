@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -109,9 +110,15 @@ class KioskMat(Driver):
         self.logic: MatLogic | None = None
 
     def _open(self) -> DigitalInputDevice:
-        from gpiozero import DigitalInputDevice  # lazily: gpiozero is ~9 MB and most gateways have no mat
+        # lazily: gpiozero is ~9 MB, and most gateways have no mat
+        from gpiozero import DigitalInputDevice, GPIOZeroError, PinFactoryFallback
 
-        return DigitalInputDevice(self.config.pin, pull_up=self.config.pull_up, bounce_time=None)
+        try:
+            with warnings.catch_warnings():  # one PinFactoryFallback warning per library tried: noise in the log
+                warnings.simplefilter("ignore", PinFactoryFallback)
+                return DigitalInputDevice(self.config.pin, pull_up=self.config.pull_up, bounce_time=None)
+        except GPIOZeroError as err:  # no GPIO on this machine, a pin in use: a device fault, not a bug
+            raise OSError(f"GPIO pin {self.config.pin} cannot be used: {err}") from err
 
     async def run(self) -> None:
         try:

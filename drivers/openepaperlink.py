@@ -27,7 +27,16 @@ from typing import Any, ClassVar, Literal
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, PriceItem
+from storelink.drivers.base import (
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    PrepareFailed,
+    PriceChange,
+    PriceItem,
+    plain_error,
+)
 from storelink.drivers.esl_state import EslState, Push
 from storelink.drivers.price_text import format_money, unit_price_text
 
@@ -182,8 +191,7 @@ class OpenEPaperLink(Driver):
                 async with self.session().request(method, self.cfg.url + path, **kw) as resp:
                     return resp.status, await resp.text()
             except (aiohttp.ClientError, TimeoutError, OSError) as err:
-                raise AccessPointError(f"access point {self.cfg.url} unreachable: "
-                                       f"{type(err).__name__}: {err or 'timed out'}") from err
+                raise AccessPointError(f"access point {self.cfg.url} unreachable: {plain_error(err)}") from err
 
     async def get_tag(self, mac: str) -> dict[str, Any]:
         status, text = await self._request("GET", "/get_db", params={"mac": mac})
@@ -382,6 +390,9 @@ class OpenEPaperLink(Driver):
 
     async def price_reported_version(self) -> int | None:
         return await asyncio.to_thread((await self.state()).latest_confirmed)
+
+    async def price_labels_left(self, version: int) -> tuple[int, int]:
+        return await asyncio.to_thread((await self.state()).labels_left, version)
 
     async def tag_states(self) -> list[dict[str, Any]]:
         """Every mapped tag as the AP sees it now beside what this gateway last confirmed on it: `drift` is true

@@ -26,7 +26,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, TcpPort
+from storelink.drivers.base import (
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    PrepareFailed,
+    PriceChange,
+    TcpPort,
+    plain_error,
+)
 from storelink.drivers.label_queue import LabelQueue, NewLabel
 from storelink.drivers.zpl_label import (
     HOST_STATUS_QUERY,
@@ -78,7 +87,7 @@ class _TcpLink:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
         except (OSError, TimeoutError) as err:
-            raise PrinterUnreachable(f"cannot connect to {self.host}:{self.port}: {err or 'timed out'}") from err
+            raise PrinterUnreachable(f"cannot connect to {self.host}:{self.port}: {plain_error(err)}") from err
         try:
             writer.write(data + HOST_STATUS_QUERY)
             await asyncio.wait_for(writer.drain(), timeout)
@@ -96,7 +105,7 @@ class _TcpLink:
         except TimeoutError as err:
             raise PrinterUnreachable(f"no answer to ~HS within {timeout:g}s (printer silent)") from err
         except OSError as err:
-            raise PrinterUnreachable(f"connection to {self.host}:{self.port} failed: {err}") from err
+            raise PrinterUnreachable(f"connection to {self.host}:{self.port} failed: {plain_error(err)}") from err
         finally:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
@@ -129,7 +138,7 @@ class _SerialLink:
                 answer += self._ser.read(256)
         except (serial.SerialException, OSError) as err:
             self.close()
-            raise PrinterUnreachable(f"serial port {self.port}: {err}") from err
+            raise PrinterUnreachable(f"serial port {self.port}: {plain_error(err)}") from err
         if complete_frames(answer) < 3:
             raise PrinterUnreachable(f"no answer to ~HS within {timeout:g}s (printer silent)")
         return answer
@@ -299,3 +308,6 @@ class ZplPrinter(Driver):
 
     async def price_reported_version(self) -> int | None:
         return await asyncio.to_thread((await self.queue()).latest_confirmed)
+
+    async def price_labels_left(self, version: int) -> tuple[int, int]:
+        return await asyncio.to_thread((await self.queue()).labels_left, version)

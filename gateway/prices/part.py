@@ -58,7 +58,7 @@ class PricesPart:
     def _build_state(self, conn: Any) -> dict[str, Any]:
         devices = [(t.device, t.role) for t in self.targets.all()]
         return build_state(conn, self.gateway.config.store_id, devices, self.auditor.stale, self.auditor.drift,
-                           self.coordinator.current)
+                           self.coordinator.current, self.coordinator.label_progress)
 
     async def run(self) -> None:
         await asyncio.to_thread(self.db.open)
