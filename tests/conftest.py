@@ -1,11 +1,35 @@
 from __future__ import annotations
 
+import asyncio
+import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_timeout
 
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, write_config
+
+_thread_stacks = pytest_timeout.dump_stacks
+
+
+def _stacks_and_tasks(terminal: Any) -> None:
+    """pytest-timeout's dump (every other thread's stack) plus every asyncio task of the hung test's loop: an
+    async test stuck in an await shows only the event loop's select() in its traceback, its tasks say where."""
+    _thread_stacks(terminal)
+    try:
+        loop = asyncio.get_running_loop()  # the signal handler runs on the test's thread, inside its loop
+    except RuntimeError:
+        return
+    for task in asyncio.all_tasks(loop):
+        terminal.sep("~", title=f"asyncio task {task.get_name()}")
+        out = io.StringIO()
+        task.print_stack(limit=30, file=out)
+        terminal.write(out.getvalue())
+
+
+pytest_timeout.dump_stacks = _stacks_and_tasks  # looked up by name when the timeout fires
 
 
 @pytest.fixture

@@ -194,6 +194,7 @@ def _group_exists(name: str) -> bool:
 
 def test_shell_scripts_pass_shellcheck() -> None:
     scripts = [ROOT / "image/provision/storelink-provision", *sorted((ROOT / "image").glob("*.sh")),
+               *sorted((ROOT / "scripts").glob("*.sh")),
                *sorted((ROOT / "image/stage-storelink").rglob("*.sh"))]
     result = subprocess.run([tool("shellcheck"), "--severity=warning", *map(str, scripts)],
                             capture_output=True, text=True)
