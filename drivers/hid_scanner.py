@@ -286,7 +286,8 @@ class HidScanner(Driver):
             if timeout and decoder.partial_since is not None:
                 wait = max(0.0, decoder.partial_since + timeout - time.monotonic())
             try:
-                batch = await asyncio.wait_for(batches.get(), wait)
+                async with asyncio.timeout(wait):
+                    batch = await batches.get()
             except TimeoutError:
                 await self.reporter.report(decoder.flush_partial())
                 continue

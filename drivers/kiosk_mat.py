@@ -149,7 +149,8 @@ class KioskMat(Driver):
                 deadline = logic.next_deadline()
                 timeout = None if deadline is None else max(0.0, deadline - clock())
                 with contextlib.suppress(TimeoutError):
-                    pressed, at = await asyncio.wait_for(edges.get(), timeout)
+                    async with asyncio.timeout(timeout):
+                        pressed, at = await edges.get()
                     logic.edge(pressed, at)
                     while not edges.empty():
                         logic.edge(*edges.get_nowait())

@@ -266,7 +266,8 @@ class OpenEPaperLink(Driver):
                 except AccessPointError as err:
                     self.ctx.set_health(Health.OFFLINE, str(err))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
+                    async with asyncio.timeout(self.cfg.poll_interval):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             if self._session is not None:

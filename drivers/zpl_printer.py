@@ -85,19 +85,22 @@ class _TcpLink:
     async def exchange(self, data: bytes, timeout: float) -> bytes:
         """Write `data` then `~HS` on one connection; return the status answer."""
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
         except (OSError, TimeoutError) as err:
             raise PrinterUnreachable(f"cannot connect to {self.host}:{self.port}: {plain_error(err)}") from err
         try:
             writer.write(data + HOST_STATUS_QUERY)
-            await asyncio.wait_for(writer.drain(), timeout)
+            async with asyncio.timeout(timeout):
+                await writer.drain()
             answer = b""
             deadline = time.monotonic() + timeout
             while complete_frames(answer) < 3:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PrinterUnreachable(f"no answer to ~HS within {timeout:g}s (printer silent)")
-                chunk = await asyncio.wait_for(reader.read(1024), left)
+                async with asyncio.timeout(left):
+                    chunk = await reader.read(1024)
                 if not chunk:
                     raise PrinterUnreachable("printer closed the connection without answering ~HS")
                 answer += chunk
@@ -109,7 +112,8 @@ class _TcpLink:
         finally:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
 
     def close(self) -> None:
         pass
@@ -233,7 +237,8 @@ class ZplPrinter(Driver):
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         self._wake.clear()
 
     async def _send_batch(self, queue: LabelQueue) -> bool:

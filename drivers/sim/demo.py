@@ -163,7 +163,8 @@ async def run_demo(args: argparse.Namespace) -> int:
                 extras += [tg.create_task(tell()), tg.create_task(watch(Notices(hq)))]
                 if args.seconds:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), args.seconds)
+                        async with asyncio.timeout(args.seconds):
+                            await stop.wait()
                     stop.set()
                 await stop.wait()
                 for task in extras:

@@ -117,7 +117,8 @@ class KioskCart:
             gw.uplink.publish_direct(gw.topics.cart_request, json.dumps(request).encode(), qos=1,
                                      correlation_data=bytes.fromhex(corr), response_topic=gw.topics.cart_response)
             try:
-                answer = await asyncio.wait_for(fut, gw.config.cart.timeout)
+                async with asyncio.timeout(gw.config.cart.timeout):
+                    answer = await fut
             except TimeoutError:
                 self.counts["timeouts"] += 1
                 raise CartFailed(504, f"head office did not answer within {gw.config.cart.timeout:g}s") from None
@@ -240,7 +241,8 @@ class KioskCart:
             with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
                 while True:
                     try:
-                        name, data = await asyncio.wait_for(queue.get(), 15)
+                        async with asyncio.timeout(15):
+                            name, data = await queue.get()
                     except TimeoutError:
                         await resp.write(b": keep-alive\n\n")
                         continue
