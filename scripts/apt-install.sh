@@ -15,4 +15,4 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 # (env inside sudo: sudo resets the environment, so DEBIAN_FRONTEND in front of it would not reach apt-get)
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,98 @@
+"""A store without the appliance image: scripts/install.sh on plain Debian, run into a debootstrapped root
+(image/chroot-test.sh --plain: the same cached base and wheelhouse build as the image test). The venv, the units,
+the udev rules, the user and its directories are there, the example config passes check-config as the gateway's
+user, none of the image's own machinery is installed, and a second run (an upgrade) keeps the store's config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storelink import __version__
+from tests.test_image_chroot import Image, mode_owner
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first run may debootstrap
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Image, subprocess.CompletedProcess[str]]]:
+    assert os.geteuid() == 0, "the install test needs root (debootstrap, chroot); CI runs as root"
+    assert shutil.which("debootstrap"), "debootstrap is missing: scripts/test.sh installs it"
+    work = tmp_path_factory.mktemp("plain")
+    started = time.monotonic()
+    result = subprocess.run([str(REPO / "image/chroot-test.sh"), "--plain", str(work)], capture_output=True,
+                            text=True, timeout=900)
+    seconds = time.monotonic() - started
+    print(f"chroot-test.sh --plain took {seconds:.0f} s")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    yield Image(work / "root", {}, seconds), result
+    if os.path.ismount(work / "root/proc"):
+        subprocess.run(["umount", "-l", str(work / "root/proc")], check=False)
+    shutil.rmtree(work / "root", ignore_errors=True)
+
+
+def test_the_example_config_passes_check_config_as_the_gateway_user(
+        installed: tuple[Image, subprocess.CompletedProcess[str]]) -> None:
+    image, result = installed
+    assert "/etc/storelink/storelink.toml: ok (store store-0042, 8 devices)" in result.stdout
+    assert "systemctl enable --now storelink" in result.stdout  # what to do next
+    check = image.chroot("/usr/local/bin/storelink", "check-config", "/etc/storelink/storelink.toml",
+                         user="storelink")
+    assert check.returncode == 0, check.stderr
+    on_path = image.chroot("/usr/bin/env", "PATH=/usr/local/bin:/usr/bin:/bin", "storelink", "--version")
+    assert on_path.stdout.strip() == f"storelink {__version__}", on_path.stderr  # (Debian's PATH has /usr/local/bin)
+    assert (image.root / "etc/storelink/storelink.toml").read_bytes() == (
+        REPO / "docs/storelink.example.toml").read_bytes()
+
+
+def test_venv_units_rules_user_and_directories(installed: tuple[Image, subprocess.CompletedProcess[str]]) -> None:
+    image, _result = installed
+    r = image.root
+    uid, gid = image.ids("storelink", "passwd"), image.ids("storelink", "group")
+    assert os.access(r / "opt/storelink/venv/bin/storelink", os.X_OK)
+    for unit in ("storelink.service", "storelink-recover.service", "storelink-recover.timer"):
+        assert (r / "usr/lib/systemd/system" / unit).read_bytes() == (REPO / "systemd" / unit).read_bytes()
+    assert (r / "usr/lib/udev/rules.d/99-storelink.rules").read_bytes() == (
+        REPO / "systemd/99-storelink.rules").read_bytes()
+    groups = {line.split(":")[0]: line.split(":")[3].split(",") for line in (r / "etc/group").read_text().splitlines()}
+    assert sorted(g for g, members in groups.items() if "storelink" in members) == ["dialout", "gpio", "input", "lp"]
+    assert mode_owner(r / "etc/storelink") == (0o750, 0, gid)
+    assert mode_owner(r / "etc/storelink/storelink.toml") == (0o640, 0, gid)
+    assert mode_owner(r / "var/lib/storelink") == (0o750, uid, gid)
+    # The drivers' default extras, not evdev (a HID scanner needs --extras all, and a compiler).
+    probe = image.chroot("/opt/storelink/venv/bin/python", "-c",
+                         "import importlib.util as u; print([m for m in ('serial', 'gpiozero', 'escpos', 'evdev') "
+                         "if u.find_spec(m)])")
+    assert probe.stdout.strip() == "['serial', 'gpiozero', 'escpos']", probe.stderr
+
+
+def test_none_of_the_image_machinery(installed: tuple[Image, subprocess.CompletedProcess[str]]) -> None:
+    r = installed[0].root
+    assert not (r / "usr/lib/systemd/system/storelink-provision.service").exists()
+    assert not (r / "opt/storelink/bin/storelink-provision").exists()
+    assert not (r / "etc/systemd/system.conf.d/storelink-watchdog.conf").exists()
+    assert not (r / "etc/storelink-image").exists()
+    assert "storelink-data" not in (r / "etc/fstab").read_text()
+    # Not started at boot until the store's config is written and checked (systemctl enable --now storelink).
+    assert not (r / "etc/systemd/system/multi-user.target.wants/storelink.service").exists()
+
+
+def test_running_it_again_upgrades_and_keeps_the_config(
+        installed: tuple[Image, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    image, _result = installed
+    config = image.root / "etc/storelink/storelink.toml"
+    edited = config.read_text().replace('store_id = "store-0042"', 'store_id = "store-0117"')
+    config.write_text(edited)
+    wheelhouse = image.root.parent / "wheelhouse"
+    again = subprocess.run(["bash", str(REPO / "scripts/install.sh"), "--root", str(image.root), "--wheelhouse",
+                            str(wheelhouse)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert config.read_text() == edited
+    assert "/etc/storelink/storelink.toml: ok (store store-0117, 8 devices)" in again.stdout
