@@ -117,7 +117,7 @@ class Story:
         since = self.hq.count()
         sale, reply = await till_demo.sell()
         self.line(f"till-1 rings up sale {sale['sale_id']} ({len(sale['lines'])} lines, {eur(sale['total'])} EUR) "
-                  f"-> the gateway has it on disk (outbox seq {reply.get('seq')}) before it answers OK")
+                  f"-> on disk in the outbox (seq {reply.get('seq')}) before the till hears OK")
         await self.event("sale", since, "the sale at head office", sale_id=sale["sale_id"])
         self.line(f"head office received sale {sale['sale_id']} from till-1")
 
@@ -125,12 +125,12 @@ class Story:
         since = self.hq.count()
         input_demo.scan("EAN-13")
         good = await self.event("scan", since, "the scan at head office", valid=True)
-        self.line(f"scanner-1 reads an EAN-13 -> a good scan of GTIN {good['data'].get('gtin')} reaches head office")
+        self.line(f"scanner-1 reads an EAN-13 -> good scan of GTIN {good['data'].get('gtin')}, sent to head office")
         since = self.hq.count()
         input_demo.scan("garbled")
         bad = (await self.event("scan", since, "the garbled scan's rejection", valid=False))["data"]
-        self.line(f"scanner-1 reads a garbled code -> rejected as {bad.get('reason')} ({bad.get('detail')}); head "
-                  "office hears of the misread, never the noise")
+        self.line(f"scanner-1 reads a garbled code -> rejected ({bad.get('reason')}: {bad.get('detail')}); head "
+                  "office sees the misread, not the noise")
 
     async def a_price_change(self) -> None:
         items = {i["sku"]: i for i in DEMO_ITEMS}
@@ -145,8 +145,8 @@ class Story:
             f"{sku} {items[sku]['description']} {eur(old[sku])} -> {eur(new[sku])} "
             f"({'up' if new[sku] > (old[sku] or 0) else 'down'})" for sku in PRICE_SWINGS))
         prepared = await self.event("price.prepared", since, "the change prepared everywhere", version=version)
-        self.line(f"prepared on {', '.join(prepared['data'].get('targets') or [])}: the till staged it, the POS file "
-                  "is written, paper labels and ESL tags are on their way")
+        self.line(f"prepared on {', '.join(prepared['data'].get('targets') or [])}: the till has it staged, labels "
+                  "and tags are on their way")
         await self.event("price.committed", since, "the commit", version=version)
         during = {sku: await till_demo.lookup(sku) for sku in PRICE_SWINGS}
         try:  # what the status page shows meanwhile (counted once the labels start to confirm)
@@ -154,10 +154,9 @@ class Story:
                 self.status().get("prices") or {}).get("transition") or [] if t.get("version") == version), None), 2)
         except StepMissed:
             left = None
-        self.line("committed; while the labels confirm, till-1 LOOKUP answers " + ", ".join(
+        self.line("committed; until every label confirms, till-1 charges " + ", ".join(
             f"{sku} {eur((during[sku] or {}).get('price'))}" for sku in PRICE_SWINGS)
-            + ": the lower of old and new, never more than the shelf shows"
-            + (f" (status page: {left} label(s) left)" if left else ""))
+            + ": the lower of old and new" + (f" (page: {left} labels left)" if left else ""))
         mine = await self.until("the paper labels", lambda: (
             labels if len(labels := self.printed(version)) >= len(PRICE_SWINGS) else None))
         self.line(f"labels-1 printed {len(mine)} shelf labels: " + "; ".join(f"{f[0]} {f[1]}" for f in mine))
@@ -165,11 +164,11 @@ class Story:
             mac = labels_demo.DEMO_TAGS[sku]
             shown = await self.until(f"ESL tag {mac} showing v{version}", partial(self.shows, mac, version))
             texts = [e["text"][2] for e in json.loads(shown) if "text" in e]
-            self.line(f"ESL tag ...{mac[-4:]} checked in and shows {texts[0]} {texts[1]} ({n} of {len(PRICE_SWINGS)})")
+            self.line(f"ESL tag ...{mac[-4:]} checked in: {texts[0]} {texts[1]} ({n} of {len(PRICE_SWINGS)})")
         await self.event("price.confirmed", since, "every label confirmed", 30, version=version)
         after = {sku: await till_demo.lookup(sku) for sku in PRICE_SWINGS}
-        self.line(f"every label shows v{version}: till-1 now charges " + ", ".join(
-            f"{sku} {eur((after[sku] or {}).get('price'))}" for sku in PRICE_SWINGS) + " (the new prices)")
+        self.line(f"every label shows v{version}: till-1 now charges the new prices, " + " and ".join(
+            f"{sku} {eur((after[sku] or {}).get('price'))}" for sku in PRICE_SWINGS))
 
     async def a_kiosk_customer(self) -> None:
         escpos = labels_demo.peers()[2]
@@ -183,35 +182,35 @@ class Story:
                 cart = await resp.json()
             if resp.status != 200:
                 raise StepMissed(f"the online cart: {resp.status} {cart.get('error')}")
-            self.line(f"{KIOSK}: they sign in; their online cart comes from head office over MQTT ("
-                      + ", ".join(f"{i['qty']} x {i['description']}" for i in cart["items"]) + ")")
+            self.line(f"{KIOSK}: they sign in; head office sends their online cart over MQTT: "
+                      + ", ".join(f"{i['qty']} x {i['description']}" for i in cart["items"]))
             jobs = len(escpos.jobs)
             async with http.post(f"{base}/print") as resp:
                 slip = await resp.json()
             if resp.status != 200:
                 raise StepMissed(f"the order slip: {resp.status} {slip.get('error')}")
             await self.until("the slip on the receipt printer", lambda: len(escpos.jobs) > jobs)
-            self.line(f"slips-1 printed the order slip (pick number {slip['pick']}, {slip['lines']} items) for the "
-                      "stock room")
+            self.line(f"slips-1 printed the order slip for the stock room (pick number {slip['pick']}, "
+                      f"{slip['lines']} items)")
             since = self.hq.count()
             input_demo.step_off()
             ended = await self.event("kiosk.session_ended", since, "the end of the session")
             async with http.post(f"{base}/print") as resp:
                 again = await resp.json()
         purged = resp.status == 409
-        self.line(f"{KIOSK}: the customer steps off -> session ended ({ended['data'].get('reason')}) and "
-                  + ("their cart purged: printing it again is refused (" + str(again.get("error")) + ")" if purged
+        self.line(f"{KIOSK}: the customer steps off -> session ended ({ended['data'].get('reason')}), "
+                  + (f"cart purged (print again: \"{again.get('error')}\")" if purged
                      else f"the cart was NOT purged (print answered {resp.status})"))
 
     async def an_outage(self) -> None:
         await asyncio.to_thread(self.broker.stop)
         await self.until("the gateway noticing", lambda: not self.status()["uplink"]["connected"], 20)
-        self.line(f"the broker goes away ({self.broker.address} stopped): head office is unreachable; the store "
+        self.line(f"the broker goes away ({self.broker.address} stopped): head office is unreachable, the store "
                   "keeps working")
         sales = [(await till_demo.sell())[0] for _ in range(2)]
         waiting = self.status()["outbox"]["depth"]
-        self.line(f"till-1 rings up {len(sales)} sales meanwhile -> kept on disk in the outbox: {waiting} event(s) "
-                  "waiting (the status page shows them)")
+        self.line(f"till-1 rings up {len(sales)} sales meanwhile -> kept in the outbox: {waiting} events waiting "
+                  "(on the status page too)")
         await asyncio.sleep(3)  # a moment for anyone watching the page to see the store offline
         since = self.hq.count()
         await asyncio.to_thread(self.broker.start)
@@ -224,8 +223,8 @@ class Story:
             return ids if set(wanted) <= set(ids) else None
 
         got = await self.until("the sales at head office", arrived)
-        self.line(f"the broker is back: the gateway reconnects and delivers the {waiting} waiting event(s); head "
-                  f"office has both sales{', in order' if got == wanted else ' (OUT OF ORDER)'}")
+        self.line(f"the broker is back: the gateway delivers the {waiting} waiting events; head office has both "
+                  f"sales{', in order' if got == wanted else ' (OUT OF ORDER)'}")
 
 
 
