@@ -25,7 +25,7 @@ from storelink import __version__
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "image/chroot-test.sh"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first run debootstraps (minutes)
 
 GOOD_CONFIG = """\
 store_id = "store-0042"
