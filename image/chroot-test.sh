@@ -11,6 +11,8 @@
 #
 # --plain: a store on plain Debian instead (scripts/install.sh --root, with its default extras): no provisioning.
 #
+# STORELINK_TEST_WHEELHOUSE=DIR: use that wheelhouse (with requirements.lock) instead of building one.
+#
 # The debootstrapped base is cached as a tarball in $STORELINK_TEST_CACHE (default /var/cache/storelink-test)
 # keyed by release and package list, so reruns take seconds; without the cache it takes about a minute.
 set -euo pipefail
@@ -34,11 +36,16 @@ command -v debootstrap >/dev/null || { echo "debootstrap is missing (scripts/apt
 mkdir -p "$WORK"
 step() { printf '== %s (%ds)\n' "$*" "$SECONDS"; }
 
-step "wheelhouse"
 rm -rf "$WORK/wheelhouse"
-"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WORK/wheelhouse" \
-    -c "$HERE/requirements.lock" "${REPO}[$EXTRAS]"
-cp "$HERE/requirements.lock" "$WORK/wheelhouse/"
+if [[ -n ${STORELINK_TEST_WHEELHOUSE:-} ]]; then
+    step "wheelhouse (built already: $STORELINK_TEST_WHEELHOUSE)"   # the tests build one [all] for both runs
+    cp -r "$STORELINK_TEST_WHEELHOUSE" "$WORK/wheelhouse"
+else
+    step "wheelhouse"
+    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WORK/wheelhouse" \
+        -c "$HERE/requirements.lock" "${REPO}[$EXTRAS]"
+    cp "$HERE/requirements.lock" "$WORK/wheelhouse/"
+fi
 
 step "base root filesystem ($RELEASE, minbase + $PACKAGES)"
 arch=$(dpkg --print-architecture)

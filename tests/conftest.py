@@ -59,3 +59,19 @@ def gateway_process(gateway_config: Path) -> Iterator[GatewayProcess]:
     proc = GatewayProcess(gateway_config, port)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """storelink[all] and its pinned dependencies as wheels, built once for the image and plain-Debian tests
+    (image/chroot-test.sh takes it through STORELINK_TEST_WHEELHOUSE)."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("wheelhouse")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--wheel-dir",
+                    str(out), "-c", str(root / "image/requirements.lock"), f"{root}[all]"], check=True, timeout=600)
+    shutil.copy(root / "image/requirements.lock", out)
+    return out

@@ -22,13 +22,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first run may d
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Image, subprocess.CompletedProcess[str]]]:
+def installed(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path
+              ) -> Iterator[tuple[Image, subprocess.CompletedProcess[str]]]:
     assert os.geteuid() == 0, "the install test needs root (debootstrap, chroot); CI runs as root"
     assert shutil.which("debootstrap"), "debootstrap is missing: scripts/test.sh installs it"
     work = tmp_path_factory.mktemp("plain")
     started = time.monotonic()
     result = subprocess.run([str(REPO / "image/chroot-test.sh"), "--plain", str(work)], capture_output=True,
-                            text=True, timeout=900)
+                            text=True, timeout=900, env={**os.environ, "STORELINK_TEST_WHEELHOUSE": str(wheelhouse)})
     seconds = time.monotonic() - started
     print(f"chroot-test.sh --plain took {seconds:.0f} s")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
