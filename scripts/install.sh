@@ -6,11 +6,11 @@
 #     sudo bash scripts/install.sh --extras all         # also keyboard-wedge (HID) scanners: builds evdev
 #
 # It installs what the appliance image has (image/install-into-root.sh --plain does the work, the same steps the
-# image runs): the gateway in its own venv /opt/storelink/venv, `storelink` on the PATH, the systemd units, the
+# image runs): the gateway in its own release venv /opt/storelink/current, `storelink` on the PATH, the units, the
 # udev rules, the `storelink` user in its device groups, /etc/storelink and /var/lib/storelink. A first
 # /etc/storelink/storelink.toml is the annotated example (docs/storelink.example.toml), never over an existing
 # one. It ends with `storelink check-config` run as the gateway's user and says what to do next. Run it again to
-# upgrade: the venv is replaced, the config and the outbox are kept.
+# upgrade: the checkout's version becomes the current release, the config and the outbox are kept.
 #
 # --extras: the drivers' extras (pyproject.toml): scanners, gpio, escpos, hid, all (default scanners,gpio,escpos:
 # hid needs a C compiler for evdev, installed only when asked for). --root/--wheelhouse: install into another root
@@ -71,7 +71,7 @@ fi
 step "storelink check-config $config (as the storelink user)"
 check=0
 in_root setpriv --reuid=storelink --regid=storelink --init-groups -- \
-    /opt/storelink/venv/bin/storelink check-config "$config" || check=$?
+    /opt/storelink/current/bin/storelink check-config "$config" || check=$?
 echo
 if [[ $fresh_config == yes ]]; then
     echo "$config is the annotated example: set this store's id, broker, keys and devices in it."
@@ -81,6 +81,7 @@ Next:
   1. edit $config (every key: docs/config.md, devices: docs/drivers.md)
   2. storelink check-config $config
   3. systemctl enable --now storelink     (then: systemctl status storelink, journalctl -u storelink)
+  4. systemctl enable --now storelink-update.path   (only if head office sends software updates: docs/operations.md)
 The status page is at the [http] listen address of the config.
 EOF
 exit "$check"

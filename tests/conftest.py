@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,7 +12,9 @@ from typing import Any
 import pytest
 import pytest_timeout
 
+from storelink.remote.signing import KeyPair, keygen
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, write_config
+from tests.release_helpers import ReleaseKit
 
 _thread_stacks = pytest_timeout.dump_stacks
 
@@ -65,13 +70,21 @@ def gateway_process(gateway_config: Path) -> Iterator[GatewayProcess]:
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """storelink[all] and its pinned dependencies as wheels, built once for the image and plain-Debian tests
     (image/chroot-test.sh takes it through STORELINK_TEST_WHEELHOUSE)."""
-    import shutil
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parent.parent
     out = tmp_path_factory.mktemp("wheelhouse")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--wheel-dir",
                     str(out), "-c", str(root / "image/requirements.lock"), f"{root}[all]"], check=True, timeout=600)
     shutil.copy(root / "image/requirements.lock", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def hq_key() -> KeyPair:
+    """Head office's signing key for the release tests."""
+    return keygen()
+
+
+@pytest.fixture(scope="session")
+def release_kit(tmp_path_factory: pytest.TempPathFactory, hq_key: KeyPair) -> ReleaseKit:
+    """Signed bundles of test releases built from this tree, each built once per session."""
+    return ReleaseKit(tmp_path_factory.mktemp("releases"), hq_key)

@@ -57,8 +57,9 @@ def test_venv_units_rules_user_and_directories(installed: tuple[Image, subproces
     image, _result = installed
     r = image.root
     uid, gid = image.ids("storelink", "passwd"), image.ids("storelink", "group")
-    assert os.access(r / "opt/storelink/venv/bin/storelink", os.X_OK)
-    for unit in ("storelink.service", "storelink-recover.service", "storelink-recover.timer"):
+    assert os.access(r / "opt/storelink/current/bin/storelink", os.X_OK)
+    for unit in ("storelink.service", "storelink-recover.service", "storelink-recover.timer",
+                 "storelink-update.path", "storelink-update.service"):
         assert (r / "usr/lib/systemd/system" / unit).read_bytes() == (REPO / "systemd" / unit).read_bytes()
     assert (r / "usr/lib/udev/rules.d/99-storelink.rules").read_bytes() == (
         REPO / "systemd/99-storelink.rules").read_bytes()
@@ -68,7 +69,7 @@ def test_venv_units_rules_user_and_directories(installed: tuple[Image, subproces
     assert mode_owner(r / "etc/storelink/storelink.toml") == (0o640, 0, gid)
     assert mode_owner(r / "var/lib/storelink") == (0o750, uid, gid)
     # The drivers' default extras, not evdev (a HID scanner needs --extras all, and a compiler).
-    probe = image.chroot("/opt/storelink/venv/bin/python", "-c",
+    probe = image.chroot("/opt/storelink/current/bin/python", "-c",
                          "import importlib.util as u; print([m for m in ('serial', 'gpiozero', 'escpos', 'evdev') "
                          "if u.find_spec(m)])")
     assert probe.stdout.strip() == "['serial', 'gpiozero', 'escpos']", probe.stderr
@@ -77,12 +78,15 @@ def test_venv_units_rules_user_and_directories(installed: tuple[Image, subproces
 def test_none_of_the_image_machinery(installed: tuple[Image, subprocess.CompletedProcess[str]]) -> None:
     r = installed[0].root
     assert not (r / "usr/lib/systemd/system/storelink-provision.service").exists()
+    assert not (r / "usr/lib/systemd/system/storelink-mark-good.service").exists()
+    assert not (r / "etc/rauc/system.conf").exists()
     assert not (r / "opt/storelink/bin/storelink-provision").exists()
     assert not (r / "etc/systemd/system.conf.d/storelink-watchdog.conf").exists()
     assert not (r / "etc/storelink-image").exists()
     assert "storelink-data" not in (r / "etc/fstab").read_text()
     # Not started at boot until the store's config is written and checked (systemctl enable --now storelink).
-    assert not (r / "etc/systemd/system/multi-user.target.wants/storelink.service").exists()
+    wants = r / "etc/systemd/system/multi-user.target.wants"
+    assert not (wants / "storelink.service").exists() and not (wants / "storelink-update.path").exists()
 
 
 def test_running_it_again_upgrades_and_keeps_the_config(

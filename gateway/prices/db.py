@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from storelink.outbox import open_database
+from storelink.system.schema import ensure_schema
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ class PriceDb:
 
     def _open(self) -> None:
         conn = open_database(self.path, self.synchronous)
-        conn.executescript(SCHEMA)
+        ensure_schema(conn, "prices", lambda c: c.executescript(SCHEMA))  # versioned: see storelink.system.schema
         self._writer = conn
 
     @property
