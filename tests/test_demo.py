@@ -165,6 +165,18 @@ def test_a_status_page_port_in_use_is_one_line_naming_it_and_the_option(tmp_path
     assert "Traceback" not in res.stderr
 
 
+def test_a_broker_port_in_use_is_one_line_naming_it_and_the_option() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()  # something that accepts connections but is no MQTT broker
+        port = busy.getsockname()[1]
+        res = subprocess.run([STORELINK, "demo", "--broker-port", str(port), "--seconds", "20"],
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"storelink demo: cannot run the demo's broker on 127.0.0.1:{port}: address "
+                                  "already in use; change --broker-port (or leave it out: a free port is picked)")
+
+
 def test_verbose_adds_head_office_raw_messages(tmp_path: Path) -> None:
     d = Demo("--listen", "127.0.0.1:0", "--seconds", "6", "--verbose", log=tmp_path / "demo.stderr")
     assert d.proc.wait(60) == 0

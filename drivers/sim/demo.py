@@ -120,7 +120,12 @@ async def run_demo(args: argparse.Namespace) -> int:
         config_path.write_text(tomli_w.dumps(cfg))
         files = write_newcomer_files(work, hq_key.private_b64, cfg)
         gateway = Gateway(load_config(config_path), config_path=config_path)
-        hq = DemoHeadOffice(broker.port, STORE_ID, hq_key.private_b64, args.verbose, say)
+        try:
+            hq = await asyncio.to_thread(DemoHeadOffice, broker.port, STORE_ID, hq_key.private_b64, args.verbose, say)
+        except BrokerError as err:
+            await asyncio.to_thread(broker.stop)
+            print(f"storelink demo: {err}", file=sys.stderr)
+            return 2
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -50,6 +50,13 @@ class DemoBroker:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start it and wait until it accepts connections (blocking: call it from a thread)."""
+        with socket.socket() as probe:  # another program on the port would answer our connect instead
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto: a restart meets TIME_WAIT
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError:
+                raise BrokerError(f"cannot run the demo's broker on {self.address}: address already in use; change "
+                                  "--broker-port (or leave it out: a free port is picked)") from None
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL)
@@ -59,9 +66,13 @@ class DemoBroker:
                 raise BrokerError(self._why_it_stopped())
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            if self.proc.poll() is None:
+                return
+            raise BrokerError(self._why_it_stopped())
         self.stop()
         raise BrokerError(f"Mosquitto did not accept connections on {self.address} within {timeout:g} s "
                           f"(its log: {self.log})")
@@ -70,7 +81,8 @@ class DemoBroker:
         lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
         last = lines[-1] if lines else "no output"
         if "Address already in use" in last:
-            return f"cannot run the demo's broker on {self.address}: address already in use; change --broker-port"
+            return (f"cannot run the demo's broker on {self.address}: address already in use; change --broker-port "
+                    "(or leave it out: a free port is picked)")
         return f"the demo's broker (Mosquitto) stopped at once: {last} (its log: {self.log})"
 
     def stop(self) -> None:

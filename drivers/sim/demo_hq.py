@@ -22,6 +22,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from storelink.drivers.sim.demo_broker import BrokerError
+
 Message = tuple[str, dict[str, Any]]
 
 # What head office keeps in the demo customer's online cart (answered for any sign-in token).
@@ -51,6 +53,9 @@ class DemoHeadOffice:
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
         self.client.loop_start()
+        if not self.subscribed.wait(10):  # blocking: the demo makes head office in a thread
+            self.close()
+            raise BrokerError(f"head office could not subscribe on the demo's broker 127.0.0.1:{port} within 10 s")
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, _rc: Any, _props: Any = None) -> None:
         client.subscribe(f"{self.base}/#", 1)
@@ -104,8 +109,8 @@ class DemoHeadOffice:
                             qos=1, retain=True)
 
     def close(self) -> None:
+        self.client.disconnect()  # first: paho's network thread ends only once its queue is empty
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 def write_newcomer_files(workdir: Path, key_b64: str, config: dict[str, Any]) -> dict[str, Path]:
