@@ -1,42 +1,28 @@
 """The gateway's configuration: one TOML file, validated by pydantic.
 
-Unknown keys are errors everywhere (``extra="forbid"``) because a misspelt key that is silently ignored is how a
-store ends up running with a default nobody chose. Errors name the file and the dotted key path.
+Unknown keys are errors everywhere (storelink.validation.StrictModel) because a misspelt key that is silently
+ignored is how a store ends up running with a default nobody chose. Errors name the file and the dotted key path.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from storelink.drivers.base import TcpPort
+from storelink.devices.registry import validate_device_tables
+from storelink.drivers.base import DeviceConfig
 from storelink.prices.models import PricesConfig
 from storelink.remote.models import CartSettings, RemoteConfigSettings
 from storelink.update.models import UpdateSettings
-
-STORE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from storelink.validation import Identifier, StrictModel, TcpPort, describe_validation_error
 
 
-class TlsConfig(Strict):
+class TlsConfig(StrictModel):
     ca: Path | None = Field(None, description="CA bundle that signed the broker's certificate")
     cert: Path | None = Field(None, description="client certificate (PEM)")
     key: Path | None = Field(None, description="client private key (PEM)")
@@ -49,7 +35,7 @@ class TlsConfig(Strict):
         return self
 
 
-class MqttConfig(Strict):
+class MqttConfig(StrictModel):
     host: str = "127.0.0.1"
     port: TcpPort = 1883
     username: str | None = None
@@ -70,7 +56,7 @@ class MqttConfig(Strict):
         return str(v) if isinstance(v, int | float) else v
 
 
-class StorageConfig(Strict):
+class StorageConfig(StrictModel):
     path: Path = Path("/var/lib/storelink/storelink.db")
     max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024, description="outbox cap (payload bytes)")
     max_events: int = Field(1_000_000, ge=100, description="outbox cap (events)")
@@ -98,7 +84,7 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
-class HttpConfig(Strict):
+class HttpConfig(StrictModel):
     listen: str = "127.0.0.1:8080"
     token: str | None = Field(None, repr=False, min_length=16, description="bearer token for actions")
     max_body: int = Field(256 * 1024, ge=1024)
@@ -121,7 +107,7 @@ def _usable_public_key(text: str) -> str:
     return text
 
 
-class TrustConfig(Strict):
+class TrustConfig(StrictModel):
     """Head-office Ed25519 public keys (base64 of the 32 raw bytes, or a PEM file path)."""
 
     # Each one is loaded at check time: a key that cannot verify anything is a config error, not a later
@@ -129,14 +115,14 @@ class TrustConfig(Strict):
     public_keys: list[Annotated[str, AfterValidator(_usable_public_key)]] = Field(default_factory=list)
 
 
-class LoggingConfig(Strict):
+class LoggingConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     journal: bool = Field(True, description="structured fields to the systemd journal when it is there")
 
 
-class GatewayConfig(Strict):
-    store_id: Annotated[str, Field(pattern=STORE_ID_RE)]
-    groups: list[Annotated[str, Field(pattern=STORE_ID_RE)]] = Field(default_factory=list)
+class GatewayConfig(StrictModel):
+    store_id: Identifier
+    groups: list[Identifier] = Field(default_factory=list)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]
     storage: StorageConfig = Field(default_factory=StorageConfig)  # type: ignore[arg-type]
     http: HttpConfig = Field(default_factory=HttpConfig)  # type: ignore[arg-type]
@@ -146,17 +132,25 @@ class GatewayConfig(Strict):
     remote: RemoteConfigSettings = Field(default_factory=RemoteConfigSettings)  # type: ignore[arg-type]
     cart: CartSettings = Field(default_factory=CartSettings)  # type: ignore[arg-type]
     update: UpdateSettings = Field(default_factory=UpdateSettings)  # type: ignore[arg-type]
-    # Raw device tables; each is validated by its driver's own model (see gateway.drivers_registry), so that a
+    # Raw device tables; each is validated by its driver's own model (storelink.devices.registry), so that a
     # retailer's driver found through an entry point is validated exactly like ours.
     devices: list[dict[str, Any]] = Field(default_factory=list)
-    # Sections owned by later parts (prices, remote config, kiosk) live in their own models and are merged here.
     config_version: int = Field(0, ge=0, description="version of this config (remote config bumps it)")
-    _device_configs: list[Any] = PrivateAttr(default_factory=list)
+    _device_configs: list[DeviceConfig] = PrivateAttr(default_factory=list)
 
     @property
-    def device_configs(self) -> list[Any]:
+    def device_configs(self) -> list[DeviceConfig]:
         """The `devices` tables, each validated by its driver's model (set by parse_config)."""
         return self._device_configs
+
+
+class RunningConfig:
+    """The config in force and the file it came from. Remote config swaps ``current`` while the gateway runs; a
+    part that honours such a change reads ``current`` at each use instead of keeping a copy."""
+
+    def __init__(self, config: GatewayConfig, path: Path | None = None):
+        self.current = config
+        self.path = path
 
 
 class ConfigError(Exception):
@@ -173,66 +167,8 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation (`TlsConfig | None`, `list[X]`), if there is one."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        if (found := _model_in(arg)) is not None:
-            return found
-    return None
-
-
-def _keys_beside(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str]:
-    """The keys `model` accepts in the table that holds `loc` (for "did you mean"); [] when unknown."""
-    current = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue  # a list's item model was already taken from its annotation
-        field = current.model_fields.get(part) if current is not None else None
-        current = _model_in(field.annotation) if field is not None else None
-    return list(current.model_fields) if current is not None else []
-
-
-def describe_validation_error(err: ValidationError, model: type[BaseModel] | None = None,
-                              where: str = "") -> list[str]:
-    """One line per problem, ``dotted.key: what is wrong``, in words a store's installer can act on. With the
-    model that was validated, an unknown key also names the closest key it knows (a typo's likely fix).
-    `where` is the path of the validated table itself (``devices[0] (id='till-1')``)."""
-    problems = []
-    for e in err.errors():
-        inner = _loc(tuple(e["loc"])) if e["loc"] else ""
-        key = f"{where}.{inner}" if where and inner else (where or inner or "(top level)")
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_beside(model, tuple(e["loc"])), n=1)
-            if close:
-                msg += f" (did you mean {close[0]!r}?)"
-        elif e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == STORE_ID_RE:
-            msg = "must be 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or a digit"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif e["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")  # our own validators' text, without pydantic's label
-        problems.append(f"{key}: {msg}")
-    return problems
-
-
 def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfig:
     """Validate a whole config in one pass: top-level and device problems are reported together."""
-    from storelink.devices.registry import validate_device_tables
-
     problems: list[str] = []
     cfg: GatewayConfig | None = None
     try:

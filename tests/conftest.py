@@ -13,6 +13,7 @@ import pytest
 import pytest_timeout
 
 from storelink.remote.signing import KeyPair, keygen
+from tests import contract_check
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, write_config
 from tests.release_helpers import ReleaseKit
 
@@ -35,6 +36,20 @@ def _stacks_and_tasks(terminal: Any) -> None:
 
 
 pytest_timeout.dump_stacks = _stacks_and_tasks  # looked up by name when the timeout fires
+
+
+@pytest.fixture(autouse=True)
+def mqtt_contract() -> Iterator[None]:
+    """Fails a test whose head office received a message that breaks the MQTT contract (tests/contract_check.py)."""
+    contract_check.take()
+    yield
+    _checked, problems = contract_check.take()
+    assert not problems, "messages that break the MQTT contract (storelink.contract):\n" + "\n".join(problems[:20])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    checked, _problems = contract_check.take()
+    terminalreporter.write_line(f"MQTT contract: {checked} messages received by test subscribers validated")
 
 
 @pytest.fixture

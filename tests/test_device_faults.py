@@ -14,6 +14,7 @@ import pytest
 
 from storelink.devices import supervisor as sup
 from storelink.drivers.base import DeviceConfig, Driver, plain_error
+from storelink.system.watchdog import ProgressWatchdog
 from tests.helpers import GatewayProcess, free_port, wait_for, write_config
 
 PYTHON_NAMES = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception)\b|\[Errno|Traceback")
@@ -64,7 +65,7 @@ class Buggy(Driver):
 
 
 async def test_a_driver_bug_logs_its_traceback_once_and_the_status_says_internal_error(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(sup, "load_driver", lambda _name: Buggy)
     published: list[Any] = []
@@ -72,9 +73,10 @@ async def test_a_driver_bug_logs_its_traceback_once_and_the_status_says_internal
     async def emit(*_a: Any) -> Any:
         raise AssertionError("nothing to emit")
 
+    services = sup.DeviceServices(data_dir=tmp_path, storage_sync="FULL", watchdog=ProgressWatchdog())
     supervisor = sup.DeviceSupervisor([DeviceConfig(id="buggy", driver="buggy")], "store-0042", emit,
                                       lambda _t, p: published.append(p), lambda d: f"devices/{d}/state",
-                                      {}, backoff=(0.01, 0.02))
+                                      services, backoff=(0.01, 0.02))
     caplog.set_level(logging.INFO, logger="storelink.devices.supervisor")
     task = asyncio.create_task(supervisor.run())
     try:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from storelink.config import GatewayConfig, _model_in, load_config
+from storelink.config import GatewayConfig, load_config
 from storelink.devices.registry import driver_names
+from storelink.validation import nested_model
 from tests.helpers import STORELINK
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "storelink.example.toml"
@@ -27,7 +28,7 @@ def _sections(model: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, field in model.model_fields.items():
         out.append(prefix + name)
-        inner = _model_in(field.annotation)
+        inner = nested_model(field.annotation)
         if inner is not None and name != "devices":
             out += _sections(inner, f"{prefix}{name}.")
     return out
@@ -35,7 +36,7 @@ def _sections(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def test_every_section_of_the_config_is_in_the_example() -> None:
     data = tomllib.loads(EXAMPLE.read_text())
-    tables = [k for k in _sections(GatewayConfig) if _model_in(_field(k).annotation) is not None]
+    tables = [k for k in _sections(GatewayConfig) if nested_model(_field(k).annotation) is not None]
     assert {"mqtt", "mqtt.tls", "storage", "http", "trust", "logging", "prices", "remote", "cart"} <= set(tables)
     for dotted in tables:
         node: object = data
@@ -52,7 +53,7 @@ def _field(dotted: str) -> object:
     for part in dotted.split("."):
         assert model is not None
         field = model.model_fields[part]
-        model = _model_in(field.annotation)
+        model = nested_model(field.annotation)
     return field
 
 

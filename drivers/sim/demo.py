@@ -3,8 +3,8 @@
 A private Mosquitto (drivers/sim/demo_broker.py: the broker a store uses in production, MQTT 5), one gateway with
 simulated devices that speak the real protocols, head office (drivers/sim/demo_hq.py) and the story
 (drivers/sim/story.py): one readable line per step, round after round. The header says where the status page
-is, the token for its actions, and the `storelink hq` commands to paste while the demo runs. Other parts add
-their simulated devices through ``DEMO_EXTENSIONS``.
+is, the token for its actions, and the `storelink hq` commands to paste while the demo runs. The simulated
+devices come from the modules ``demo_extensions()`` lists.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import secrets
 import shutil
@@ -29,10 +28,16 @@ log = logging.getLogger("storelink.demo")
 # (prepare, run): prepare(config_dict, workdir) adds devices/sections before the gateway starts; run(gateway),
 # when there is one, runs beside it (fake peers, a till that stays connected) until cancelled.
 DemoExtension = tuple[Callable[[dict[str, Any], Path], None], Callable[[Any], Coroutine[Any, Any, None]] | None]
-DEMO_EXTENSIONS: list[DemoExtension] = []
-# Modules that append their DemoExtension when imported; one line each.
-DEMO_MODULES: list[str] = ["storelink.drivers.sim.labels_demo", "storelink.drivers.sim.till_demo",
-                           "storelink.drivers.sim.prices_demo", "storelink.drivers.sim.input_demo"]
+
+
+def demo_extensions() -> list[DemoExtension]:
+    """The demo's simulated parts, in order; imported here because they pull in the device libraries."""
+    from storelink.drivers.sim import input_demo, labels_demo, prices_demo, till_demo
+
+    return [(labels_demo.prepare, labels_demo.run), (till_demo.prepare, till_demo.run),
+            (prices_demo.prepare, None), (input_demo.prepare, input_demo.run)]
+
+
 STORE_ID = "store-demo"
 PAUSE_S = 10.0  # between rounds of the story
 
@@ -110,9 +115,8 @@ async def run_demo(args: argparse.Namespace) -> int:
             "trust": {"public_keys": [hq_key.public_b64]},
             "devices": [],
         }
-        for module in DEMO_MODULES:
-            importlib.import_module(module)
-        for prepare, _run in DEMO_EXTENSIONS:
+        extensions = demo_extensions()
+        for prepare, _run in extensions:
             prepare(cfg, work)
         import tomli_w
 
@@ -146,7 +150,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 cmds = commands(_storelink_command(), broker.address, STORE_ID, files)
                 for line in _header(url, token, broker.address, work, cmds):
                     say(line)
-                extras = [tg.create_task(run(gateway)) for _p, run in DEMO_EXTENSIONS if run is not None]
+                extras = [tg.create_task(run(gateway)) for _p, run in extensions if run is not None]
                 story = Story(gateway, url.rstrip("/"), hq, broker, say)
 
                 async def tell() -> None:

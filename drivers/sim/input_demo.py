@@ -18,8 +18,6 @@ from typing import Any
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
-
 MAT_PIN = 17
 SCANS: dict[str, bytes] = {
     "EAN-13": b"]E04006381333931\r",
@@ -66,5 +64,3 @@ async def run(_gateway: Any) -> None:
         with contextlib.suppress(OSError, KeyError):
             os.close(_state.pop("master"))
 
-
-DEMO_EXTENSIONS.append((prepare, run))

@@ -11,7 +11,6 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
 from storelink.drivers.sim.escpos_printer import FakeEscposPrinter
 from storelink.drivers.sim.openepaperlink import FakeAccessPoint
 from storelink.drivers.sim.zpl_printer import FakeZplPrinter
@@ -55,5 +54,3 @@ async def run(_gateway: Any) -> None:
             await ap.close()
             await escpos.stop()
 
-
-DEMO_EXTENSIONS.append((prepare, run))

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
-
 DEMO_ITEMS = [
     {"sku": "1001", "gtin": "4006381333931", "price": 199, "unit_price": 199, "unit_basis": "l",
      "description": "Oat milk 1 l"},
@@ -32,6 +30,3 @@ def swing(sku: str, now: int | None) -> int:
     """The other price of `sku`'s pair (the first one when the store has neither)."""
     first, second = PRICE_SWINGS[sku]
     return second if now == first else first
-
-
-DEMO_EXTENSIONS.append((prepare, None))

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from storelink.drivers import till_protocol as tp
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
 from storelink.drivers.sim.till import TillError, TillSimulator, make_sale
 
 _till: dict[str, TillSimulator] = {}
@@ -71,6 +70,3 @@ async def run(_gateway: Any) -> None:
         await sim.close()
         sim.hello_reply = None
         await asyncio.sleep(0.5)
-
-
-DEMO_EXTENSIONS.append((prepare, run))
