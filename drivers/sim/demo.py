@@ -88,6 +88,8 @@ def _header(url: str, token: str, broker: str, work: Path, cmds: list[tuple[str,
 
 
 async def run_demo(args: argparse.Namespace) -> int:
+    import tomli_w
+
     from storelink.app import Gateway
     from storelink.config import load_config
     from storelink.drivers.sim.demo_broker import BrokerError, DemoBroker
@@ -118,8 +120,6 @@ async def run_demo(args: argparse.Namespace) -> int:
         extensions = demo_extensions()
         for prepare, _run in extensions:
             prepare(cfg, work)
-        import tomli_w
-
         config_path = work / "storelink.toml"
         config_path.write_text(tomli_w.dumps(cfg))
         files = write_newcomer_files(work, hq_key.private_b64, cfg)
