@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 
+from storelink.drivers.base import plain_error
+
 
 class AccessPointError(ConnectionError):
     """The AP is unreachable, answered with an error status, or sent something that is not a tag record."""
@@ -41,8 +43,7 @@ class AccessPoint:
                 async with self.session().request(method, self.url + path, **kw) as resp:
                     return resp.status, await resp.text()
             except (aiohttp.ClientError, TimeoutError, OSError) as err:
-                raise AccessPointError(f"access point {self.url} unreachable: "
-                                       f"{type(err).__name__}: {err or 'timed out'}") from err
+                raise AccessPointError(f"access point {self.url} unreachable: {plain_error(err)}") from err
 
     async def get_tag(self, mac: str) -> dict[str, Any]:
         status, text = await self.request("GET", "/get_db", params={"mac": mac})

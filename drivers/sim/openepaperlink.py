@@ -94,7 +94,8 @@ class FakeAccessPoint:
     async def _wait(self) -> None:
         if self._delay:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._hurry.wait(), self._delay)
+                async with asyncio.timeout(self._delay):
+                    await self._hurry.wait()
 
     async def close(self) -> None:
         self.hurry()

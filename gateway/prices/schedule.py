@@ -14,6 +14,7 @@ now). Then ``done``. A batch whose effective_at passed while the gateway was dow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -62,10 +63,9 @@ class Scheduler:
             wait = b.effective_at - time.time()
             if wait > 0:
                 # asyncio sleeps on the monotonic clock; effective_at is wall time: nap, then look again
-                try:
-                    await asyncio.wait_for(self.wake.wait(), min(wait, MAX_NAP))
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(wait, MAX_NAP)):
+                        await self.wake.wait()
                 return
         await self.commit(b)
 

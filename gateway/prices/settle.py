@@ -20,12 +20,14 @@ Every ``confirm_poll`` seconds the settler
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from storelink.drivers.base import LabelProgress
 from storelink.prices import book as bk
 from storelink.prices.db import PriceDb
 from storelink.prices.journal import BatchRow, Emit, Journal
@@ -54,6 +56,8 @@ class Settler:
         self._drifting: dict[str, str] = {}  # device -> problem, as last reported
         self._failing: dict[tuple[str, str, str], str] = {}  # (batch, device, action) -> last error (logged once)
         self._looked: dict[str, float] = {}  # batch -> when its labels were last asked item by item (monotonic)
+        # batch -> label device -> {"confirmed", "left", "total"} while its labels settle (the status page's view)
+        self.label_progress: dict[str, dict[str, dict[str, Any]]] = {}
 
     async def run(self) -> None:
         await self._load_held_back()
@@ -65,10 +69,9 @@ class Settler:
                 raise
             except Exception:
                 log.exception("price settling failed; trying again")
-            try:
-                await asyncio.wait_for(self.wake.wait(), self.cfg.confirm_poll)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.confirm_poll):
+                    await self.wake.wait()
 
     async def round(self) -> None:
         await self._deliver_labels()
@@ -132,6 +135,7 @@ class Settler:
         overdue = not past and deadline is not None and time.time() >= deadline
         # cheap first: a device that confirms the whole version (one count in its database) needs no item list
         pending = [t for t in labels if not await self._all_shown(b, t.device, t.state == "gone", committed)]
+        await self._note_progress(b, labels, pending, committed)
         if not pending:
             await self.db.write(bk.settle_skus, b.batch_id, await self._skus(b), committed)
             return await self._ended(b, outcome, [t.device for t in labels], committed, complete=True)
@@ -175,6 +179,24 @@ class Settler:
                     f"{len(mine)} label(s) of version {b.version} not known to show the {want} price after the "
                     f"deadline: {', '.join(mine[:10])}")
 
+    async def _note_progress(self, b: BatchRow, labels: list[Any], pending: list[Any], committed: bool) -> None:
+        """What the status page shows of each label device while the batch settles: confirmed or not, and (for a
+        committed version, from a driver that counts them) how many of its labels are left."""
+        progress = self.label_progress.setdefault(b.batch_id, {})
+        waiting = {t.device for t in pending}
+        for t in labels:
+            entry: dict[str, Any] = {"confirmed": t.device not in waiting}
+            drv = self.targets.instance(t.device)
+            if committed and isinstance(drv, LabelProgress):
+                try:
+                    left, total = await drv.price_labels_left(b.version)
+                    entry.update(left=0 if entry["confirmed"] else left, total=total)
+                except Exception as err:  # the count is for the page only; settling goes on without it
+                    log.debug("label %s: cannot count labels left: %s", t.device, err)
+            if progress.get(t.device) != entry:
+                progress[t.device] = entry
+                self.on_change()
+
     async def _skus(self, b: BatchRow) -> list[str]:
         return await self.db.read(lambda c: [r[0] for r in c.execute("SELECT sku FROM changes WHERE batch_id=?",
                                                                      (b.batch_id,))])
@@ -206,6 +228,7 @@ class Settler:
         for device in devices:
             self._shown.pop((b.batch_id, device), None)
         self._looked.pop(b.batch_id, None)
+        self.label_progress.pop(b.batch_id, None)
         log.info("batch %s: every label shows the %s prices; lookups answer the book's price again",
                  b.batch_id, "new" if committed else "old")
         if committed and outcome != "drift":  # (after drift, price.confirmed went out at the deadline)

@@ -1,13 +1,14 @@
 """The retained ``storelink/{store}/prices/state`` report (also the "prices" section of GET /api/v1/status).
 
 Rebuilt from the database whenever something changes (debounced), so what head office sees is what is on disk:
-active version, the batch in progress and its phase, the batches scheduled and when they take effect, SKUs still
-in transition, whether the clock is synchronised, and each device's version and standing. A till is ``current``,
-``stale``, ``pending`` (in the batch being prepared), ``holding`` (charges at most min(old, new) until the labels
-show a change) or ``held_back`` (a till without holds, committed once the labels show a price increase); a label
-device is ``current`` only when nothing of it is unconfirmed: else ``confirming`` / ``restoring`` (labels of a
-commit or an abort not yet known to show it), ``undelivered`` (it has not taken a commit or abort yet: away) or
-``drift`` (past the deadline), with ``shows`` saying what it is known to display per open batch.
+active version, the batch in progress and its phase, the batches scheduled and when they take effect, the
+changes still in transition (items with their old, new and charged price, label devices and labels left), whether
+the clock is synchronised, and each device's version and standing. A till is ``current``, ``stale``, ``pending``
+(in the batch being prepared), ``holding`` (charges at most min(old, new) until the labels show a change) or
+``held_back`` (a till without holds, committed once the labels show a price increase); a label device is
+``current`` only when nothing of it is unconfirmed: else ``confirming`` / ``restoring`` (labels of a commit or an
+abort not yet known to show it), ``undelivered`` (it has not taken a commit or abort yet: away) or ``drift``
+(past the deadline), with ``shows`` saying what it is known to display per open batch.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from typing import Any, Literal
 
 from storelink.contract import (
     ClockReport,
+    LabelDeviceProgress,
     LabelShowsState,
     LastBatch,
     PendingBatch,
     PriceDeviceState,
     PricesStatePayload,
     ScheduledBatch,
+    TransitionItem,
     TransitionState,
 )
 from storelink.outbox import iso_ts
@@ -45,6 +48,35 @@ def _ts(value: float | None) -> str | None:
     return iso_ts(value) if value else None
 
 
+# Items listed per transition (a 100,000-item change lists the first ones; `skus` says how many there are).
+TRANSITION_ITEMS = 20
+LabelProgress = dict[str, dict[str, dict[str, Any]]]  # batch -> label device -> {"confirmed", "left", "total"}
+
+
+def _transitions(conn: sqlite3.Connection, labels: LabelProgress) -> list[TransitionState]:
+    """Each batch whose labels are still confirming: its SKUs with the old, new and charged price (min of the
+    two: what every till answers meanwhile), and per label device whether it confirmed and how many are left."""
+    out = []
+    rows = conn.execute("SELECT t.batch_id, t.outcome, t.since, b.version, (SELECT COUNT(*) FROM changes c "
+                        "WHERE c.batch_id=t.batch_id) FROM transitions t LEFT JOIN batches b ON b.batch_id=t.batch_id "
+                        "ORDER BY t.since").fetchall()
+    for batch_id, outcome, since, version, skus in rows:
+        items = conn.execute(
+            "SELECT c.sku, COALESCE(b.description, s.description), c.old_price, c.new_price, c.kind FROM changes c "
+            "LEFT JOIN book b ON b.sku=c.sku LEFT JOIN staged s ON s.batch_id=c.batch_id AND s.sku=c.sku "
+            "WHERE c.batch_id=? ORDER BY c.sku LIMIT ?", (batch_id, TRANSITION_ITEMS)).fetchall()
+        # (a copy: the settler updates these on the loop while this runs in the database thread)
+        devices = {d: LabelDeviceProgress(**e) for d, e in list(labels.get(batch_id, {}).items())}
+        lefts = [d.left for d in devices.values() if d.left is not None]
+        out.append(TransitionState(
+            batch_id=batch_id, version=version, outcome=outcome, since=_ts(since), skus=skus,
+            items=[TransitionItem(sku=sku, description=desc, old_price=old, new_price=new, kind=kind,
+                                  charged=min((p for p in (old, new) if p is not None), default=None))
+                   for sku, desc, old, new, kind in items],
+            labels=devices, labels_left=sum(lefts) if lefts else None))
+    return out
+
+
 def _label_standing(shows: LabelShowsState | None) -> Standing:
     if shows is None:
         return "current"
@@ -58,8 +90,8 @@ def _label_standing(shows: LabelShowsState | None) -> Standing:
 
 
 def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str, Role]], stale: set[str],
-                drift: dict[str, str], current: str | None, clock: ClockReport,
-                held_back: dict[str, int]) -> PricesStatePayload:
+                drift: dict[str, str], current: str | None, clock: ClockReport, held_back: dict[str, int],
+                labels: LabelProgress | None = None) -> PricesStatePayload:
     active = int(get_meta(conn, "active_version", "0") or 0)
     now = time.time()
     scheduled = conn.execute("SELECT batch_id, version, effective_at, decided_at FROM batches "
@@ -71,8 +103,6 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
     last = conn.execute("SELECT batch_id, version, phase, reason, updated_at FROM batches "
                         "WHERE phase IN ('done','aborted','rejected','superseded','expired') "
                         "ORDER BY updated_at DESC LIMIT 1").fetchone()
-    transition = conn.execute("SELECT t.batch_id, t.outcome, COUNT(c.sku) FROM transitions t LEFT JOIN changes c "
-                              "ON c.batch_id=t.batch_id GROUP BY t.batch_id").fetchall()
     known = {r[0]: (r[1], r[2], r[3]) for r in conn.execute("SELECT device, version, stale, shows FROM devices")}
     in_batch: dict[str, str] = {}
     if pending is not None and pending[2] in ("staging", "staged", "preparing"):
@@ -117,7 +147,7 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
         ),
         scheduled=[ScheduledBatch(batch_id=r[0], version=r[1], effective_at=_ts(r[2]), decided_at=_ts(r[3]))
                    for r in scheduled],
-        transition=[TransitionState(batch_id=b, outcome=o, skus=n) for b, o, n in transition],
+        transition=_transitions(conn, labels or {}),
         last=None if last is None else LastBatch(batch_id=last[0], version=last[1], outcome=last[2],
                                                  reason=last[3], at=_ts(last[4])),
         devices=out_devices,
