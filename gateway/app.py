@@ -83,6 +83,7 @@ class Gateway:
             "state": "stopping" if self._stopping else ("running" if self.ready.is_set() else "starting"),
             "uplink": self.uplink.status(),
             "outbox": self.outbox.status(),
+            "http": self.http.status(),
             "devices": self.supervisor.status(),
         }
         for name, part in self.status_parts.items():

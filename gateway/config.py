@@ -98,6 +98,9 @@ class HttpConfig(Strict):
     listen: str = "127.0.0.1:8080"
     token: str | None = Field(None, repr=False, min_length=16, description="bearer token for actions")
     max_body: int = Field(256 * 1024, ge=1024)
+    request_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a request's "
+                                   "head, and again its body; an idle keep-alive connection is closed after it")
+    max_connections: int = Field(64, ge=1, le=10_000, description="connections served at once; more get 503")
 
     @field_validator("listen")
     @classmethod

@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from storelink import safe_json
 from storelink.contract import DEVICE_RE
 from storelink.outbox import iso_ts
 from storelink.uplink import Downlink
-from storelink.web.server import error
+from storelink.web.server import BadRequestBody, error, read_json
 
 if TYPE_CHECKING:
     from storelink.app import Gateway
@@ -134,10 +135,11 @@ class KioskCart:
     async def on_response(self, down: Downlink) -> None:
         corr = down.correlation_data.hex() if down.correlation_data else None
         try:
-            answer = CartAnswer.model_validate_json(down.payload)
-        except ValidationError as err:
+            answer = CartAnswer.model_validate(safe_json.loads(down.payload))
+        except (safe_json.JsonRejected, ValidationError) as err:
             # The payload may hold a customer's cart: log the shape of the problem, not the content.
-            log.warning("cart answer from head office is malformed (%d problems)", len(err.errors()))
+            problems = f"{err.error_count()} problems" if isinstance(err, ValidationError) else err.reason
+            log.warning("cart answer from head office is malformed (%s)", problems)
             if corr and corr in self._pending:
                 fut = self._pending[corr].future
                 if not fut.done():
@@ -209,8 +211,10 @@ class KioskCart:
         try:
             kiosk_id = self._kiosk(request)
             try:
-                query = CartQuery.model_validate(await request.json())
-            except (ValueError, ValidationError):
+                query = CartQuery.model_validate(await read_json(request))
+            except BadRequestBody as err:
+                raise CartFailed(err.status, err.message) from None
+            except ValidationError:
                 raise CartFailed(422, 'body must be {"customer": "<token>", "list": "cart"|"wishlist"}') from None
             answer = await self.fetch(kiosk_id, query)
         except CartFailed as err:

@@ -2,33 +2,69 @@
 
 ``POST /api/v1/events`` answers 202 only after the event is committed to the outbox, so a 202 is a promise that
 the event reaches head office. Everything else is read-only unless the caller presents the configured token.
+
+Hostile or broken clients are bounded: a request's head must arrive within ``http.request_timeout`` seconds (and
+an idle keep-alive connection is closed after as long), a body gets the same time again, at most
+``http.max_connections`` connections are served at once (more are answered 503 and closed), and a malformed
+request is logged as one line naming its peer and the kind of error, never with the request's bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import TypeAdapter, ValidationError
 
+from storelink import safe_json
 from storelink.config import describe_validation_error
 from storelink.contract import IngestEvent
-from storelink.outbox import OutboxError, OutboxFull
+from storelink.outbox import EventRejected, OutboxError, OutboxFull
+from storelink.system.logs import exception_summary
 
 if TYPE_CHECKING:
     from storelink.app import Gateway
 
 log = logging.getLogger(__name__)
+# aiohttp's own logger for request errors would write the offending bytes and a traceback; this one is filtered.
+request_log = logging.getLogger("storelink.web.requests")
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 MAX_EVENTS_PER_POST = 1000
 _ingest_list = TypeAdapter(list[IngestEvent])
 
 
+class BadRequestBody(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON through safe_json, read within ``http.request_timeout``. BadRequestBody (400,
+    408 or 413) otherwise; every JSON body the gateway accepts comes through here."""
+    http = request.app[GATEWAY_KEY].config.http
+    if request.content_length is not None and request.content_length > http.max_body:
+        raise BadRequestBody(413, f"body larger than {http.max_body} bytes")
+    try:
+        async with asyncio.timeout(http.request_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise BadRequestBody(408, f"body not received within {http.request_timeout:g} s") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequestBody(413, f"body larger than {http.max_body} bytes") from None
+    try:
+        return safe_json.loads(raw, max_bytes=http.max_body)
+    except safe_json.JsonRejected as err:
+        raise BadRequestBody(400, f"body is not valid JSON: {err.reason}") from None
 
 
 def require_token(request: web.Request) -> web.Response | None:
@@ -37,22 +73,20 @@ def require_token(request: web.Request) -> web.Response | None:
     if not token:
         return error(403, "actions are disabled: no http.token is configured")
     given = request.headers.get("Authorization", "")
-    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
+    # Header bytes that are not UTF-8 arrive surrogate-escaped: compare bytes, never raise on them.
+    if not given.startswith("Bearer ") or not hmac.compare_digest(
+        given[7:].encode("utf-8", "surrogateescape"), token.encode()
+    ):
         return error(401, "a valid bearer token is required for this action")
     return None
 
 
 async def post_events(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    if request.content_length is not None and request.content_length > gw.config.http.max_body:
-        return error(413, f"body larger than {gw.config.http.max_body} bytes")
     try:
-        raw = await request.read()
-        body = json.loads(raw)
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, f"body larger than {gw.config.http.max_body} bytes")
-    except (ValueError, UnicodeDecodeError) as err:
-        return error(400, f"body is not valid JSON: {err}")
+        body = await read_json(request)
+    except BadRequestBody as err:
+        return error(err.status, err.message)
     single = isinstance(body, dict)
     if not single and not isinstance(body, list):
         return error(422, "body must be an event object or a list of event objects")
@@ -61,9 +95,11 @@ async def post_events(request: web.Request) -> web.Response:
     try:
         events = [IngestEvent.model_validate(body)] if single else _ingest_list.validate_python(body)
     except ValidationError as err:
-        return error(422, "invalid event", problems=describe_validation_error(err))
+        return error(422, "invalid event", problems=describe_validation_error(err)[:20])
     try:
         accepted = await gw.outbox.put_many([(e.kind, e.device, e.data) for e in events])
+    except EventRejected as err:
+        return error(422, str(err))
     except OutboxFull as err:
         log.warning("ingest refused: %s", err)
         return error(507, str(err))
@@ -91,6 +127,34 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if exc.status >= 400 and request.path.startswith("/api/"):
             return error(exc.status, exc.reason)
         raise
+    except BadRequestBody as err:
+        return error(err.status, err.message)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as err:  # a bug: the client gets a plain 500, the log the code location (no request data)
+        request_log.error("%s %s failed: %s", request.method, request.rel_url.path[:200], exception_summary(err))
+        return error(500, "internal error")
+
+
+class RequestErrorFilter(logging.Filter):
+    """Rewrites aiohttp's request-error records (on ``request_log``): one line with the peer and the error's
+    kind. aiohttp's text quotes the bytes it could not parse (a header with a customer's name in it, say) and
+    adds a traceback; neither is written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            if isinstance(exc, HttpProcessingError):
+                what = f"malformed request refused with {exc.code} ({type(exc).__name__})"
+            else:
+                what = f"request failed: {exception_summary(exc)}"
+            record.msg, record.args = "HTTP %s from %s", (what, peer)
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+request_log.addFilter(RequestErrorFilter())
 
 
 def build_app(gateway: Gateway) -> web.Application:
@@ -104,22 +168,74 @@ def build_app(gateway: Gateway) -> web.Application:
     return app
 
 
+_BUSY_BODY = b'{"error":"too many connections; try again shortly"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+class _Busy(asyncio.Protocol):
+    """What a connection over ``http.max_connections`` gets: a 503, then the connection is closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_BUSY)
+        transport.close()
+
+
+class LimitedSite(web.TCPSite):
+    """A TCP site that serves at most ``max_connections`` connections at once."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int):
+        super().__init__(runner, host, port, reuse_address=True)
+        self.max_connections = max_connections
+        self.refused = 0
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner; the listening socket is ours
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(server.connections) >= self.max_connections:
+                self.refused += 1
+                if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th...: a flood is not a log flood
+                    log.warning("http: %d connection(s) refused so far: over the limit of %d", self.refused,
+                                self.max_connections)
+                return _Busy()
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(protocol, self._host, self._port, backlog=self._backlog,
+                                                reuse_address=True)
+
+
 class HttpServer:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
         self.runner: web.AppRunner | None = None
+        self.site: LimitedSite | None = None
         self.bound: tuple[str, int] | None = None
 
     async def start(self) -> None:
-        host, port = self.gateway.config.http.host_port
-        self.runner = web.AppRunner(build_app(self.gateway), access_log=None, handle_signals=False)
+        http = self.gateway.config.http
+        host, port = http.host_port
+        # keepalive_timeout also closes a connection whose request head has not fully arrived by then: aiohttp
+        # arms it at connect and after each response, and closes a connection still waiting for a request.
+        self.runner = web.AppRunner(build_app(self.gateway), access_log=None, handle_signals=False,
+                                    logger=request_log, keepalive_timeout=http.request_timeout)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
-        server = site._server
+        self.site = LimitedSite(self.runner, host, port, http.max_connections)
+        await self.site.start()
+        server = self.site._server
         sockets = getattr(server, "sockets", None) or []
         self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
         log.info("http listening on %s:%d", *self.bound)
+
+    def status(self) -> dict[str, Any]:
+        runner = self.runner
+        server = runner.server if runner is not None else None
+        return {"connections": len(server.connections) if server is not None else 0,
+                "refused_connections": self.site.refused if self.site is not None else 0}
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from storelink import safe_json
 from storelink.outbox import Accepted, iso_ts
-from storelink.web.server import error, require_token
+from storelink.system.logs import loggable_id
+from storelink.web.server import error, read_json, require_token
 
 if TYPE_CHECKING:
     from storelink.app import Gateway
@@ -117,18 +119,15 @@ def install_routes(gateway: Gateway, recent: RecentEvents) -> None:
             return error(503, "commands are not installed")
         cmd = commands.table.get(name)
         if cmd is not None and not cmd.changes_something:
-            return error(405, f"{name} is not an action; read GET /api/v1/status")
-        try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError as err:
-            return error(400, f"body is not valid JSON: {err}")
+            return error(405, f"{safe_json.echo(name)} is not an action; read GET /api/v1/status")
+        body = await read_json(request) if request.can_read_body else {}
         args = body.get("args", {}) if isinstance(body, dict) else body
         try:
             result = await commands.run(name, args)
         except CommandError as err:
-            log.warning("action %s refused: %s", name, err.message)
+            log.warning("action %s refused: %s", loggable_id(name), err.code)
             return error(ACTION_STATUS.get(err.code, 400), err.message, code=err.code)
-        log.info("action %s done from the status page", name)
+        log.info("action %s done from the status page", loggable_id(name))
         return web.json_response({"ok": True, "command": name, "result": result})
 
     async def page_json(request: web.Request) -> web.Response:
