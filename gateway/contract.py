@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from storelink import safe_json
 
 KIND_RE = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 DEVICE_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -142,6 +144,14 @@ def topic_matches(filter_: str, topic: str) -> bool:
         if i >= len(t_parts) or (f != "+" and f != t_parts[i]):
             return False
     return len(f_parts) == len(t_parts)
+
+
+def is_publish_topic(topic: object) -> TypeGuard[str]:
+    """A topic the gateway may publish to: MQTT's rules for a topic name (1..65535 UTF-8 bytes, no wildcards, no
+    U+0000; a broker disconnects a client that breaks them), bounded to 256 characters. A reply topic named by a
+    message is checked with this before anything is sent there."""
+    return (isinstance(topic, str) and 0 < len(topic) <= 256 and not any(c in topic for c in "+#\x00")
+            and safe_json.text_ok(topic))
 
 
 def is_valid_kind(kind: str) -> bool:

@@ -10,7 +10,6 @@ command cannot be replayed. The status page calls ``Commands.run`` directly behi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -20,10 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from storelink import safe_json
 from storelink.config import describe_validation_error
+from storelink.contract import is_publish_topic
 from storelink.outbox import iso_ts
 from storelink.remote.models import DEVICE_ID_RE, CommandRequest, CommandResponse, SignedCommand
 from storelink.remote.signing import SignatureError, verify
+from storelink.system.logs import exception_summary, loggable_id
 from storelink.uplink import Downlink
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SKU_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
+MAX_COMMAND_BYTES = 256 * 1024  # a command with 10,000 SKUs to reprint is ~200 KB
+MAX_NAME = 64  # a command name longer than any known one is unknown; this bounds what the reply echoes
 
 
 class CommandError(Exception):
@@ -98,13 +102,14 @@ class Commands:
     async def run(self, name: str, raw_args: Any) -> Any:
         cmd = self.table.get(name)
         if cmd is None:
-            raise CommandError("unknown_command", f"unknown command {name!r} (known: {', '.join(self.table)})")
+            raise CommandError("unknown_command",
+                               f"unknown command {safe_json.echo(name)} (known: {', '.join(self.table)})")
         if not isinstance(raw_args, dict):
             raise CommandError("bad_args", "args must be a JSON object")
         try:
             args = cmd.args.model_validate(raw_args)
         except ValidationError as err:
-            raise CommandError("bad_args", "; ".join(describe_validation_error(err))) from None
+            raise CommandError("bad_args", "; ".join(describe_validation_error(err)[:10])) from None
         return await cmd.run(args)
 
     def _count(self, name: str, outcome: str) -> None:
@@ -113,13 +118,14 @@ class Commands:
 
     # -- the MQTT handler --------------------------------------------------------------------------------------
     async def on_command(self, down: Downlink) -> None:
-        name = down.topic.rsplit("/", 1)[-1]
+        """Every message gets exactly one reply, whatever its bytes: a result or an error with a code."""
+        name = down.topic.rsplit("/", 1)[-1][:MAX_NAME]
         reply_to, corr_id = down.response_topic, None
         try:
             try:
-                body = json.loads(down.payload) if down.payload else {}
-            except (ValueError, UnicodeDecodeError) as err:
-                raise CommandError("bad_request", f"payload is not JSON: {err}") from None
+                body = safe_json.loads(down.payload, max_bytes=MAX_COMMAND_BYTES) if down.payload else {}
+            except safe_json.JsonRejected as err:
+                raise CommandError("bad_request", f"payload is not JSON: {err.reason}") from None
             req: SignedCommand | CommandRequest
             if isinstance(body, dict) and "sig" in body:
                 req = self._verify_signed(name, body)
@@ -128,7 +134,7 @@ class Commands:
                 try:
                     req = CommandRequest.model_validate(body)
                 except ValidationError as err:
-                    raise CommandError("bad_request", "; ".join(describe_validation_error(err))) from None
+                    raise CommandError("bad_request", "; ".join(describe_validation_error(err)[:10])) from None
                 signed = False
             reply_to, corr_id = reply_to or req.reply_to, req.correlation_id
             cmd = self.table.get(name)
@@ -139,20 +145,40 @@ class Commands:
                                        ts=iso_ts(time.time()))
             self._count(name, "ok")
         except CommandError as err:
-            log.warning("command %s refused: %s", name, err.message)
+            log.warning("command %s refused: %s", loggable_id(name), err.code)
             response = CommandResponse(ok=False, command=name, error=err.message, code=err.code,  # type: ignore[arg-type]
                                        correlation_id=corr_id, ts=iso_ts(time.time()))
             self._count(name, err.code)
         except Exception as err:  # a failing command must answer, never take the gateway down
-            log.exception("command %s failed", name)
-            response = CommandResponse(ok=False, command=name, error=f"{type(err).__name__}: {err}", code="failed",
+            log.error("command %s failed: %s", loggable_id(name), exception_summary(err))
+            response = CommandResponse(ok=False, command=name, error=f"{type(err).__name__}", code="failed",
                                        correlation_id=corr_id, ts=iso_ts(time.time()))
             self._count(name, "failed")
-        topic = reply_to or self.gateway.topics.command_reply(name)
-        if "+" in topic or "#" in topic:
-            topic = self.gateway.topics.command_reply(name)  # a wildcard is no place to publish
-        self.gateway.uplink.publish_direct(topic, response.model_dump_json(exclude_none=True).encode(),
-                                           correlation_data=down.correlation_data)
+        self._reply(name, reply_to, response, down.correlation_data)
+
+    def _reply(self, name: str, reply_to: str | None, response: CommandResponse, correlation: bytes | None) -> None:
+        topics = self.gateway.topics
+        # A reply topic named by the message must be one the gateway may publish to: an invalid one (a wildcard,
+        # U+0000) would make the broker drop the connection, and the command would come back after the reconnect.
+        # Nor may it be one of this store's own uplink topics (an unsigned request could otherwise make the store
+        # publish a fake event or status to head office): only cmd-reply/ is a reply topic in the store's tree.
+        own = isinstance(reply_to, str) and reply_to.startswith(topics.base + "/") \
+            and not reply_to.startswith(topics.base + "/cmd-reply/")
+        topic = topics.command_reply(name)
+        if is_publish_topic(reply_to) and not own:
+            topic = reply_to
+        elif not is_publish_topic(topic):
+            topic = topics.command_reply("invalid")
+        try:
+            body = response.model_dump_json(exclude_none=True).encode()
+        except ValueError as err:  # a result that is not JSON-safe: still an answer
+            log.error("command %s: reply not serialisable: %s", loggable_id(name), exception_summary(err))
+            body = CommandResponse(ok=False, command=name, error="the result could not be encoded", code="failed",
+                                   ts=iso_ts(time.time())).model_dump_json(exclude_none=True).encode()
+        try:
+            self.gateway.uplink.publish_direct(topic, body, correlation_data=correlation)
+        except ValueError as err:
+            log.error("command %s: reply not sent: %s", loggable_id(name), exception_summary(err))
 
     def _verify_signed(self, name: str, body: dict[str, Any]) -> SignedCommand:
         gw = self.gateway
@@ -163,11 +189,12 @@ class Commands:
         try:
             cmd = SignedCommand.model_validate(payload)
         except ValidationError as err:
-            raise CommandError("bad_request", "; ".join(describe_validation_error(err))) from None
+            raise CommandError("bad_request", "; ".join(describe_validation_error(err)[:10])) from None
         if cmd.store_id != gw.config.store_id:
-            raise CommandError("unauthorized", f"signed for store {cmd.store_id!r}, not this one")
+            raise CommandError("unauthorized", f"signed for store {safe_json.echo(cmd.store_id)}, not this one")
         if cmd.command != name:
-            raise CommandError("unauthorized", f"signed for command {cmd.command!r}, sent as {name!r}")
+            raise CommandError("unauthorized", f"signed for command {safe_json.echo(cmd.command)}, sent as "
+                               f"{safe_json.echo(name)}")
         now, max_age = time.time(), gw.config.remote.command_max_age
         if not -60 <= now - cmd.issued_at <= max_age:  # a minute of clock skew either way
             raise CommandError("unauthorized", f"issued_at is outside the last {max_age:g}s: refused as a replay")

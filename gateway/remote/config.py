@@ -42,13 +42,26 @@ RESTART_ONLY = {"store_id", "storage", "groups"}
 LOCAL_SECRETS = (("mqtt", "password"), ("http", "token"))
 
 LiveHook = Callable[[GatewayConfig, GatewayConfig], Awaitable[None]]
+MAX_CONFIG_BYTES = 1024 * 1024  # a signed desired config; a store's config with 200 devices is ~50 KB
+MAX_ERRORS = 20  # problems listed in one rejection report
+# The handler waits for a config's [mqtt] trial (rollback_after, at most 3600 s): its time bound allows for that.
+HANDLER_TIMEOUT = 3600.0 + 120.0
 
 
 class Rejection(Exception):
+    """``errors`` by key go to head office in the report; they may quote the rejected config, so they are bounded
+    here and never logged."""
+
     def __init__(self, errors: dict[str, str], version: int | None = None):
-        self.errors = errors
+        self.errors = {_bounded(k, 120): _bounded(v, 300) for k, v in list(errors.items())[:MAX_ERRORS]}
+        if len(errors) > MAX_ERRORS:
+            self.errors["config"] = f"{len(errors) - MAX_ERRORS} more problems not listed"
         self.version = version
-        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        super().__init__(f"{len(errors)} problem(s)")
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def problems_by_key(err: ConfigError) -> dict[str, str]:
@@ -103,14 +116,15 @@ class RemoteConfig:
             try:
                 await self._handle(down.payload)
             except Rejection as rej:
-                log.warning("remote config rejected: %s", rej)
+                log.warning("remote config %s rejected: %s (details in config/reported)",
+                            f"version {rej.version}" if rej.version is not None else "message", rej)
                 await self._settle("rejected", rej.version, rej.errors)
 
     async def _handle(self, raw: bytes) -> None:
         gw = self.gateway
         running = gw.config
         try:
-            payload = verify(raw, running.trust.public_keys)
+            payload = verify(raw, running.trust.public_keys, max_bytes=MAX_CONFIG_BYTES)
         except SignatureError as err:
             raise Rejection({"signature": err.reason}) from None
         try:
@@ -226,7 +240,7 @@ class RemoteConfig:
                 if new.logging.journal != old.logging.journal:
                     restart.append("logging.journal")
             elif section == "http":
-                if (new.http.listen, new.http.max_body) != (old.http.listen, old.http.max_body):
+                if new.http.model_copy(update={"token": None}) != old.http.model_copy(update={"token": None}):
                     await gw.http.stop()
                     await gw.http.start()
             elif section in self.live_hooks:
@@ -288,4 +302,4 @@ def install(gateway: Gateway) -> None:
     remote.load()
     gateway.services["remote_config"] = remote
     gateway.status_parts["config"] = remote.status
-    gateway.uplink.subscribe(gateway.topics.config_desired, remote.on_desired)
+    gateway.uplink.subscribe(gateway.topics.config_desired, remote.on_desired, timeout=HANDLER_TIMEOUT)
