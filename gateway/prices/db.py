@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from storelink.outbox import open_database
 
 T = TypeVar("T")
+WAL_SIZE_LIMIT = 8 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,6 +79,8 @@ class PriceDb:
 
     def _open(self) -> None:
         conn = open_database(self.path, self.synchronous)
+        # A big transaction (a chunk of several MB) grows the WAL; without a limit it keeps that size for good.
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.executescript(SCHEMA)
         self._writer = conn
 

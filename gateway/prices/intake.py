@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from storelink import safe_json
 from storelink.contract import Topics
 from storelink.prices.book import PriceBook
 from storelink.prices.db import PriceDb
@@ -66,8 +67,8 @@ class Intake:
                 from_chunk = True
                 await self._chunk(self.staging.parse_chunk(down.payload), time.time())
             else:
-                raise Rejected(Reason.MALFORMED, f"unknown message type {kind!r} (expected manifest or chunk)",
-                               obj.get("batch_id") if isinstance(obj.get("batch_id"), str) else None)
+                raise Rejected(Reason.MALFORMED, f"unknown message type {safe_json.echo(kind)} (expected manifest "
+                               "or chunk)", obj.get("batch_id"))
         except Rejected as rej:
             await self.reject(rej, source, from_chunk)
 
@@ -75,7 +76,10 @@ class Intake:
         self.rejected_total += 1
         await self.db.write(self.staging.record_rejection, rej, source, from_chunk)
         key = (rej.batch_id, f"{rej.reason}:{rej.detail}")
-        log.warning("price batch %s rejected (%s): %s", rej.batch_id or "?", rej.reason, rej.detail)
+        # The detail may quote the message (a field name, a type): it goes to head office in the event, not into
+        # the log. An unsigned message's batch id is only an identifier-shaped string someone chose.
+        log.warning("price batch %s rejected: %s (details in the price.rejected event)",
+                    rej.batch_id or "?", rej.reason)
         if key in self._reported:
             return  # the same bad message again (a redelivery): reported once is enough
         self._reported[key] = None
@@ -142,7 +146,11 @@ class Intake:
             self.desired = None  # head office cleared it
             return
         try:
-            self.desired = Desired.model_validate_json(down.payload)
+            self.desired = Desired.model_validate(safe_json.loads(down.payload))
+        except safe_json.JsonRejected as err:
+            await self.reject(Rejected(Reason.MALFORMED, f"prices/desired: not JSON: {err.reason}"),
+                              "desired", False)
+            return
         except ValidationError as err:
             await self.reject(Rejected(Reason.MALFORMED, f"prices/desired: {err.errors()[0]['msg']}"), "desired",
                               False)
