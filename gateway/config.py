@@ -7,6 +7,7 @@ store ends up running with a default nobody chose. Errors name the file and the 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -26,6 +27,7 @@ from storelink.prices.models import PricesConfig
 from storelink.remote.models import CartSettings, RemoteConfigSettings
 
 STORE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAX_CONFIG_DEPTH = 16
 
 
 class Strict(BaseModel):
@@ -185,9 +187,30 @@ def describe_validation_error(err: ValidationError) -> list[str]:
     return problems
 
 
+def _unusable_values(data: Any, key: str = "") -> list[str]:
+    """Keys whose value no setting can use: NaN or infinity (valid TOML, meaningless as a timeout or a limit), or
+    nesting deeper than any section has (a config is at most a few levels deep)."""
+    out: list[str] = []
+    stack: list[tuple[Any, str, int]] = [(data, key, 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            out.append(f"{where or '(top level)'}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{where}: {value} is not a usable value (nan/inf)")
+        elif isinstance(value, dict):
+            stack += [(v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    return sorted(out)
+
+
 def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfig:
     from storelink.devices.registry import validate_device_tables
 
+    unusable = _unusable_values(data)
+    if unusable:
+        raise ConfigError(source, unusable[:20])
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as err:
@@ -204,6 +227,8 @@ def parse_config_text(text: str, source: str = "<config>") -> GatewayConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(source, [f"not valid TOML: {err}"]) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(source, [f"not valid TOML: nested deeper than {MAX_CONFIG_DEPTH} levels"]) from None
     return parse_config(data, source)
 
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from storelink import safe_json
+
 if TYPE_CHECKING:
     from storelink.prices.part import PricesPart
 
@@ -26,11 +28,11 @@ def routes(part: PricesPart) -> web.RouteTableDef:
         code = request.match_info["code"]
         if not part.ready.is_set():
             return web.json_response({"error": "the price book is starting"}, status=503)
-        if not 1 <= len(code) <= 64:
-            return web.json_response({"error": "a SKU or GTIN is 1..64 characters"}, status=400)
+        if not 1 <= len(code) <= 64 or not safe_json.text_ok(code):
+            return web.json_response({"error": "a SKU or GTIN is 1..64 characters of UTF-8 text"}, status=400)
         item = await part.book.alookup(code)
         if item is None:
-            return web.json_response({"error": f"no price for {code!r}"}, status=404)
+            return web.json_response({"error": f"no price for {safe_json.echo(code)}"}, status=404)
         return web.json_response(item)
 
     return table

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 EVENT_DEVICE = "prices"  # the `device` of every price.* event
+# A chunk's handler waits for its turn to be decoded and stored (two at a time): the last of a 100-chunk burst on a
+# slow card may wait minutes. Past this the message is acknowledged and the batch, incomplete, expires (reported).
+HANDLER_TIMEOUT = 600.0
 
 
 class PricesPart:
@@ -43,7 +46,7 @@ class PricesPart:
         self.intake = Intake(self.db, self.cfg, self.staging, self.book, gateway.topics, list(conf.groups),
                              self.emit, self.state.mark, self.coordinator.wake.set)
         for topic, handler in self.intake.subscriptions():
-            gateway.uplink.subscribe(topic, self._when_ready(handler))
+            gateway.uplink.subscribe(topic, self._when_ready(handler), timeout=HANDLER_TIMEOUT)
 
     async def emit(self, kind: str, data: dict[str, Any]) -> Any:
         return await self.gateway.emit(kind, EVENT_DEVICE, data)

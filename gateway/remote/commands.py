@@ -10,6 +10,7 @@ command cannot be replayed. The status page calls ``Commands.run`` directly behi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SKU_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
 MAX_COMMAND_BYTES = 256 * 1024  # a command with 10,000 SKUs to reprint is ~200 KB
+COMMAND_TIMEOUT = 300.0  # a reprint of every label may take minutes; past this the command answers `failed`
 MAX_NAME = 64  # a command name longer than any known one is unknown; this bounds what the reply echoes
 
 
@@ -140,7 +142,11 @@ class Commands:
             cmd = self.table.get(name)
             if cmd is not None and cmd.changes_something and not signed:
                 raise CommandError("unauthorized", f"{name} changes something: it must be signed")
-            result = await self.run(name, req.args)
+            try:
+                async with asyncio.timeout(COMMAND_TIMEOUT):
+                    result = await self.run(name, req.args)
+            except TimeoutError:
+                raise CommandError("failed", f"{name} did not finish within {COMMAND_TIMEOUT:g} s") from None
             response = CommandResponse(ok=True, command=name, result=result, correlation_id=corr_id,
                                        ts=iso_ts(time.time()))
             self._count(name, "ok")
@@ -272,4 +278,4 @@ class Commands:
 def install(gateway: Gateway) -> None:
     commands = Commands(gateway)
     gateway.services["commands"] = commands
-    gateway.uplink.subscribe(gateway.topics.command_filter, commands.on_command)
+    gateway.uplink.subscribe(gateway.topics.command_filter, commands.on_command, timeout=COMMAND_TIMEOUT + 30)
