@@ -102,7 +102,8 @@ class HttpConfig(Strict):
     max_body: int = Field(256 * 1024, ge=1024)
     request_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a request's "
                                    "head, and again its body; an idle keep-alive connection is closed after it")
-    max_connections: int = Field(64, ge=1, le=10_000, description="connections served at once; more get 503")
+    max_connections: int = Field(256, ge=1, le=10_000, description="connections served at once; more get 503")
+    max_connections_per_peer: int = Field(32, ge=1, le=10_000, description="of those, from one address")
 
     @field_validator("listen")
     @classmethod

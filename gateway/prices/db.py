@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from storelink.outbox import open_database
 
 T = TypeVar("T")
-WAL_SIZE_LIMIT = 8 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
+WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint (SQLite checkpoints at ~4 MB)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);

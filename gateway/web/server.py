@@ -5,8 +5,9 @@ the event reaches head office. Everything else is read-only unless the caller pr
 
 Hostile or broken clients are bounded: a request's head must arrive within ``http.request_timeout`` seconds (and
 an idle keep-alive connection is closed after as long), a body gets the same time again, at most
-``http.max_connections`` connections are served at once (more are answered 503 and closed), and a malformed
-request is logged as one line naming its peer and the kind of error, never with the request's bytes.
+``http.max_connections`` connections are served at once and ``http.max_connections_per_peer`` from one address
+(more are answered 503 and closed), and a malformed request is logged as one line naming its peer and the kind
+of error, never with the request's bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -173,40 +175,83 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
          b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
-class _Busy(asyncio.Protocol):
-    """What a connection over ``http.max_connections`` gets: a 503, then the connection is closed."""
+class _Gate(asyncio.Protocol):
+    """Stands in front of aiohttp's protocol for one connection: admits it under the site's limits (else a 503 and
+    the connection is closed before a byte is read) and passes everything on to aiohttp's handler."""
+
+    def __init__(self, site: LimitedSite, factory: Callable[[], asyncio.Protocol]):
+        self.site = site
+        self.factory = factory
+        self.inner: asyncio.Protocol | None = None
+        self.host = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(_BUSY)
-        transport.close()
+        peer = transport.get_extra_info("peername")
+        self.host = str(peer[0]) if isinstance(peer, tuple) else ""
+        if not self.site.admit(self.host):
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self.inner = self.factory()
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.inner is not None:
+            self.site.release(self.host)
+            self.inner.connection_lost(exc)
 
 
 class LimitedSite(web.TCPSite):
-    """A TCP site that serves at most ``max_connections`` connections at once."""
+    """A TCP site that serves at most ``max_connections`` connections at once, and at most ``per_peer`` from one
+    address (one misbehaving host on the store network cannot take every slot)."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int):
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int, per_peer: int):
         super().__init__(runner, host, port, reuse_address=True)
         self.max_connections = max_connections
+        self.per_peer = per_peer
+        self.open: dict[str, int] = {}
         self.refused = 0
+
+    def admit(self, host: str) -> bool:
+        if sum(self.open.values()) >= self.max_connections or self.open.get(host, 0) >= self.per_peer:
+            self.refused += 1
+            if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th...: a flood is not a log flood
+                log.warning("http: %d connection(s) refused so far: over the limit of %d (%d per address)",
+                            self.refused, self.max_connections, self.per_peer)
+            return False
+        self.open[host] = self.open.get(host, 0) + 1
+        return True
+
+    def release(self, host: str) -> None:
+        left = self.open.get(host, 1) - 1
+        if left > 0:
+            self.open[host] = left
+        else:
+            self.open.pop(host, None)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner; the listening socket is ours
         server = self._runner.server
         assert server is not None
-
-        def protocol() -> asyncio.BaseProtocol:
-            if len(server.connections) >= self.max_connections:
-                self.refused += 1
-                if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th...: a flood is not a log flood
-                    log.warning("http: %d connection(s) refused so far: over the limit of %d", self.refused,
-                                self.max_connections)
-                return _Busy()
-            return server()
-
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(protocol, self._host, self._port, backlog=self._backlog,
-                                                reuse_address=True)
+        self._server = await loop.create_server(lambda: _Gate(self, server), self._host, self._port,
+                                                backlog=self._backlog, reuse_address=True)
 
 
 class HttpServer:
@@ -224,7 +269,7 @@ class HttpServer:
         self.runner = web.AppRunner(build_app(self.gateway), access_log=None, handle_signals=False,
                                     logger=request_log, keepalive_timeout=http.request_timeout)
         await self.runner.setup()
-        self.site = LimitedSite(self.runner, host, port, http.max_connections)
+        self.site = LimitedSite(self.runner, host, port, http.max_connections, http.max_connections_per_peer)
         await self.site.start()
         server = self.site._server
         sockets = getattr(server, "sockets", None) or []
@@ -232,10 +277,9 @@ class HttpServer:
         log.info("http listening on %s:%d", *self.bound)
 
     def status(self) -> dict[str, Any]:
-        runner = self.runner
-        server = runner.server if runner is not None else None
-        return {"connections": len(server.connections) if server is not None else 0,
-                "refused_connections": self.site.refused if self.site is not None else 0}
+        site = self.site
+        return {"connections": sum(site.open.values()) if site is not None else 0,
+                "refused_connections": site.refused if site is not None else 0}
 
     async def stop(self) -> None:
         if self.runner is not None:
