@@ -87,6 +87,14 @@ def decode(line: bytes) -> dict[str, Any]:
     return message
 
 
+def count_rejection(ctx: Any, code: str) -> None:
+    """Count a refused line in the gateway's rejection counters (status and /metrics), if it keeps them."""
+    try:
+        ctx.service("rejections")["till", code] += 1
+    except KeyError:
+        pass
+
+
 def short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -212,6 +212,7 @@ class TillTcpDriver(Driver):
 
     async def _refuse(self, conn: TillConnection, msg: dict[str, Any] | None, err: tp.ProtocolError) -> None:
         re = err.re if err.re is not None else (msg.get("id") if msg else None)
+        tp.count_rejection(self.ctx, err.code)
         if err.code in BAD_INPUT_CODES:
             self.counts["bad_input"] += 1
             n = self.counts["bad_input"]

@@ -9,6 +9,7 @@ after committing what it holds. Whatever was not delivered stays in the outbox f
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import logging
 import time
@@ -51,7 +52,11 @@ class Gateway:
         self.uplink = Uplink(config.mqtt, config.store_id, self.outbox, started_at=self.started_at)
         self.topics = self.uplink.topics
         # Named services drivers and parts can look up (the price book registers itself as "prices").
-        self.services: dict[str, Any] = {"gateway": self, "outbox": self.outbox, "uplink": self.uplink}
+        # Input refused at a boundary, by (surface, reason): the status, /metrics and docs/operations.md name them.
+        self.rejections: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.uplink.rejections = self.rejections
+        self.services: dict[str, Any] = {"gateway": self, "outbox": self.outbox, "uplink": self.uplink,
+                                         "rejections": self.rejections}
         self.http_extensions: list[Callable[[web.Application], None]] = []
         self.status_parts: dict[str, Callable[[], Any]] = {}
         self.parts: list[tuple[str, PartRunner]] = []
@@ -84,6 +89,7 @@ class Gateway:
             "uplink": self.uplink.status(),
             "outbox": self.outbox.status(),
             "http": self.http.status(),
+            "rejections": {f"{surface}:{reason}": n for (surface, reason), n in sorted(self.rejections.items())},
             "devices": self.supervisor.status(),
         }
         for name, part in self.status_parts.items():

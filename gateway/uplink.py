@@ -85,6 +85,7 @@ class Uplink:
         self._attempt = 0
         self._handlers: list[tuple[str, int, Handler, float]] = []
         self.downlink_counts = {"handled": 0, "failed": 0, "timed_out": 0}
+        self.rejections: collections.Counter[tuple[str, str]] = collections.Counter()  # the gateway's, once built
         self._retained_state: dict[str, bytes] = {}
         self._unacked_subs: dict[int, str] = {}  # SUBSCRIBE mid -> filter, sent on this connection, not answered
         self._refused_subs: set[str] = set()  # filters the broker refused on this connection
@@ -323,11 +324,13 @@ class Uplink:
                     await handler(down)
             except TimeoutError:
                 self.downlink_counts["timed_out"] += 1
+                self.rejections["downlink", "timed_out"] += 1
                 failures.append(f"handler timed out after {timeout:g} s")
             except Exception as err:
                 # The handler reports what it can to head office itself; what escapes is a bug. The log gets the
                 # code location, not the exception's text (it may quote the payload).
                 self.downlink_counts["failed"] += 1
+                self.rejections["downlink", "failed"] += 1
                 failures.append(f"handler failed ({type(err).__name__})")
                 log.error("handler for %s failed: %s", loggable_id(down.topic), exception_summary(err))
         self.downlink_counts["handled"] += 1

@@ -8,6 +8,7 @@ SQLite work on the price database's writer thread; the asyncio loop only routes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections import OrderedDict
@@ -49,6 +50,7 @@ class Intake:
         self._asked: tuple[int, float] | None = None
         self.last_chunk_at: float | None = None  # monotonic; the bench measures from here
         self.rejected_total = 0
+        self.rejections: collections.Counter[tuple[str, str]] = collections.Counter()  # the gateway's, by the part
 
     def subscriptions(self) -> list[tuple[str, Callable[[Downlink], Awaitable[None]]]]:
         out: list[tuple[str, Callable[[Downlink], Awaitable[None]]]] = [(t, self.on_batch) for t in self.sources]
@@ -74,6 +76,7 @@ class Intake:
 
     async def reject(self, rej: Rejected, source: str, from_chunk: bool) -> None:
         self.rejected_total += 1
+        self.rejections["price", str(rej.reason)] += 1
         await self.db.write(self.staging.record_rejection, rej, source, from_chunk)
         key = (rej.batch_id, f"{rej.reason}:{rej.detail}")
         # The detail may quote the message (a field name, a type): it goes to head office in the event, not into

@@ -45,6 +45,7 @@ class PricesPart:
         self.auditor = Auditor(self.db, self.cfg, self.book, self.coordinator, self.emit, self.state.mark)
         self.intake = Intake(self.db, self.cfg, self.staging, self.book, gateway.topics, list(conf.groups),
                              self.emit, self.state.mark, self.coordinator.wake.set)
+        self.intake.rejections = gateway.rejections
         for topic, handler in self.intake.subscriptions():
             gateway.uplink.subscribe(topic, self._when_ready(handler), timeout=HANDLER_TIMEOUT)
 

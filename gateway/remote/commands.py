@@ -151,6 +151,7 @@ class Commands:
                                        ts=iso_ts(time.time()))
             self._count(name, "ok")
         except CommandError as err:
+            self.gateway.rejections["command", err.code] += 1
             log.warning("command %s refused: %s", loggable_id(name), err.code)
             response = CommandResponse(ok=False, command=name, error=err.message, code=err.code,  # type: ignore[arg-type]
                                        correlation_id=corr_id, ts=iso_ts(time.time()))

@@ -116,6 +116,7 @@ class RemoteConfig:
             try:
                 await self._handle(down.payload)
             except Rejection as rej:
+                self.gateway.rejections["config", next(iter(rej.errors), "config").split(".")[0][:32]] += 1
                 log.warning("remote config %s rejected: %s (details in config/reported)",
                             f"version {rej.version}" if rej.version is not None else "message", rej)
                 await self._settle("rejected", rej.version, rej.errors)

@@ -84,6 +84,12 @@ class GatewayCollector(Collector):
             cmds.add_metric([name, outcome], float(n))
         yield cmds
 
+        refused = CounterMetricFamily("storelink_rejections", "input refused at a boundary (docs/operations.md)",
+                                      labels=["surface", "reason"])
+        for (surface, reason), n in sorted(gw.rejections.items()):
+            refused.add_metric([surface, reason], float(n))
+        yield refused
+
 
 def install_metrics(gateway: Gateway) -> None:
     registry = CollectorRegistry(auto_describe=False)

@@ -26,7 +26,7 @@ from storelink import safe_json
 from storelink.config import describe_validation_error
 from storelink.contract import IngestEvent
 from storelink.outbox import EventRejected, OutboxError, OutboxFull
-from storelink.system.logs import exception_summary
+from storelink.system.logs import exception_summary, loggable_id
 
 if TYPE_CHECKING:
     from storelink.app import Gateway
@@ -123,6 +123,13 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    response = await _json_errors(request, handler)
+    if 400 <= response.status < 500:
+        request.app[GATEWAY_KEY].rejections["http", str(response.status)] += 1
+    return response
+
+
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)  # type: ignore[no-any-return]
     except web.HTTPException as exc:
@@ -134,7 +141,8 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception as err:  # a bug: the client gets a plain 500, the log the code location (no request data)
-        request_log.error("%s %s failed: %s", request.method, request.rel_url.path[:200], exception_summary(err))
+        request_log.error("%s %s failed: %s", request.method, loggable_id(request.rel_url.path),
+                          exception_summary(err))
         return error(500, "internal error")
 
 
