@@ -261,8 +261,9 @@ class Store:
             f"baudrate = 115200\nterminator = \"CR\"\nframe_timeout = 0\n" + extra)
         # Broker credentials (mosquitto with allow_anonymous ignores them): a secret the log must never show.
         text = self.config.read_text()
-        self.config.write_text(text.replace("[mqtt]\n", f'[mqtt]\nusername = "store"\npassword = "{MQTT_SECRET}"\n',
-                                            1))
+        text = text.replace("[mqtt]\n", f'groups = ["north"]\n[mqtt]\nusername = "store"\n'
+                                         f'password = "{MQTT_SECRET}"\n', 1)
+        self.config.write_text(text)
         self.gw = GatewayProcess(self.config, self.http_port)
         self.head_office = HeadOfficeView(self.broker.port)
         self.publisher = Publisher(self.broker.port)
