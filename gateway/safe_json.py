@@ -88,7 +88,7 @@ def loads(data: bytes | bytearray | memoryview | str, *, max_bytes: int = MAX_BY
     if text.startswith("\ufeff"):
         raise JsonRejected("starts with a byte order mark")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = _decode(text)
     except JsonRejected:
         raise
     except RecursionError:
@@ -113,10 +113,13 @@ def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
 
 def dumps(value: Any, *, max_bytes: int | None = None, max_depth: int = MAX_DEPTH) -> bytes:
     """Compact UTF-8 JSON; JsonRejected for NaN/Infinity, lone surrogates, non-JSON types, too deep or large."""
-    check_value(value, max_depth=max_depth)
     try:
         text = _encode(value)
+        if text.count("{") + text.count("[") > max_depth:  # only then can it be too deep: walk it to know
+            check_value(value, max_depth=max_depth)
         raw = text.encode("utf-8")
+    except JsonRejected:
+        raise
     except UnicodeEncodeError:
         raise JsonRejected("a string holds a lone UTF-16 surrogate") from None
     except RecursionError:
@@ -130,8 +133,9 @@ def dumps(value: Any, *, max_bytes: int | None = None, max_depth: int = MAX_DEPT
     return raw
 
 
-# One encoder object: json.dumps() with options builds a new JSONEncoder on every call.
+# One encoder and one decoder object: json.dumps()/loads() with options build a new one on every call.
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
 
 
 def text_ok(text: str) -> bool:
