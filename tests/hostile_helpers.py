@@ -19,12 +19,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from storelink.remote.signing import KeyPair, keygen
 from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for, write_config
 from tests.input_helpers import PtyScanner
+from tests.prices_helpers import Publisher
 
 STORE = "store-0042"
 CUSTOMER = "Jane Canary-Doe"  # never an identifier (it has a space), so no log line may ever quote it
@@ -67,31 +66,6 @@ class HeadOfficeView:
         with self.lock:
             return [m for m in self.messages if ("/cmd-reply/" in m[0] or m[0].startswith("fuzz/replies"))
                     and m[0].startswith(topic_prefix)]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-class Publisher:
-    """Head office's (or an intruder's) publishing side, MQTT 5."""
-
-    def __init__(self, port: int):
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def publish(self, topic: str, payload: bytes, *, response_topic: str | None = None,
-                correlation: bytes | None = None, retain: bool = False) -> None:
-        props = None
-        if response_topic is not None or correlation is not None:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            if response_topic is not None:
-                props.ResponseTopic = response_topic
-            if correlation is not None:
-                props.CorrelationData = correlation
-        self.client.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(10)
 
     def close(self) -> None:
         self.client.loop_stop()

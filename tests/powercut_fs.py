@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import end_process
+
 BLOCK = 4096
 
 
@@ -236,11 +238,7 @@ class PowerCutDisk:
     def unmount(self) -> None:
         if self.proc is not None:
             subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            end_process(self.proc)
             self.proc = None
         self._detach()
 
