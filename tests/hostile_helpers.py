@@ -31,6 +31,9 @@ HTTP_SECRET = "http-token-SECRETCANARY-0001"
 TILL_SECRET = "till-secret-SECRETCANARY-0002"
 MQTT_SECRET = "mqtt-pass-SECRETCANARY-0003"
 CANARIES = ("Canary", "CANARY")
+# How long to wait for what takes milliseconds on an idle machine (a reply, an event at head office): generous,
+# because CI shares two cores with other jobs; a real hang still fails, only later.
+LIVENESS = 30.0
 TILL_ID = "2"  # the till the tests send garbage as; till "1" carries the good traffic
 
 
@@ -79,7 +82,7 @@ class TillLine:
 
     def __init__(self, port: int, source: str = "127.0.0.1", hello: bool = True, secret: str = TILL_SECRET,
                  till_id: str = TILL_ID):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=LIVENESS, source_address=(source, 0))
         self.buf = b""
         self.ids = 0
         self.version: int | None = None
@@ -265,7 +268,7 @@ class Store:
         """Publish QoS 1 and wait until the gateway has handled (and so acknowledged) the message."""
         before = self.downlink_handled()
         self.publisher.publish(topic, payload, **kw)
-        wait_for(lambda: self.downlink_handled() > before, 20, what=f"the gateway to handle a message on {topic}")
+        wait_for(lambda: self.downlink_handled() > before, LIVENESS, what=f"the gateway to handle a message on {topic}")
 
     def log_text(self) -> str:
         return self.gw.log.read_text(errors="replace")
@@ -277,7 +280,7 @@ class Store:
         assert not leaks, "the log shows customer data or secrets:\n" + "\n".join(leaks[:10])
         assert "Traceback" not in text, text[text.index("Traceback") - 500:][:3000]
 
-    def assert_delivered(self, event_ids: list[str], timeout: float = 60) -> None:
+    def assert_delivered(self, event_ids: list[str], timeout: float = 4 * LIVENESS) -> None:
         wanted = set(event_ids)
 
         def missing() -> set[str]:
@@ -293,7 +296,7 @@ class Store:
         self.broker.stop()
 
 
-def wait_event(view: HeadOfficeView, kind: str, after: int = 0, timeout: float = 20,
+def wait_event(view: HeadOfficeView, kind: str, after: int = 0, timeout: float = LIVENESS,
                match: Callable[[dict[str, Any]], bool] = lambda _e: True) -> dict[str, Any]:
     """The first event of ``kind`` beyond the first ``after`` of them that satisfies ``match``."""
     def found() -> dict[str, Any] | None:

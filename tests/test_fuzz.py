@@ -38,6 +38,7 @@ from tests.fuzz_helpers import documents, json_value, mutated, run_surface, sign
 from tests.helpers import wait_for
 from tests.hostile_helpers import (
     CUSTOMER,
+    LIVENESS,
     STORE,
     TILL_SECRET,
     GoodTraffic,
@@ -62,7 +63,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     """One store for the whole suite, and good traffic through all of it."""
     s = Store(tmp_path_factory.mktemp("fuzz")).start()
     good = GoodTraffic(s, interval=0.05).start()
-    wait_for(lambda: len(good.acked) >= 4, 20, what="good traffic")
+    wait_for(lambda: len(good.acked) >= 4, LIVENESS, what="good traffic")
     yield s
     good.stop()
     try:
@@ -277,7 +278,7 @@ def _price_check(store: Store, topic: str) -> Any:
         else:
             reason = grew[0].split(":", 1)[1]
             wait_for(lambda: any(e["data"]["reason"] == reason for e in store.head_office.events("price.rejected")),
-                     10, what=f"a price.rejected event ({reason})")
+                     LIVENESS, what=f"a price.rejected event ({reason})")
         assert store.healthy()
 
     return check
@@ -319,7 +320,7 @@ def test_fuzz_config_desired(store: Store, budget: float) -> None:
         store.publish_and_wait(f"{BASE}/config/desired", payload)
         if payload:  # an empty payload clears the retained config: nothing to do
             assert sum(rejections(store, "config").values()) == before + 1
-            wait_for(lambda: len(store.head_office.events("config.rejected")) > events, 10,
+            wait_for(lambda: len(store.head_office.events("config.rejected")) > events, LIVENESS,
                      what="a config.rejected event")
         assert store.healthy() and store.status()["config"]["version"] == 0
 
@@ -337,7 +338,7 @@ def test_fuzz_commands(store: Store, budget: float) -> None:
         name, payload = case
         corr = uuid.uuid4().bytes
         store.publish_and_wait(f"{BASE}/cmd/{name}", payload, response_topic="fuzz/replies/cmd", correlation=corr)
-        wait_for(lambda: any(c == corr for _t, _b, c in store.head_office.replies("fuzz/replies/cmd")), 10,
+        wait_for(lambda: any(c == corr for _t, _b, c in store.head_office.replies("fuzz/replies/cmd")), LIVENESS,
                  what="a reply to every command")
         [body] = [b for _t, b, c in store.head_office.replies("fuzz/replies/cmd") if c == corr]
         assert body["ok"] is True or body["code"] in COMMAND_CODES, body
@@ -373,7 +374,7 @@ def test_fuzz_serial_frames(store: Store, budget: float) -> None:
         store.scanner.write(frame + b"\r")
         expected = 1 if frame.strip(b"\r\n") else 0
         if expected:
-            wait_for(lambda: len(scans()) >= before + 1, 10, what="a scan event for the frame")
+            wait_for(lambda: len(scans()) >= before + 1, LIVENESS, what="a scan event for the frame")
             scan = scans()[before]["data"]
             assert scan["valid"] in (True, False) and (scan["valid"] or scan["reason"]), scan
         else:
@@ -476,7 +477,7 @@ def test_fuzz_price_csv(store: Store, tmp_path: Path, budget: float) -> None:
             return
         batch_id = f"{STORE}-v{version}"
         wait_for(lambda: any(e["data"].get("batch_id") == batch_id for e in store.head_office.events()
-                             if e["kind"] in ("price.committed", "price.rejected", "price.aborted")), 30,
+                             if e["kind"] in ("price.committed", "price.rejected", "price.aborted")), 2 * LIVENESS,
                  what=f"the outcome of batch {batch_id}")
         assert store.healthy()
 

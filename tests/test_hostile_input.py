@@ -19,6 +19,7 @@ from storelink.prices.db import WAL_SIZE_LIMIT
 from tests.helpers import STORELINK, wait_for
 from tests.hostile_helpers import (
     CUSTOMER,
+    LIVENESS,
     STORE,
     TILL_SECRET,
     GoodTraffic,
@@ -48,7 +49,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 def traffic(store: Store) -> Iterator[GoodTraffic]:
     """Good sales and ingest events throughout a test; afterwards each acknowledged one must reach head office."""
     good = GoodTraffic(store).start()
-    wait_for(lambda: len(good.acked) >= 4, 20, what="good traffic")
+    wait_for(lambda: len(good.acked) >= 4, LIVENESS, what="good traffic")
     yield good
     good.stop()
     assert not good.failures, good.failures[:5]
@@ -201,7 +202,8 @@ def test_case8_malformed_requests_get_400_and_leave_no_bytes_in_the_log(store: S
     reply = raw_http(store.http_port, b"POST /api/v1/actions/resync-prices HTTP/1.1\r\nHost: x\r\nAuthorization: "
                      b"Bearer \xff\xfe" + CUSTOMER.encode() + b"\r\nContent-Length: 0\r\n\r\n")
     assert http_status(reply) == 401, reply[:200]
-    wait_for(lambda: "malformed request refused" in store.log_text(), 5, what="the one-line log of a bad request")
+    wait_for(lambda: "malformed request refused" in store.log_text(), LIVENESS,
+             what="the one-line log of a bad request")
 
 
 def test_case8_surrogate_ids_still_get_their_rejection_and_reply(store: Store, traffic: GoodTraffic) -> None:
@@ -212,19 +214,19 @@ def test_case8_surrogate_ids_still_get_their_rejection_and_reply(store: Store, t
     corr = uuid.uuid4().bytes
     store.publish_and_wait(f"{BASE}/cmd/ping", b'{"correlation_id":"\\ud800"}', response_topic="fuzz/replies/8",
                            correlation=corr)
-    wait_for(lambda: any(c == corr for _t, _b, c in store.head_office.replies("fuzz/replies/8")), 10,
+    wait_for(lambda: any(c == corr for _t, _b, c in store.head_office.replies("fuzz/replies/8")), LIVENESS,
              what="a reply to the command with a surrogate correlation_id")
     [(_t, body, _c)] = [r for r in store.head_office.replies("fuzz/replies/8") if r[2] == corr]
     assert (body["ok"], body["code"]) == (False, "bad_request")
     # MQTT 3.1.1 style (no response topic): the reply goes to cmd-reply/{name}.
     before = len(store.head_office.replies(f"{BASE}/cmd-reply/ping"))
     store.publish_and_wait(f"{BASE}/cmd/ping", b'{"correlation_id":"\\udfff","reply_to":"x"}')
-    wait_for(lambda: len(store.head_office.replies(f"{BASE}/cmd-reply/ping")) > before, 10, what="cmd-reply")
+    wait_for(lambda: len(store.head_office.replies(f"{BASE}/cmd-reply/ping")) > before, LIVENESS, what="cmd-reply")
     # A reply topic that is not a valid topic name, or one of the store's own uplink topics, is not used.
     for reply_to in (f"{BASE}/events/sale", "bad/+/topic", "nul\u0000topic"):
         before = len(store.head_office.replies(f"{BASE}/cmd-reply/ping"))
         store.publish_and_wait(f"{BASE}/cmd/ping", json.dumps({"reply_to": reply_to}).encode())
-        wait_for(lambda: len(store.head_office.replies(f"{BASE}/cmd-reply/ping")) > before, 10,  # noqa: B023
+        wait_for(lambda: len(store.head_office.replies(f"{BASE}/cmd-reply/ping")) > before, LIVENESS,  # noqa: B023
                  what=f"the reply to {reply_to!r} on cmd-reply")
     assert not [e for e in store.head_office.events("sale") if "command" in e]
     assert store.status()["uplink"]["connected"]
