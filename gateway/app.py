@@ -38,6 +38,7 @@ PART_INSTALLERS: list[str] = [
     "storelink.remote.config",
     "storelink.kiosk.sessions",
     "storelink.remote.commands",
+    "storelink.update.agent",  # registers the `update` command: after remote.commands
     "storelink.web.status_page",
     "storelink.kiosk.cart",
 ]

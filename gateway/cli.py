@@ -76,9 +76,11 @@ def _subcommands() -> list[Subcommand]:
     ]
     from storelink.drivers.sim.demo import SUBCOMMAND as demo
     from storelink.hq.prices import SUBCOMMAND as hq
+    from storelink.update.cli import SUBCOMMAND as update
 
     subs.append(demo)
     subs.append(hq)
+    subs.append(update)
     return subs
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 
 from storelink.prices.models import PricesConfig
 from storelink.remote.models import CartSettings, RemoteConfigSettings
+from storelink.update.models import UpdateSettings
 
 STORE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_CONFIG_DEPTH = 16
@@ -138,6 +139,7 @@ class GatewayConfig(Strict):
     prices: PricesConfig = Field(default_factory=PricesConfig)  # type: ignore[arg-type]
     remote: RemoteConfigSettings = Field(default_factory=RemoteConfigSettings)  # type: ignore[arg-type]
     cart: CartSettings = Field(default_factory=CartSettings)  # type: ignore[arg-type]
+    update: UpdateSettings = Field(default_factory=UpdateSettings)  # type: ignore[arg-type]
     # Raw device tables; each is validated by its driver's own model (see gateway.drivers_registry), so that a
     # retailer's driver found through an entry point is validated exactly like ours.
     devices: list[dict[str, Any]] = Field(default_factory=list)

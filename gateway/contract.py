@@ -50,6 +50,11 @@ class Topics:
     def config_reported(self) -> str:
         return f"{self.base}/config/reported"
 
+    @property
+    def update_state(self) -> str:
+        """Retained: the release this store runs and where its last software update stands (UpdateState)."""
+        return f"{self.base}/update/state"
+
     # downlink --------------------------------------------------------------------------------------------
     @property
     def prices_batch(self) -> str:

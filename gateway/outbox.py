@@ -33,6 +33,7 @@ import sqlite_utils
 from storelink import safe_json
 from storelink.config import StorageConfig
 from storelink.system.logs import exception_summary
+from storelink.system.schema import ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,18 @@ def open_database(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     return conn
 
 
+def _create_tables(conn: sqlite3.Connection) -> None:
+    db = sqlite_utils.Database(conn)
+    db["outbox"].create(  # type: ignore[union-attr]
+        {"seq": int, "id": str, "kind": str, "critical": int, "ts": float, "payload": bytes},
+        pk="seq",
+        not_null={"id", "kind", "critical", "ts", "payload"},
+        if_not_exists=True,
+    )
+    db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)  # type: ignore[union-attr]
+    conn.execute("CREATE INDEX IF NOT EXISTS outbox_by_class ON outbox(critical, seq)")
+
+
 class Outbox:
     def __init__(self, config: StorageConfig, *, on_alarm: Callable[[str, str | None], None] | None = None):
         self.config = config
@@ -155,15 +168,8 @@ class Outbox:
     def open(self) -> None:
         """Open (blocking: call from a thread or before the loop runs) and start the writer thread."""
         conn = open_database(self.config.path, self.config.synchronous)
-        db = sqlite_utils.Database(conn)
-        db["outbox"].create(  # type: ignore[union-attr]
-            {"seq": int, "id": str, "kind": str, "critical": int, "ts": float, "payload": bytes},
-            pk="seq",
-            not_null={"id", "kind", "critical", "ts", "payload"},
-            if_not_exists=True,
-        )
-        db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)  # type: ignore[union-attr]
-        conn.execute("CREATE INDEX IF NOT EXISTS outbox_by_class ON outbox(critical, seq)")
+        # Versioned (storelink.system.schema): a release rolled back after an update still reads this file.
+        ensure_schema(conn, "outbox", _create_tables)
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
         self._next_seq = max(row[0] if row else 1, top + 1)

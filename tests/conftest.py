@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from storelink.remote.signing import KeyPair, keygen
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, write_config
+from tests.release_helpers import ReleaseKit
 
 
 @pytest.fixture
@@ -58,3 +60,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(f"{name:<22} {cases:>6} cases {seconds:>7.1f} s")
         total = sum(s for _c, s in FUZZ_STATS.values())
         terminalreporter.write_line(f"{'total':<22} {sum(c for c, _s in FUZZ_STATS.values()):>6} cases {total:>7.1f} s")
+
+
+@pytest.fixture(scope="session")
+def hq_key() -> KeyPair:
+    """Head office's signing key for the release tests."""
+    return keygen()
+
+
+@pytest.fixture(scope="session")
+def release_kit(tmp_path_factory: pytest.TempPathFactory, hq_key: KeyPair) -> ReleaseKit:
+    """Signed bundles of test releases built from this tree, each built once per session."""
+    return ReleaseKit(tmp_path_factory.mktemp("releases"), hq_key)

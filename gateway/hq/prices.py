@@ -251,10 +251,13 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     from storelink.hq.remote import add_hq_subcommands  # push-config, cmd (remote config and commands)
 
     add_hq_subcommands(sub)
+    from storelink.hq.release import add_release_subcommand  # release build/publish/status/resume/rollback
+
+    add_release_subcommand(sub)
 
 
 def _run(args: argparse.Namespace) -> int:
     return int(args.hq_handler(args))
 
 
-SUBCOMMAND = ("hq", "head-office tools: keygen, publish-prices, status, push-config, cmd", _add_args, _run)
+SUBCOMMAND = ("hq", "head-office tools: keygen, publish-prices, status, push-config, cmd, release", _add_args, _run)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from storelink.contract import DEVICE_RE
 from storelink.outbox import iso_ts
+from storelink.system.schema import ensure_schema
 
 if TYPE_CHECKING:
     from storelink.app import Gateway
@@ -283,7 +284,7 @@ class KioskSessions:
         conn.execute("PRAGMA synchronous=FULL")
         # Deleted content is overwritten with zeros instead of left in free pages for a forensic tool.
         conn.execute("PRAGMA secure_delete=ON")
-        conn.executescript(_SCHEMA)
+        ensure_schema(conn, "kiosk", lambda c: c.executescript(_SCHEMA))  # versioned: see storelink.system.schema
         with self._db_lock:
             self._db = conn
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from storelink.outbox import open_database
+from storelink.system.schema import ensure_schema
 
 T = TypeVar("T")
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint (SQLite checkpoints at ~4 MB)
@@ -81,7 +82,7 @@ class PriceDb:
         conn = open_database(self.path, self.synchronous)
         # A big transaction (a chunk of several MB) grows the WAL; without a limit it keeps that size for good.
         conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-        conn.executescript(SCHEMA)
+        ensure_schema(conn, "prices", lambda c: c.executescript(SCHEMA))  # versioned: see storelink.system.schema
         self._writer = conn
 
     @property

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Sections applied by swapping gateway.config (they are read at each use) or by the code below.
-SWAP_ONLY = {"trust", "config_version", "remote"}
+SWAP_ONLY = {"trust", "config_version", "remote", "update"}
 RESTART_ONLY = {"store_id", "storage", "groups"}
 # Secrets head office may leave out of the desired config: the store keeps its own (see docs/operations.md).
 LOCAL_SECRETS = (("mqtt", "password"), ("http", "token"))
