@@ -382,7 +382,10 @@ def test_fuzz_serial_frames(store: Store, budget: float) -> None:
         assert len(scans()) == before + expected
         assert store.healthy()
 
-    run_surface("serial frames (pty)", frames, check, examples=EXAMPLES["serial"], minutes=budget)
+    restarts = store.device("scanner0")["restarts"]
+    run_surface("serial frames (pty)", frames, check, examples=EXAMPLES["serial"], minutes=budget,
+                regressions=[b"]", b"]x" + CUSTOMER.encode()])  # a lone "]" crashed the driver (biip IndexError)
+    assert store.device("scanner0")["restarts"] == restarts, "a frame crashed the scanner's driver"
 
 
 # -- config files through check-config --------------------------------------------------------------------------
