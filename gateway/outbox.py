@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import json
 import logging
 import os
 import queue
@@ -32,6 +31,7 @@ import sqlite_utils
 
 from storelink import safe_json
 from storelink.config import StorageConfig
+from storelink.contract import EventPayload
 from storelink.system.logs import exception_summary
 from storelink.system.schema import ensure_schema
 
@@ -62,6 +62,19 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
+class AcceptedEvent:
+    """What a listener hears about an accepted event (never its data: listeners show and count, they don't keep)."""
+
+    kind: str
+    device: str
+    seq: int
+    ts: float
+
+
+Listener = Callable[[Sequence[AcceptedEvent]], None]
+
+
+@dataclass(frozen=True, slots=True)
 class StoredEvent:
     seq: int
     id: str
@@ -76,7 +89,7 @@ class _Pending:
     ts: float
     kind: str
     device: str
-    data_json: bytes  # validated UTF-8 JSON (safe_json.dumps)
+    data_json: str  # validated: encodes as UTF-8 (safe_json.dumps_text)
     critical: bool
 
 
@@ -104,9 +117,6 @@ def iso_ts(ts: float) -> str:
     return f"{_iso_second(ms // 1000)}{ms % 1000:03d}Z"
 
 
-@functools.lru_cache(maxsize=1024)
-def _json_str(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
 
 
 def kind_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -163,6 +173,7 @@ class Outbox:
         self._busy_since: float | None = None  # set while the writer holds a batch; the watchdog reads it
         self._id_prefix = os.urandom(10).hex()
         self._id_counter = itertools.count()
+        self._listeners: list[Listener] = []
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -194,8 +205,15 @@ class Outbox:
                 conn.close()
         self._conn = self._reader = None
 
-    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    @property
+    def writer_alive(self) -> bool:
+        """The writer thread runs (False before open(), after close(), or when it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(events)`` on the event loop after each committed put (the status page's recent events,
+        metrics). It must be quick and must not raise; an exception is logged and the put still succeeds."""
+        self._listeners.append(listener)
 
     # -- accepting ------------------------------------------------------------------------------------------
     def is_critical(self, kind: str) -> bool:
@@ -208,7 +226,7 @@ class Outbox:
             if not isinstance(text, str) or not 1 <= len(text) <= 128 or not safe_json.text_ok(text):
                 raise EventRejected(f"event {name} must be 1..128 characters of UTF-8 text")
         try:
-            data_json = safe_json.dumps(data, max_bytes=MAX_EVENT_BYTES, max_depth=MAX_EVENT_DEPTH)
+            data_json = safe_json.dumps_text(data, max_bytes=MAX_EVENT_BYTES, max_depth=MAX_EVENT_DEPTH)
         except safe_json.JsonRejected as err:
             raise EventRejected(f"event data cannot be stored: {err.reason}") from None
         # A random per-process prefix and a counter: unique across restarts and gateways like a uuid4, without
@@ -228,7 +246,17 @@ class Outbox:
         pending = [self._pending(k, d, data) for k, d, data in items]
         fut: asyncio.Future[list[Accepted]] = loop.create_future()
         self._queue.put(("put", (pending, fut, loop)))
-        return await fut
+        accepted = await fut
+        if self._listeners:
+            self._tell([AcceptedEvent(p.kind, p.device, a.seq, p.ts) for p, a in zip(pending, accepted, strict=True)])
+        return accepted
+
+    def _tell(self, events: list[AcceptedEvent]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(events)
+            except Exception:
+                log.exception("outbox listener %r failed", listener)
 
     def ack(self, seqs: Sequence[int]) -> None:
         """The broker acknowledged these; delete them (asynchronously, batched with other work)."""
@@ -265,7 +293,7 @@ class Outbox:
     def progress_probe(self) -> float:
         """For the watchdog: "now" while the writer is idle or between batches, else when its batch began.
         A writer thread that died never makes progress again."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self.writer_alive:
             return self.last_progress
         return self._busy_since or time.monotonic()
 
@@ -430,10 +458,7 @@ class Outbox:
     def _row(self, p: _Pending) -> tuple[int, str, str, int, float, bytes]:
         """The row for p under the next seq (taken here; callers that do not keep the row restore it)."""
         seq = self._next_seq
-        payload = (
-            f'{{"id":"{p.id}","seq":{seq},"ts":"{iso_ts(p.ts)}","kind":{_json_str(p.kind)},'
-            f'"device":{_json_str(p.device)},"data":'
-        ).encode() + p.data_json + b"}"
+        payload = EventPayload.encode(p.id, seq, iso_ts(p.ts), p.kind, p.device, p.data_json)
         self._next_seq += 1
         return (seq, p.id, p.kind, int(p.critical), p.ts, payload)
 

@@ -111,26 +111,33 @@ def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
     _check_tree(value, max_depth, strings=False)
 
 
-def dumps(value: Any, *, max_bytes: int | None = None, max_depth: int = MAX_DEPTH) -> bytes:
-    """Compact UTF-8 JSON; JsonRejected for NaN/Infinity, lone surrogates, non-JSON types, too deep or large."""
+def dumps_text(value: Any, *, max_bytes: int | None = None, max_depth: int = MAX_DEPTH) -> str:
+    """Compact JSON text that is valid UTF-8 when encoded; JsonRejected for NaN/Infinity, lone surrogates,
+    non-JSON types, nesting deeper than ``max_depth`` and more than ``max_bytes`` (as UTF-8)."""
     try:
         text = _encode(value)
         if text.count("{") + text.count("[") > max_depth:  # only then can it be too deep: walk it to know
             check_value(value, max_depth=max_depth)
-        raw = text.encode("utf-8")
     except JsonRejected:
         raise
-    except UnicodeEncodeError:
-        raise JsonRejected("a string holds a lone UTF-16 surrogate") from None
     except RecursionError:
         raise JsonRejected(f"nested deeper than {max_depth} levels") from None
     except ValueError:
         raise JsonRejected("NaN and Infinity are not JSON numbers") from None
     except TypeError as err:
         raise JsonRejected(f"not a JSON value ({type(err).__name__})") from None
-    if max_bytes is not None and len(raw) > max_bytes:
+    ascii_only = text.isascii()  # the common case: no surrogate possible, and chars are bytes
+    if not ascii_only and _SURROGATE.search(text):
+        raise JsonRejected("a string holds a lone UTF-16 surrogate")
+    if max_bytes is not None and len(text) > (max_bytes if ascii_only else max_bytes // 4) \
+            and (ascii_only or len(text.encode("utf-8")) > max_bytes):
         raise JsonRejected(f"larger than {max_bytes} bytes")
-    return raw
+    return text
+
+
+def dumps(value: Any, *, max_bytes: int | None = None, max_depth: int = MAX_DEPTH) -> bytes:
+    """``dumps_text`` as UTF-8 bytes."""
+    return dumps_text(value, max_bytes=max_bytes, max_depth=max_depth).encode("utf-8")
 
 
 # One encoder and one decoder object: json.dumps()/loads() with options build a new one on every call.

@@ -28,10 +28,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel
 
 from storelink import __version__
 from storelink.config import MqttConfig
-from storelink.contract import Topics, topic_matches
+from storelink.contract import OFFLINE, StatusPayload, Topics
 from storelink.outbox import Outbox, StoredEvent, iso_ts
 from storelink.system.logs import exception_summary, loggable_id
 
@@ -48,6 +49,7 @@ class Downlink:
 
 
 Handler = Callable[[Downlink], Awaitable[None]]
+StatePayload = BaseModel | dict[str, Any] | bytes  # a contract model (storelink.contract); bytes b"" clears
 # How long one handler may take with one message before it is cancelled and the message acknowledged anyway
 # (a subscription that legitimately takes longer says so: remote config waits for its [mqtt] trial).
 HANDLER_TIMEOUT = 60.0
@@ -83,13 +85,12 @@ class Uplink:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._cursor = 0  # highest seq handed to paho
         self._attempt = 0
-        self._handlers: list[tuple[str, int, Handler, float]] = []
+        self._handlers: list[tuple[str, int, Handler, float | None]] = []
         self.downlink_counts = {"handled": 0, "failed": 0, "timed_out": 0}
         self.rejections: collections.Counter[tuple[str, str]] = collections.Counter()  # the gateway's, once built
         self._retained_state: dict[str, bytes] = {}
         self._unacked_subs: dict[int, str] = {}  # SUBSCRIBE mid -> filter, sent on this connection, not answered
         self._refused_subs: set[str] = set()  # filters the broker refused on this connection
-        self._birth_extra: dict[str, Any] = {}
         self._handler_tasks: set[asyncio.Future[None]] = set()
         self._client = self._make_client()
 
@@ -118,7 +119,7 @@ class Uplink:
             )
             if t.insecure_skip_verify:
                 client.tls_insecure_set(True)
-        client.will_set(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
+        client.will_set(self.topics.status, OFFLINE, qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_min)  # type: ignore[arg-type]
@@ -132,16 +133,14 @@ class Uplink:
         return client
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, *,
-                  timeout: float = HANDLER_TIMEOUT) -> None:
-        """Register before run(); subscriptions are renewed on every connect. ``timeout`` bounds one call."""
+                  timeout: float | None = HANDLER_TIMEOUT) -> None:
+        """Register before run(); subscriptions are renewed on every connect. ``timeout`` bounds one call (None: the
+        handler bounds itself, and raises TimeoutError when it gives up)."""
         self._handlers.append((topic_filter, qos, handler, timeout))
         if self.connected:
             mid = self._client.subscribe(topic_filter, qos)[1]
             if mid is not None:
                 self._unacked_subs[mid] = topic_filter
-
-    def set_birth_fields(self, **fields: Any) -> None:
-        self._birth_extra.update(fields)
 
     # -- paho callbacks (network thread) --------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -206,16 +205,9 @@ class Uplink:
         self._call(self._dispatch, down, msg.mid, msg.qos, client)
 
     # -- loop side ------------------------------------------------------------------------------------------
-    def _birth_payload(self) -> str:
-        body = {
-            "state": "online",
-            "store_id": self.topics.store_id,
-            "version": __version__,
-            "started_at": iso_ts(self.started_at),
-            "protocol": self.cfg.protocol,
-            **self._birth_extra,
-        }
-        return json.dumps(body)
+    def _birth_payload(self) -> bytes:
+        return StatusPayload(state="online", store_id=self.topics.store_id, version=__version__,
+                             started_at=iso_ts(self.started_at), protocol=self.cfg.protocol).encode()
 
     def _set_connected(self, session_present: bool, subscribe_mids: dict[int | None, str]) -> None:
         # Republished here on the loop, not in paho's on_connect: publish_state() runs on the loop too, so a state
@@ -306,12 +298,12 @@ class Uplink:
         return True
 
     def _dispatch(self, down: Downlink, mid: int, qos: int, client: mqtt.Client) -> None:
-        handlers = [(h, t) for f, _q, h, t in self._handlers if topic_matches(f, down.topic)]
+        handlers = [(h, t) for f, _q, h, t in self._handlers if mqtt.topic_matches_sub(f, down.topic)]
         task = asyncio.ensure_future(self._run_handlers(down, handlers, mid, qos, client))
         self._handler_tasks.add(task)
         task.add_done_callback(self._handler_tasks.discard)
 
-    async def _run_handlers(self, down: Downlink, handlers: list[tuple[Handler, float]], mid: int, qos: int,
+    async def _run_handlers(self, down: Downlink, handlers: list[tuple[Handler, float | None]], mid: int, qos: int,
                             client: mqtt.Client) -> None:
         """Run each handler, bounded in time; then acknowledge. A handler that raises or overruns costs that one
         message (reported to head office as ``downlink.failed``), never a redelivery loop: a QoS 1 message left
@@ -322,10 +314,10 @@ class Uplink:
             try:
                 async with asyncio.timeout(timeout):
                     await handler(down)
-            except TimeoutError:
+            except TimeoutError as err:
                 self.downlink_counts["timed_out"] += 1
                 self.rejections["downlink", "timed_out"] += 1
-                failures.append(f"handler timed out after {timeout:g} s")
+                failures.append(str(err) or "handler timed out")
             except Exception as err:
                 # The handler reports what it can to head office itself; what escapes is a bug. The log gets the
                 # code location, not the exception's text (it may quote the payload).
@@ -346,9 +338,15 @@ class Uplink:
                 log.error("cannot record downlink.failed: %s", err)
 
     # -- public API -----------------------------------------------------------------------------------------
-    def publish_state(self, topic: str, payload: dict[str, Any] | bytes) -> None:
-        """Retained latest-state message; remembered and republished on every reconnect."""
-        data = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+    def publish_state(self, topic: str, payload: StatePayload) -> None:
+        """Retained latest-state message; remembered and republished on every reconnect. Build it from a model of
+        storelink.contract (b"" clears a retained state)."""
+        if isinstance(payload, BaseModel):
+            data = payload.model_dump_json().encode()
+        elif isinstance(payload, bytes):
+            data = payload
+        else:
+            data = json.dumps(payload, separators=(",", ":")).encode()
         if self._retained_state.get(topic) == data:
             return
         self._retained_state[topic] = data
@@ -424,7 +422,7 @@ class Uplink:
 
         def retire() -> None:
             if was_connected:
-                old.publish(self.topics.status, json.dumps({"state": "offline"}), qos=0, retain=True)
+                old.publish(self.topics.status, OFFLINE, qos=0, retain=True)
             old.disconnect()
             old.loop_stop()
 
@@ -488,7 +486,7 @@ class Uplink:
             with contextlib.suppress(asyncio.CancelledError):
                 await drain_task
         if self.connected:
-            info = self._client.publish(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
+            info = self._client.publish(self.topics.status, OFFLINE, qos=1, retain=True)
             try:
                 await asyncio.wait_for(asyncio.to_thread(info.wait_for_publish, 2.0), 2.5)
             except (TimeoutError, RuntimeError, ValueError):

@@ -7,8 +7,24 @@ from pathlib import Path
 import pytest
 
 from storelink.remote.signing import KeyPair, keygen
+from tests import contract_check
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, write_config
 from tests.release_helpers import ReleaseKit
+
+
+@pytest.fixture(autouse=True)
+def mqtt_contract() -> Iterator[None]:
+    """Fails a test whose head office received a message that breaks the MQTT contract (tests/contract_check.py)."""
+    contract_check.take()
+    yield
+    _checked, problems = contract_check.take()
+    assert not problems, "messages that break the MQTT contract (storelink.contract):\n" + "\n".join(problems[:20])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    checked, _problems = contract_check.take()
+    terminalreporter.write_line(f"MQTT contract: {checked} messages received by test subscribers validated")
+    _fuzz_summary(terminalreporter)
 
 
 @pytest.fixture
@@ -51,7 +67,7 @@ def fuzz_minutes(request: pytest.FixtureRequest) -> float:
     return float(request.config.getoption("--fuzz-minutes"))
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+def _fuzz_summary(terminalreporter: pytest.TerminalReporter) -> None:
     fuzz = sys.modules.get("tests.fuzz_helpers")  # only when the fuzzing suite ran
     FUZZ_STATS = getattr(fuzz, "FUZZ_STATS", {})
     if FUZZ_STATS:

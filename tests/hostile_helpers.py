@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from storelink.remote.signing import KeyPair, keygen
+from tests import contract_check
 from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for, write_config
 from tests.input_helpers import PtyScanner
 from tests.prices_helpers import Publisher
@@ -56,6 +57,10 @@ class HeadOfficeView:
         assert self._ready.wait(10), "head office did not subscribe"
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.startswith("fuzz/replies"):
+            contract_check.check_reply(msg.topic, bytes(msg.payload))
+        else:
+            contract_check.check(msg.topic, bytes(msg.payload))  # what the gateway publishes matches the contract
         body = json.loads(msg.payload) if msg.payload else {}  # the gateway only ever publishes JSON
         corr = getattr(getattr(msg, "properties", None), "CorrelationData", None)
         with self.lock:
@@ -233,7 +238,7 @@ class Store:
             f'token = "{HTTP_SECRET}"\nrequest_timeout = 3\n{http_extra}'
             f'[trust]\npublic_keys = ["{self.key.public_b64}"]\n'
             "[prices]\ncommit_retry = 0.3\nconfirm_poll = 0.3\nstale_check = 0.5\naudit_interval = 3600\n"
-            f"{prices_extra}[remote]\nrollback_after = 3\n{tills}"
+            f"{prices_extra}[remote]\nrollback_after = 3\n[cart]\nenabled = true\n{tills}"
             f'[[devices]]\nid = "scanner0"\ndriver = "serial_scanner"\nport = "{self.scanner.link}"\n'
             f"baudrate = 115200\nterminator = \"CR\"\nframe_timeout = 0\n" + extra)
         # Broker credentials (mosquitto with allow_anonymous ignores them): a secret the log must never show.

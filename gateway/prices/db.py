@@ -122,9 +122,6 @@ class PriceDb:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._in_txn, fn, *args)
 
-    def write_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        return self._pool.submit(self._in_txn, fn, *args).result()
-
     # -- reads --------------------------------------------------------------------------------------------
     def reader(self) -> sqlite3.Connection:
         """This thread's read connection (WAL readers never wait for the writer)."""

@@ -10,7 +10,8 @@ and replay). The agent answers at once (accepted, or why not) and works in the b
 Each step is retained on ``{base}/update/state`` (UpdateState) and the outcomes are events (``update.*``) in the
 outbox, so head office hears about a rollback even when it happened while the store was offline. The agent's
 own state survives restarts in ``<state dir>/update/agent.json``; the updater's verdict in ``result.json`` is
-reported by whichever release runs after it. Self-contained (start/run/stop/status): ``install`` wires it in.
+reported by whichever release runs after it. A part (storelink.parts): storelink.app.standard_parts builds it and
+gives its ``command()`` to the commands part.
 """
 
 from __future__ import annotations
@@ -20,23 +21,27 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from storelink import __version__
+from storelink.config import RunningConfig
+from storelink.drivers.base import EventRef
 from storelink.outbox import iso_ts
+from storelink.parts import BasePart
+from storelink.remote.commands import Command, CommandError
 from storelink.system.files import write_atomically
 from storelink.update.download import DownloadError, download
 from storelink.update.manifest import BundleError, check_platform, verify_bundle
 from storelink.update.models import PendingUpdate, UpdateArgs, UpdatePhase, UpdateResult, UpdateState
 from storelink.update.updater import read_model, update_dir, write_model
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.uplink import Uplink
 
 log = logging.getLogger(__name__)
 BUSY: set[str] = {"downloading", "downloaded", "waiting_window", "installing", "trial"}
+EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
 
 
 class UpdateRefused(Exception):
@@ -45,40 +50,50 @@ class UpdateRefused(Exception):
         super().__init__(message)
 
 
-class UpdateAgent:
-    def __init__(self, gateway: Gateway, *, window_poll: float = 30.0, result_poll: float = 1.0):
-        self.gateway = gateway
-        self.dir = update_dir(gateway.config)
+class UpdateAgent(BasePart):
+    name = "update"
+
+    def __init__(self, config: RunningConfig, uplink: Uplink, emit: EmitFn, *, window_poll: float = 30.0,
+                 result_poll: float = 1.0):
+        self.config = config
+        self.uplink = uplink
+        self.emit = emit
+        self.dir = update_dir(config.current)
         self.window_poll = window_poll
         self.result_poll = result_poll
         self.state: dict[str, Any] = {"state": "idle", "target": None, "rollout": None, "reason": None,
                                       "progress": None, "reported_result": None, "rolled_back": [],
                                       "job": None}
         self._job: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
+
+    def command(self) -> Command:
+        """The signed ``update`` command, for the commands part's table."""
+
+        async def run_command(args: UpdateArgs) -> dict[str, Any]:
+            try:
+                return await self.on_command(args)
+            except UpdateRefused as err:
+                raise CommandError(err.code, str(err)) from None
+
+        return Command(UpdateArgs, True, run_command, "install a signed release or roll back to one")
 
     # -- life cycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Reports the updater's verdict, and finishes a job a restart interrupted."""
         await asyncio.to_thread(self._load)
         await self._report_result()
         self._publish()
-
-    async def run(self) -> None:
-        """Reports the updater's verdict when it comes, and finishes a job a restart interrupted."""
-        await self.start()
         if self.state["state"] in ("downloading", "downloaded", "waiting_window") and self.state.get("job"):
             self._job = asyncio.create_task(self._work(UpdateArgs.model_validate(self.state["job"])))
-        try:
-            while not self._stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.result_poll)
-                if self.state["state"] in ("installing", "trial"):
-                    await self._report_result()
-        finally:
-            await self.stop()
+
+    async def run(self) -> None:
+        """Reports the updater's verdict when it comes."""
+        while True:
+            await asyncio.sleep(self.result_poll)
+            if self.state["state"] in ("installing", "trial"):
+                await self._report_result()
 
     async def stop(self) -> None:
-        self._stopping.set()
         if self._job is not None and not self._job.done():
             self._job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -108,9 +123,9 @@ class UpdateAgent:
     def _publish(self) -> None:
         payload = UpdateState(version=__version__, state=self.state["state"], target=self.state["target"],
                               rollout=self.state["rollout"], reason=self.state["reason"],
-                              progress=self.state["progress"], groups=list(self.gateway.config.groups),
+                              progress=self.state["progress"], groups=list(self.config.current.groups),
                               ts=iso_ts(time.time()))
-        self.gateway.uplink.publish_state(self.gateway.topics.update_state, payload.model_dump())
+        self.uplink.publish_state(self.uplink.topics.update_state, payload)
 
     async def _set(self, phase: UpdatePhase, *, reason: str | None = None, event: bool = False, **extra: Any) -> None:
         self.state.update(state=phase, reason=reason, progress=None, **extra)
@@ -118,7 +133,7 @@ class UpdateAgent:
         self._publish()
         if event:
             try:
-                await self.gateway.emit(f"update.{phase}", "gateway", {
+                await self.emit(f"update.{phase}", "gateway", {
                     "version": __version__, "target": self.state["target"], "rollout": self.state["rollout"],
                     "reason": reason})
             except Exception as err:  # the retained state is the record; the event is the audit copy
@@ -140,7 +155,7 @@ class UpdateAgent:
 
     # -- the command --------------------------------------------------------------------------------------
     async def on_command(self, args: UpdateArgs) -> dict[str, Any]:
-        cfg = self.gateway.config.update
+        cfg = self.config.current.update
         if not cfg.enabled:
             raise UpdateRefused("unavailable", "software updates are disabled on this store ([update] enabled)")
         version = args.release.version if args.action == "install" and args.release else args.version
@@ -169,10 +184,10 @@ class UpdateAgent:
             if args.action == "install":
                 assert args.release is not None
                 bundle = await self._fetch(args)
-            cfg = self.gateway.config.update
+            cfg = self.config.current.update
             if not args.ignore_window and not cfg.in_window(datetime.now(UTC)):
                 await self._set("waiting_window", target=version)
-                while not self.gateway.config.update.in_window(datetime.now(UTC)):
+                while not self.config.current.update.in_window(datetime.now(UTC)):
                     await asyncio.sleep(self.window_poll)
             pending = PendingUpdate(action=args.action, version=version, bundle=bundle,
                                     sha256=args.release.sha256 if args.release else None, rollout=args.rollout,
@@ -200,8 +215,8 @@ class UpdateAgent:
                 loop.call_soon_threadsafe(self._progress, have / size)
 
         path = await asyncio.to_thread(download, release.url, dest, sha256=release.sha256, size=release.size,
-                                       ca=self.gateway.config.update.ca, progress=progress)
-        verified = await asyncio.to_thread(verify_bundle, path, self.gateway.config.trust.public_keys,
+                                       ca=self.config.current.update.ca, progress=progress)
+        verified = await asyncio.to_thread(verify_bundle, path, self.config.current.trust.public_keys,
                                            expected_version=release.version)
         check_platform(verified.manifest)
         await self._set("downloaded", target=release.version)
@@ -212,20 +227,3 @@ class UpdateAgent:
             self.state["progress"] = round(fraction, 3)
             self._publish()
 
-
-def install(gateway: Gateway) -> None:
-    from storelink.remote.commands import Command, CommandError
-
-    agent = UpdateAgent(gateway)
-
-    async def run_command(args: UpdateArgs) -> dict[str, Any]:
-        try:
-            return await agent.on_command(args)
-        except UpdateRefused as err:
-            raise CommandError(err.code, str(err)) from None
-
-    gateway.services["update"] = agent
-    gateway.services["commands"].table["update"] = Command(UpdateArgs, True, run_command,  # type: ignore[arg-type]
-                                                            "install a signed release or roll back to one")
-    gateway.status_parts["update"] = agent.status
-    gateway.parts.append(("update", agent.run))

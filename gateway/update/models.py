@@ -1,6 +1,6 @@
 """The ``[update]`` config section and the payloads of software updates (imported by storelink.config).
 
-Kept free of other StoreLink imports so that storelink.config can import it without a cycle.
+It imports nothing of StoreLink but the validation base, so that storelink.config can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from storelink.validation import StrictModel
 
 VERSION_RE = r"^[0-9]+(\.[0-9]+){0,3}([a-z]+[0-9]*)?(\.(dev|post)[0-9]+)?(\+[A-Za-z0-9.]+)?$"
 SHA256_RE = r"^[0-9a-f]{64}$"
 _WINDOW_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0-9])$")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def parse_window(text: str) -> tuple[time, time]:
@@ -31,7 +29,7 @@ def parse_window(text: str) -> tuple[time, time]:
     return time(h1, m1), end
 
 
-class UpdateSettings(_Strict):
+class UpdateSettings(StrictModel):
     """``[update]``: how this store takes software updates (docs/config.md)."""
 
     enabled: bool = Field(True, description="false: update commands are refused")
@@ -73,16 +71,14 @@ class UpdateSettings(_Strict):
 
 
 # -- the signed command head office sends (args of `storelink.command` "update") -----------------------------
-class ReleaseRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ReleaseRef(StrictModel):
     version: str = Field(pattern=VERSION_RE)
     url: str = Field(pattern=r"^https://", description="where the bundle is served; only HTTPS")
     sha256: str = Field(pattern=SHA256_RE, description="of the whole bundle file")
     size: int = Field(gt=0, le=2 * 1024**3)
 
 
-class UpdateArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class UpdateArgs(StrictModel):
     action: Literal["install", "rollback"] = "install"
     release: ReleaseRef | None = None  # install: what to fetch
     version: str | None = Field(None, pattern=VERSION_RE)  # rollback: an installed release to go back to
@@ -95,10 +91,9 @@ UpdatePhase = Literal["idle", "downloading", "downloaded", "waiting_window", "in
                       "rolled_back", "failed"]
 
 
-class UpdateState(BaseModel):
+class UpdateState(StrictModel):
     """Retained on ``{base}/update/state``: what this store runs and where its last update stands."""
 
-    model_config = ConfigDict(extra="forbid")
     version: str  # the release running now
     state: UpdatePhase
     target: str | None = None
@@ -110,10 +105,9 @@ class UpdateState(BaseModel):
 
 
 # -- files between the gateway's agent and the root-side updater (<state dir>/update/) -----------------------
-class PendingUpdate(BaseModel):
+class PendingUpdate(StrictModel):
     """pending.json: the agent asks the updater to act (the updater verifies everything again)."""
 
-    model_config = ConfigDict(extra="forbid")
     action: Literal["install", "rollback"]
     version: str = Field(pattern=VERSION_RE)
     bundle: Path | None = None
@@ -123,10 +117,10 @@ class PendingUpdate(BaseModel):
     requested_at: float
 
 
-class Trial(BaseModel):
+class Trial(StrictModel):
     """trial.json: written by the updater before it switches; a restarted updater resumes from it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(frozen=False)  # a record the updater updates in place
     version: str
     previous: str
     rollout: str | None = None
@@ -138,10 +132,10 @@ class Trial(BaseModel):
     baseline: dict[str, Any] = Field(default_factory=dict)  # what was ok before: {"connected", "devices_ok"}
 
 
-class UpdateResult(BaseModel):
+class UpdateResult(StrictModel):
     """result.json: the updater's verdict, reported to head office by whichever release runs next."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(frozen=False)  # a record the updater updates in place
     version: str
     previous: str | None
     running: str

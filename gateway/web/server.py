@@ -7,35 +7,42 @@ Hostile or broken clients are bounded: a request's head must arrive within ``htt
 an idle keep-alive connection is closed after as long), a body gets the same time again, at most
 ``http.max_connections`` connections are served at once and ``http.max_connections_per_peer`` from one address
 (more are answered 503 and closed), and a malformed request is logged as one line naming its peer and the kind
-of error, never with the request's bytes.
+of error, never with the request's bytes. Every JSON body goes through ``read_json`` (storelink.safe_json).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import TypeAdapter, ValidationError
 
 from storelink import safe_json
-from storelink.config import describe_validation_error
+from storelink.config import RunningConfig
 from storelink.contract import IngestEvent
-from storelink.outbox import EventRejected, OutboxError, OutboxFull
+from storelink.outbox import EventRejected, Outbox, OutboxError, OutboxFull
 from storelink.system.logs import exception_summary, loggable_id
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.validation import describe_validation_error
 
 log = logging.getLogger(__name__)
 # aiohttp's own logger for request errors would write the offending bytes and a traceback; this one is filtered.
 request_log = logging.getLogger("storelink.web.requests")
-GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+Rejections = collections.Counter[tuple[str, str]]  # (surface, reason) -> count: the status's "rejections"
+CONFIG_KEY: web.AppKey[RunningConfig] = web.AppKey("config", RunningConfig)
+OUTBOX_KEY: web.AppKey[Outbox] = web.AppKey("outbox", Outbox)
+STATUS_KEY: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
+HEALTH_KEY: web.AppKey[Callable[[], list[str]]] = web.AppKey("health")
+REJECTIONS_KEY: web.AppKey[Rejections] = web.AppKey("rejections")
 MAX_EVENTS_PER_POST = 1000
+# At a stop, requests in progress get this long before they are cancelled (aiohttp waits 60 s by default, which a
+# browser holding a live stream would add to every restart).
+SHUTDOWN_TIMEOUT = 3.0
 _ingest_list = TypeAdapter(list[IngestEvent])
 
 
@@ -53,7 +60,7 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON through safe_json, read within ``http.request_timeout``. BadRequestBody (400,
     408 or 413) otherwise; every JSON body the gateway accepts comes through here."""
-    http = request.app[GATEWAY_KEY].config.http
+    http = request.app[CONFIG_KEY].current.http
     if request.content_length is not None and request.content_length > http.max_body:
         raise BadRequestBody(413, f"body larger than {http.max_body} bytes")
     try:
@@ -71,7 +78,7 @@ async def read_json(request: web.Request) -> Any:
 
 def require_token(request: web.Request) -> web.Response | None:
     """None when the request carries the configured action token; otherwise the 401/403 response to return."""
-    token = request.app[GATEWAY_KEY].config.http.token
+    token = request.app[CONFIG_KEY].current.http.token
     if not token:
         return error(403, "actions are disabled: no http.token is configured")
     given = request.headers.get("Authorization", "")
@@ -84,7 +91,6 @@ def require_token(request: web.Request) -> web.Response | None:
 
 
 async def post_events(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
     try:
         body = await read_json(request)
     except BadRequestBody as err:
@@ -99,7 +105,7 @@ async def post_events(request: web.Request) -> web.Response:
     except ValidationError as err:
         return error(422, "invalid event", problems=describe_validation_error(err)[:20])
     try:
-        accepted = await gw.outbox.put_many([(e.kind, e.device, e.data) for e in events])
+        accepted = await request.app[OUTBOX_KEY].put_many([(e.kind, e.device, e.data) for e in events])
     except EventRejected as err:
         return error(422, str(err))
     except OutboxFull as err:
@@ -113,11 +119,11 @@ async def post_events(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[GATEWAY_KEY].status())
+    return web.json_response(request.app[STATUS_KEY]())
 
 
 async def get_healthz(request: web.Request) -> web.Response:
-    problems = request.app[GATEWAY_KEY].health_problems()
+    problems = request.app[HEALTH_KEY]()
     return web.json_response({"ok": not problems, "problems": problems}, status=503 if problems else 200)
 
 
@@ -125,7 +131,7 @@ async def get_healthz(request: web.Request) -> web.Response:
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     response = await _json_errors(request, handler)
     if 400 <= response.status < 500:
-        request.app[GATEWAY_KEY].rejections["http", str(response.status)] += 1
+        request.app[REJECTIONS_KEY]["http", str(response.status)] += 1
     return response
 
 
@@ -165,17 +171,6 @@ class RequestErrorFilter(logging.Filter):
 
 
 request_log.addFilter(RequestErrorFilter())
-
-
-def build_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=gateway.config.http.max_body, middlewares=[json_errors])
-    app[GATEWAY_KEY] = gateway
-    app.router.add_post("/api/v1/events", post_events)
-    app.router.add_get("/api/v1/status", get_status)
-    app.router.add_get("/healthz", get_healthz)
-    for extend in gateway.http_extensions:
-        extend(app)
-    return app
 
 
 _BUSY_BODY = b'{"error":"too many connections; try again shortly"}'
@@ -263,28 +258,50 @@ class LimitedSite(web.TCPSite):
 
 
 class HttpServer:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
+    """The local HTTP server: the ingest, status and health routes, and the routes the parts declare."""
+
+    def __init__(self, config: RunningConfig, outbox: Outbox, status: Callable[[], dict[str, Any]],
+                 health: Callable[[], list[str]], rejections: Rejections | None = None):
+        self.config = config
+        self.outbox = outbox
+        self.status = status
+        self.health = health
+        self.rejections: Rejections = rejections if rejections is not None else collections.Counter()
+        self.routes: Sequence[web.RouteDef] = []  # the parts' routes, set by the composition root before start()
         self.runner: web.AppRunner | None = None
         self.site: LimitedSite | None = None
         self.bound: tuple[str, int] | None = None
 
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.current.http.max_body, middlewares=[json_errors])
+        app[CONFIG_KEY] = self.config
+        app[OUTBOX_KEY] = self.outbox
+        app[STATUS_KEY] = self.status
+        app[HEALTH_KEY] = self.health
+        app[REJECTIONS_KEY] = self.rejections
+        app.router.add_post("/api/v1/events", post_events)
+        app.router.add_get("/api/v1/status", get_status)
+        app.router.add_get("/healthz", get_healthz)
+        app.add_routes(self.routes)
+        return app
+
     async def start(self) -> None:
-        http = self.gateway.config.http
+        http = self.config.current.http
         host, port = http.host_port
         # keepalive_timeout also closes a connection whose request head has not fully arrived by then: aiohttp
         # arms it at connect and after each response, and closes a connection still waiting for a request.
-        self.runner = web.AppRunner(build_app(self.gateway), access_log=None, handle_signals=False,
-                                    logger=request_log, keepalive_timeout=http.request_timeout)
+        self.runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
+                                    shutdown_timeout=SHUTDOWN_TIMEOUT, logger=request_log,
+                                    keepalive_timeout=http.request_timeout)
         await self.runner.setup()
         self.site = LimitedSite(self.runner, host, port, http.max_connections, http.max_connections_per_peer)
         await self.site.start()
-        server = self.site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
+        addresses = self.runner.addresses
+        self.bound = (str(addresses[0][0]), int(addresses[0][1])) if addresses else (host, port)
         log.info("http listening on %s:%d", *self.bound)
 
-    def status(self) -> dict[str, Any]:
+    def connections(self) -> dict[str, int]:
+        """For the status: connections open now, and refused over the limits since start."""
         site = self.site
         return {"connections": sum(site.open.values()) if site is not None else 0,
                 "refused_connections": site.refused if site is not None else 0}
