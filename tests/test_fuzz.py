@@ -140,7 +140,13 @@ def test_fuzz_raw_http_requests(store: Store, budget: float) -> None:
         assert status == 0 or status < 500, response[:300]
         assert store.healthy()
 
-    run_surface("HTTP requests", request_bytes, check, examples=EXAMPLES["http"], minutes=budget)
+    expect = b"Expect: Bearer " + CUSTOMER.encode() + b"\xff\r\nContent-Length: 0\r\n\r\n"
+    run_surface("HTTP requests", request_bytes, check, examples=EXAMPLES["http"], minutes=budget, regressions=[
+        # found by a nightly run: aiohttp's Expect handler echoed the undecodable header and answered 500
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + expect,
+        b"GET /no/such/path HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + expect,
+        b"GET /api/v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + expect,
+    ])
 
 
 # -- the till protocol ------------------------------------------------------------------------------------------

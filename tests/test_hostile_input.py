@@ -191,6 +191,7 @@ MALFORMED = [
     b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: " + CUSTOMER.encode()
     + b"\r\n\r\n",
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + CUSTOMER.encode(),  # a TLS ClientHello on the HTTP port
+    b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nExpect: " + CUSTOMER.encode() + b"\xff\r\nContent-Length: 2\r\n\r\n{}",
 ]
 
 
@@ -202,6 +203,9 @@ def test_case8_malformed_requests_get_400_and_leave_no_bytes_in_the_log(store: S
     reply = raw_http(store.http_port, b"POST /api/v1/actions/resync-prices HTTP/1.1\r\nHost: x\r\nAuthorization: "
                      b"Bearer \xff\xfe" + CUSTOMER.encode() + b"\r\nContent-Length: 0\r\n\r\n")
     assert http_status(reply) == 401, reply[:200]
+    # The answers for a path or a method nobody serves stay 404 and 405.
+    assert http_status(raw_http(store.http_port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")) == 404
+    assert http_status(raw_http(store.http_port, b"GET /api/v1/events HTTP/1.1\r\nHost: x\r\n\r\n")) == 405
     wait_for(lambda: "malformed request refused" in store.log_text(), LIVENESS,
              what="the one-line log of a bad request")
 

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import TypeAdapter, ValidationError
 
@@ -152,6 +152,29 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         return error(500, "internal error")
 
 
+async def expect_continue(request: web.Request) -> None:
+    """Every route's ``Expect`` handler. aiohttp's own echoes the header into a 417 and fails with a 500 when the
+    header holds bytes that are not UTF-8; this one never quotes it."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return
+    raise web.HTTPExpectationFailed(text="only 'Expect: 100-continue' is understood")
+
+
+async def no_route(request: web.Request) -> web.StreamResponse:
+    """The last route: what aiohttp would answer for a path no route has (404, or 405 with Allow), here so that its
+    Expect header is handled by expect_continue too."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _match, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
 class RequestErrorFilter(logging.Filter):
     """Rewrites aiohttp's request-error records (on ``request_log``): one line with the peer and the error's
     kind. aiohttp's text quotes the bytes it could not parse (a header with a customer's name in it, say) and
@@ -279,10 +302,12 @@ class HttpServer:
         app[STATUS_KEY] = self.status
         app[HEALTH_KEY] = self.health
         app[REJECTIONS_KEY] = self.rejections
-        app.router.add_post("/api/v1/events", post_events)
-        app.router.add_get("/api/v1/status", get_status)
-        app.router.add_get("/healthz", get_healthz)
-        app.add_routes(self.routes)
+        app.router.add_post("/api/v1/events", post_events, expect_handler=expect_continue)
+        app.router.add_get("/api/v1/status", get_status, expect_handler=expect_continue)
+        app.router.add_get("/healthz", get_healthz, expect_handler=expect_continue)
+        app.add_routes([web.RouteDef(rd.method, rd.path, rd.handler, {**rd.kwargs, "expect_handler": expect_continue})
+                        for rd in self.routes])
+        app.router.add_route("*", "/{path:.*}", no_route, expect_handler=expect_continue)
         return app
 
     async def start(self) -> None:
