@@ -16,6 +16,7 @@ import asyncio
 import collections
 import hmac
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -280,6 +281,23 @@ class LimitedSite(web.TCPSite):
                                                 backlog=self._backlog, reuse_address=True)
 
 
+class ListenError(Exception):
+    """The HTTP server cannot have its address (in use, not an address of this machine, no permission). The
+    caller names the setting to change: `[http] listen` for `storelink run`, `--listen` for the demo."""
+
+    def __init__(self, address: str, err: OSError):
+        self.address = address
+        # (asyncio's message repeats the address: the errno's own text is what a person needs)
+        self.reason = (os.strerror(err.errno) if err.errno else str(err)).lower()
+        super().__init__(f"cannot listen on {address}: {self.reason}")
+
+    def explain(self, option: str) -> str:
+        """One line for a person: what failed, why, and what to change."""
+        in_use = self.reason == "address already in use"
+        hint = " (another program, or another StoreLink, is using it)" if in_use else ""
+        return f"cannot listen on {self.address}: {self.reason}{hint}; change {option}"
+
+
 class HttpServer:
     """The local HTTP server: the ingest, status and health routes, and the routes the parts declare."""
 
@@ -320,7 +338,11 @@ class HttpServer:
                                     keepalive_timeout=http.request_timeout)
         await self.runner.setup()
         self.site = LimitedSite(self.runner, host, port, http.max_connections, http.max_connections_per_peer)
-        await self.site.start()
+        try:
+            await self.site.start()
+        except OSError as err:
+            await self.stop()
+            raise ListenError(self.config.current.http.listen, err) from None
         addresses = self.runner.addresses
         self.bound = (str(addresses[0][0]), int(addresses[0][1])) if addresses else (host, port)
         log.info("http listening on %s:%d", *self.bound)
