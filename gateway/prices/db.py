@@ -33,6 +33,7 @@ from storelink.outbox import open_database
 from storelink.system.schema import ensure_schema
 
 T = TypeVar("T")
+WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint (SQLite checkpoints at ~4 MB)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -110,6 +111,8 @@ class PriceDb:
 
     def _open(self) -> None:
         conn = open_database(self.path, self.synchronous)
+        # A big transaction (a chunk of several MB) grows the WAL; without a limit it keeps that size for good.
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         # versioned (storelink.system.schema): schema 2 adds ADDED_COLUMNS, which release 1 still reads and writes
         ensure_schema(conn, "prices", _create, {2: _add_columns})
         self._writer = conn
