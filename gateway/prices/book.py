@@ -22,7 +22,7 @@ from storelink.prices.models import BookItem
 _LOOKUP_SQL = """
 SELECT b.sku, b.gtin, b.price, b.unit_price, b.unit_basis, b.description, b.promotion,
   (SELECT MIN(MIN(COALESCE(c.old_price, c.new_price), COALESCE(c.new_price, c.old_price)))
-     FROM changes c JOIN transitions t ON t.batch_id = c.batch_id WHERE c.sku = b.sku) AS floor
+     FROM changes c JOIN transitions t ON t.batch_id = c.batch_id WHERE c.sku = b.sku AND c.kind = 'change') AS floor
 FROM book b WHERE b.{col} = ? LIMIT 1
 """
 _BY_SKU = _LOOKUP_SQL.format(col="sku")
@@ -31,6 +31,10 @@ _ITEM_COLS = "sku, gtin, price, unit_price, unit_basis, description, promotion"
 _DIFFERS = ("b.sku IS NULL OR b.price IS NOT s.price OR b.gtin IS NOT s.gtin OR b.unit_price IS NOT s.unit_price"
             " OR b.unit_basis IS NOT s.unit_basis OR b.description IS NOT s.description"
             " OR b.promotion IS NOT s.promotion")
+
+
+# The floor comes from price changes only: an item added by a batch whose labels still print has one price (its
+# own), and must not cap the price of a later version of it.
 
 
 def row_to_item(row: tuple[Any, ...]) -> BookItem:

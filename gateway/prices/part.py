@@ -37,6 +37,7 @@ EVENT_DEVICE = "prices"  # the `device` of every price.* event
 # A chunk's handler waits for its turn to be decoded and stored (two at a time): the last of a 100-chunk burst on a
 # slow card may wait minutes. Past this the message is acknowledged and the batch, incomplete, expires (reported).
 HANDLER_TIMEOUT = 600.0
+CLOCK_EVERY = 10.0  # seconds between looks at the clock's synchronisation
 
 EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
 
@@ -74,8 +75,9 @@ class PricesPart(BasePart):
         return await self._emit(kind, EVENT_DEVICE, data)
 
     def clock(self) -> ClockReport:
-        """The clock's synchronisation, asked again at most every 10 s (a cheap syscall, but asked per manifest)."""
-        if self._clock is None or time.time() - self._clock.checked_at > 10:
+        """The clock's synchronisation, asked again at most every CLOCK_EVERY s (a cheap syscall, but asked per
+        manifest). On the loop only: a change marks the state dirty (an asyncio.Event)."""
+        if self._clock is None or time.time() - self._clock.checked_at > CLOCK_EVERY:
             before, self._clock = self._clock, clock_state(self.cfg.clock_synchronised)
             if before is None or before.synchronised != self._clock.synchronised:
                 self.state.mark()
@@ -96,8 +98,10 @@ class PricesPart(BasePart):
 
     def _build_state(self, conn: sqlite3.Connection) -> PricesStatePayload:
         devices = [(t.device, t.role) for t in self.targets.all()]
+        # (in the database thread: the last report, which _watch_clock keeps fresh on the loop)
+        clock = self._clock or clock_state(self.cfg.clock_synchronised)
         return build_state(conn, self.store_id, devices, self.auditor.stale, self.auditor.drift,
-                           self.coordinator.current, self.clock(), self.settler.held_back,
+                           self.coordinator.current, clock, self.settler.held_back,
                            self.settler.label_progress)
 
     async def start(self) -> None:
@@ -113,6 +117,13 @@ class PricesPart(BasePart):
             tg.create_task(self.settler.run(), name="prices-settler")
             tg.create_task(self.auditor.run(), name="prices-audit")
             tg.create_task(self.intake.run(), name="prices-intake")
+            tg.create_task(self._watch_clock(), name="prices-clock")
+
+    async def _watch_clock(self) -> None:
+        """The page and prices/state say when the clock loses (or gains) its synchronisation."""
+        while True:
+            self.clock()
+            await asyncio.sleep(CLOCK_EVERY)
 
     async def stop(self) -> None:
         self.ready.clear()
