@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import time
 from typing import Any
 
 from pydantic import Field
@@ -182,6 +183,23 @@ def item_to_wire(item: Any, transition_price: int | None = None) -> dict[str, An
     if transition_price is not None:
         wire["transition_price"] = transition_price
     return wire
+
+
+def iso_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def prepare_messages(change: Any, holds: bool, per_part: int) -> list[dict[str, Any]]:
+    """A PriceChange (drivers.base) as the PREPARE parts of at most `per_part` items each; a till that keeps holds
+    (protocol 2) is also told each item's `transition_price` and the change's `effective_at`."""
+    caps = change.transition_prices
+    items = [item_to_wire(i, caps.get(i.sku) if holds else None) for i in change.changed]
+    parts = [items[i:i + per_part] for i in range(0, len(items), per_part)] or [[]]
+    extra: dict[str, Any] = {}
+    if holds:
+        extra["effective_at"] = iso_time(change.effective_at) if change.effective_at else None
+    return [{"type": "PREPARE", "version": change.version, "batch_id": change.batch_id, "currency": change.currency,
+             "part": k, "parts": len(parts), "items": chunk, **extra} for k, chunk in enumerate(parts, 1)]
 
 
 def negotiate(hello: dict[str, Any]) -> int:

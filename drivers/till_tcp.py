@@ -120,7 +120,7 @@ class TillTcpDriver(Driver):
         return {
             "till_id": self.till_id, "listen": self.cfg.listen,
             "peer": self._conn.peer if self._conn else None,
-            "connected_since": _iso(self.connected_since) if self._conn and self.connected_since else None,
+            "connected_since": tp.iso_time(self.connected_since) if self._conn and self.connected_since else None,
             "reported_version": self.reported_version, "staged_version": self.staged_version,
             "protocol": self.protocol if self._conn else None, **self.counts,
         }
@@ -361,19 +361,9 @@ class TillTcpDriver(Driver):
         return None if self._conn is None or self.protocol is None else self.protocol >= tp.HOLDS_SINCE
 
     async def price_prepare(self, change: PriceChange) -> None:
-        holds = bool(self.price_can_hold)
-        caps = change.transition_prices
-        items = [tp.item_to_wire(i, caps.get(i.sku) if holds else None) for i in change.changed]
-        n = self.cfg.prepare_chunk
-        parts = [items[i:i + n] for i in range(0, len(items), n)] or [[]]
-        extra: dict[str, Any] = {}
-        if holds:
-            extra["effective_at"] = _iso(change.effective_at) if change.effective_at else None
         try:
-            for k, chunk in enumerate(parts, 1):
-                await self._request({"type": "PREPARE", "version": change.version, "batch_id": change.batch_id,
-                                     "currency": change.currency, "part": k, "parts": len(parts), "items": chunk,
-                                     **extra})
+            for message in tp.prepare_messages(change, bool(self.price_can_hold), self.cfg.prepare_chunk):
+                await self._request(message)
         except TillRejected as err:
             raise PrepareFailed(f"till {self.till_id} refused version {change.version}: {err}") from None
         except (TimeoutError, ConnectionError) as err:
@@ -417,7 +407,3 @@ class TillTcpDriver(Driver):
             except (TimeoutError, ConnectionError, TillRejected, tp.ProtocolError) as err:
                 log.info("till %s: VERSION failed (%s); using the last reported version", self.till_id, err)
         return self.reported_version
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
