@@ -254,3 +254,29 @@ def test_a_till_back_while_a_change_waits_is_caught_up_and_switches_with_the_oth
         assert not watch.violations, watch.violations[:5]
     finally:
         rig.close()
+
+
+def test_a_till_that_fails_its_scheduled_commit_is_retried_before_a_tag_shows_the_decrease(
+        tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:
+    """A scheduled change holds no till before effective_at (nothing is charged differently before then), so a
+    till that answers its COMMIT with an error still charges the old price: no tag may show the decrease until
+    it took the COMMIT (retried every commit_retry)."""
+    rig = Rig(tmp_path, mosquitto, checkin=0.2, prices=SYNCED)
+    try:
+        rig.start_on_version_1(subscriber, 10, 1000)
+        down = "SKU000002"
+        effective = _ahead(3.0)
+        # the paper label printed ahead goes up late (by hand): the tag is what changes first here
+        watch = ShelfWatch(rig.floor, [down], valid_from={2: effective + 600})
+        rows = items(10, base=1000)
+        rows[2]["price"] = 700
+        rig.floor.tills["1"].refuse_commits = 5  # ~1.5 s of refusals at commit_retry 0.3 s
+        rig.hq.batch(batch(rig.key, 2, rows, effective_at=_at(effective)))
+        wait_event(subscriber, "price.confirmed", version=2, timeout=30)
+        assert rig.floor.tills["1"].refuse_commits == 0 and rig.floor.tag_price(down) == 700
+        assert not watch.violations, watch.violations[:5]
+        committed = _switched(watch, "1", down, 700)
+        assert committed >= effective + 1.0  # it really refused for a while
+        assert min(t for t, s, p in watch.shelf_timeline if s == down and p == 700) >= committed
+    finally:
+        rig.close()

@@ -33,6 +33,7 @@ class TillSimulator:
         self.version = version  # the price version this till charges with
         self.answer_gateway = answer_gateway  # False: a till that hangs (tests of the gateway's timeouts)
         self.refuse_prepare = refuse_prepare  # an error text: refuse every PREPARE with it
+        self.refuse_commits = 0  # refuse this many COMMITs to come (a till busy with a sale), then take them
         self.prices: dict[str, dict[str, Any]] = {}
         self.staged: dict[int, list[dict[str, Any]]] = {}
         self.holds: dict[int, dict[str, int]] = {}  # version -> sku -> at most this much while labels change
@@ -172,6 +173,9 @@ class TillSimulator:
             self._hold(v)
             return {"type": "OK", "version": v}
         if kind == "COMMIT":
+            if self.refuse_commits > 0:
+                self.refuse_commits -= 1
+                return {"type": "ERROR", "code": "busy", "error": "a sale is open; try again"}
             if v == self.version and v not in self.staged:
                 return {"type": "OK", "version": v}  # repeated COMMIT: already on it
             if v not in self.staged:

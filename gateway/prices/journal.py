@@ -138,15 +138,24 @@ class Journal:
         self.on_change()
 
     async def deliver_tills(self, b: BatchRow, rows: list[TargetRow], action: str, retry: float, give_up: float,
-                            after_first_round: Callable[[], Awaitable[None]] | None = None,
+                            when_reached: Callable[[], Awaitable[None]] | None = None,
                             crash: Callable[[], None] | None = None) -> None:
         """COMMIT or ABORT `rows` (tills), retrying until it sticks or `give_up` seconds pass; a till that never
-        took it is marked stale (the catch-up brings it to the active version later). `after_first_round` runs
-        once every reachable till has been tried (the labels may change then)."""
+        took it is marked stale (the catch-up brings it to the active version later). `when_reached` runs
+        once every connected till has taken it, or at the give-up (the labels may change then: a till still on
+        its old prices is either away or stale, and a stale till must not sell; one that answered but failed is
+        retried first, so a scheduled decrease never shows on a label while that till charges the old price)."""
         deadline = time.monotonic() + give_up
         pending = list(rows)
-        first_round = True
+        released = False
         committed = action == "commit"
+
+        async def release() -> None:
+            nonlocal released
+            if not released and when_reached is not None:
+                released = True
+                await when_reached()
+
         while pending:
             async def one(row: TargetRow) -> bool:
                 drv = self.targets.driver(row.device)
@@ -177,9 +186,8 @@ class Journal:
                 await self.record_tills(b, [r.device for r in done if ((r.protocol or 1) >= 2) == held],
                                         "committed" if committed else "aborted", committed, held=committed and held)
             pending = ([] if first_ok else [pending[0]]) + [r for r, ok in zip(rest, results, strict=True) if not ok]
-            if first_round and after_first_round is not None:
-                await after_first_round()
-            first_round = False
+            if all(self.targets.driver(r.device) is None for r in pending):
+                await release()  # every till that is there took it (the others are away: stale when back)
             if not pending:
                 return
             if time.monotonic() > deadline:
@@ -187,5 +195,6 @@ class Journal:
                     log.warning("batch %s: %s never reached %s; marking it stale", b.batch_id, action, row.device)
                     await self.set_target(b.batch_id, row.device, "stale", f"{action} not delivered")
                     await self.mark_stale(row.device, row.role, True)
+                await release()
                 return
             await asyncio.sleep(retry)

@@ -6,9 +6,10 @@ scheduled one supersedes it, see coordinator.py) and stale tills are caught up. 
 in one transaction (``committed``: for a scheduled batch its transition starts here, so lookups answer
 min(old, new) from effective_at on), and every prepared till is sent COMMIT: a till with holds charges min(old,
 new) for the changed items until the labels show the new prices; a till without holds is sent COMMIT only when
-the batch raises no price (else the settler sends it once the labels show the increase). Once every reachable
-till has been tried the labels may change (``labels_released``: the settler pushes a scheduled batch's ESL content
-now). Then ``done``. A batch whose effective_at passed while the gateway was down is committed at once.
+the batch raises no price (else the settler sends it once the labels show the increase). Once every connected
+till has taken its COMMIT (one that answers but fails is retried first; one that is away is stale when it is
+back) the labels may change (``labels_released``: the settler pushes a scheduled batch's ESL content now). Then
+``done``. A batch whose effective_at passed while the gateway was down is committed at once.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class Scheduler:
             self.on_released()
 
         await self.journal.deliver_tills(b, now_rows, "commit", self.cfg.commit_retry,
-                                         max(self.cfg.prepare_deadline, 30.0), after_first_round=release,
+                                         max(self.cfg.prepare_deadline, 30.0), when_reached=release,
                                          crash=lambda: crash_point("mid_commit"))
         if not now_rows:
             await release()
