@@ -12,9 +12,9 @@ Every ``confirm_poll`` seconds the settler
    deadline (``label_deadline`` after a commit, ``abort_hold`` after an abort) the change completes without the
    stragglers: only items whose label is known to show the other price stay at min(old, new), listed as drift
    (``price.drift``, the status page), until their label catches up;
-3. sends FINAL to tills that hold the transition prices (keeping the stragglers held), and COMMIT to tills
-   without holds whose COMMIT was held back for a price increase (in version order);
-4. records per label device what it is known to display (``devices.shows``, shown in ``prices/state``).
+3. records per label device what it is known to display (``devices.shows``, shown in ``prices/state``);
+4. sends FINAL to tills that hold the transition prices (keeping the stragglers held), and COMMIT to tills
+   without holds whose COMMIT was held back for a price increase (in version order).
 """
 
 from __future__ import annotations
@@ -82,8 +82,10 @@ class Settler:
                 "ORDER BY since").fetchall()):
             await self._settle(await self.journal.batch(batch_id), outcome, deadline, summary, drift)
         await self._report(drift)
-        await self._release_tills()
+        # what each label device shows is on record before a till acts on it (FINAL, a held-back COMMIT): a till
+        # on the new price never comes with a price state that still says the labels are changing
         await self._write_summaries(summary)
+        await self._release_tills()
 
     # -- 1. label commits and aborts ----------------------------------------------------------------------
     async def _deliver_labels(self) -> None:
@@ -275,7 +277,25 @@ class Settler:
                     self._drifting[device] = problem
                 await self.report_drift(device, problem)
 
-    # -- 3. tills: FINAL, and COMMITs held back --------------------------------------------------------------
+    # -- 3. what each label device is known to show --------------------------------------------------------
+    async def _write_summaries(self, summary: dict[str, dict[str, Any]]) -> None:
+        devices = [t.device for t in self.targets.all() if t.role == "label"]
+        changed = {d: summary.get(d, {}) for d in devices if self._summary.get(d) != summary.get(d, {})}
+        if not changed:
+            return
+        now = time.time()
+
+        def txn(conn: Any) -> None:
+            for device, shows in changed.items():
+                conn.execute("INSERT INTO devices(device, role, shows, updated_at) VALUES(?, 'label', ?, ?) "
+                             "ON CONFLICT(device) DO UPDATE SET shows=excluded.shows, updated_at=excluded.updated_at",
+                             (device, json.dumps(shows) if shows else None, now))
+
+        await self.db.write(txn)
+        self._summary.update(changed)
+        self.on_change()
+
+    # -- 4. tills: FINAL, and COMMITs held back --------------------------------------------------------------
     async def _release_tills(self) -> None:
         open_ = await self.db.read(lambda c: dict(c.execute("SELECT batch_id, outcome FROM transitions").fetchall()))
         rows = await self.db.read(lambda c: c.execute(
@@ -351,22 +371,4 @@ class Settler:
             "SELECT DISTINCT t.device, COALESCE(d.version, 0) FROM targets t LEFT JOIN devices d ON d.device=t.device "
             "WHERE t.state='deferred'").fetchall())
         self.held_back = {device: int(v) for device, v in rows}
-        self.on_change()
-
-    # -- 4. what each label device is known to show --------------------------------------------------------
-    async def _write_summaries(self, summary: dict[str, dict[str, Any]]) -> None:
-        devices = [t.device for t in self.targets.all() if t.role == "label"]
-        changed = {d: summary.get(d, {}) for d in devices if self._summary.get(d) != summary.get(d, {})}
-        if not changed:
-            return
-        now = time.time()
-
-        def txn(conn: Any) -> None:
-            for device, shows in changed.items():
-                conn.execute("INSERT INTO devices(device, role, shows, updated_at) VALUES(?, 'label', ?, ?) "
-                             "ON CONFLICT(device) DO UPDATE SET shows=excluded.shows, updated_at=excluded.updated_at",
-                             (device, json.dumps(shows) if shows else None, now))
-
-        await self.db.write(txn)
-        self._summary.update(changed)
         self.on_change()
