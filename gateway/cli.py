@@ -75,7 +75,7 @@ def _subcommands() -> list[Subcommand]:
         ("run", "run the gateway until SIGTERM/SIGINT", _args_run, cmd_run),
     ]
     from storelink.drivers.sim.demo import SUBCOMMAND as demo
-    from storelink.hq.prices import SUBCOMMAND as hq
+    from storelink.hq.cli import SUBCOMMAND as hq
 
     subs.append(demo)
     subs.append(hq)
