@@ -5,11 +5,13 @@ request may carry ``reply_to`` and ``correlation_id`` in its JSON; without any r
 ``{base}/cmd-reply/{name}`` so that no error is ever silent. Read-only commands (``ping``, ``status``) may be
 sent unsigned; commands that change something must be a signed envelope (storelink.remote.signing) whose payload names
 this store and this command, carries a unique id and is recent (``[remote] command_max_age``): a recorded
-command cannot be replayed. The status page calls ``Commands.run`` directly behind the ``http.token``.
+command cannot be replayed, not even after a restart (storelink.remote.replay keeps the used ids on disk). The
+status page calls ``Commands.run`` directly behind the ``http.token``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from storelink.config import describe_validation_error
 from storelink.outbox import iso_ts
 from storelink.remote.models import DEVICE_ID_RE, CommandRequest, CommandResponse, SignedCommand
+from storelink.remote.replay import Replayed, ReplayGuard
 from storelink.remote.signing import SignatureError, verify
 from storelink.uplink import Downlink
 
@@ -84,7 +87,7 @@ class _ReprintChange:
 class Commands:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
-        self._seen_ids: dict[str, float] = {}  # signed command id -> when it may be forgotten
+        self.replay = ReplayGuard(gateway.config.storage.path.parent / "replay-guard.json")
         self.counts: dict[tuple[str, str], int] = {}  # (command, outcome) -> n, for /metrics
         self.table: dict[str, Command] = {
             "ping": Command(NoArgs, False, self._ping, "answers pong"),
@@ -123,6 +126,11 @@ class Commands:
             req: SignedCommand | CommandRequest
             if isinstance(body, dict) and "sig" in body:
                 req = self._verify_signed(name, body)
+                try:  # durable: on disk before the command runs
+                    await asyncio.to_thread(self.replay.accept, req.id, req.issued_at,
+                                            self.gateway.config.remote.command_max_age)
+                except Replayed as err:
+                    raise CommandError("unauthorized", str(err)) from None
                 signed = True
             else:
                 try:
@@ -168,13 +176,6 @@ class Commands:
             raise CommandError("unauthorized", f"signed for store {cmd.store_id!r}, not this one")
         if cmd.command != name:
             raise CommandError("unauthorized", f"signed for command {cmd.command!r}, sent as {name!r}")
-        now, max_age = time.time(), gw.config.remote.command_max_age
-        if not -60 <= now - cmd.issued_at <= max_age:  # a minute of clock skew either way
-            raise CommandError("unauthorized", f"issued_at is outside the last {max_age:g}s: refused as a replay")
-        self._seen_ids = {k: v for k, v in self._seen_ids.items() if v > now}
-        if cmd.id in self._seen_ids:
-            raise CommandError("unauthorized", f"command id {cmd.id} was already used: refused as a replay")
-        self._seen_ids[cmd.id] = now + max_age + 120
         return cmd
 
     # -- the commands ------------------------------------------------------------------------------------------
@@ -244,5 +245,6 @@ class Commands:
 
 def install(gateway: Gateway) -> None:
     commands = Commands(gateway)
+    commands.replay.load()  # blocking, small: before the uplink subscribes
     gateway.services["commands"] = commands
     gateway.uplink.subscribe(gateway.topics.command_filter, commands.on_command)
