@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from paho.mqtt.reasoncodes import ReasonCode
 
 
@@ -161,15 +162,27 @@ def _client_cert_problem(alert_code: str | None, ep: Endpoint) -> LinkProblem:
 
 
 def _issuer_not_in(cert: x509.Certificate, ca_file: Path | None) -> bool:
-    """True when the CA file (the CA that signed the broker) clearly is not the CA of our certificate either:
-    in a StoreLink PKI one CA signs both, so a client certificate from elsewhere is the likely refusal."""
+    """True when the CA file (the CA that signed the broker) did not issue our certificate either: in a StoreLink
+    PKI one CA signs both, so a client certificate from another CA is the likely refusal."""
     if ca_file is None:
         return False
     try:
         cas = x509.load_pem_x509_certificates(ca_file.read_bytes())
     except (OSError, ValueError):
         return False
-    return all(ca.subject != cert.issuer for ca in cas)
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return False
+    return True
+
+
+# A refused certificate with a TLS alert names the reason; the same refusal without one (a race in the broker)
+# is only "refused". Once the specific reason is known, the vague one does not replace it.
+SPECIFIC_CERT_PROBLEMS = frozenset({"client_cert_revoked", "client_cert_unknown_ca", "client_cert_expired",
+                                    "client_cert_missing"})
 
 
 # -- the broker's answer to CONNECT, and losing a connection ---------------------------------------------------

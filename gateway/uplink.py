@@ -34,6 +34,7 @@ from storelink import __version__
 from storelink.config import MqttConfig
 from storelink.contract import Topics, topic_matches
 from storelink.mqtt_problems import (
+    SPECIFIC_CERT_PROBLEMS,
     Endpoint,
     LinkProblem,
     SocketErrorTrap,
@@ -253,6 +254,8 @@ class Uplink:
     def _set_disconnected(self, problem: LinkProblem) -> None:
         if not self.connected and (self.last_error or "").startswith("broker refused") and problem.code == "lost":
             return  # the refusal says why; the disconnect that follows it does not
+        if problem.code == "client_cert_refused" and self.problem in SPECIFIC_CERT_PROBLEMS:
+            return  # the same refusal without the broker's TLS alert: keep the reason it gave before
         why = problem.message
         if self.connected or self.last_error != why:
             log.warning("uplink %s", why)

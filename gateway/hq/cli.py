@@ -74,6 +74,9 @@ def _run(args: argparse.Namespace) -> int:
     except HqLinkError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except OSError as err:  # a file head office named cannot be read or written
+        print(f"{name}: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 SUBCOMMAND = ("hq", "head-office tools: status, publish-prices, push-config, cmd, keys, the store CA and "

@@ -53,6 +53,7 @@ def cmd_ca_init(args: argparse.Namespace, cfg: HqConfig) -> int:
 def cmd_server_cert(args: argparse.Namespace, cfg: HqConfig) -> int:
     issued = _ca(cfg).issue_server(args.hosts, days=args.days)
     out = args.out_dir or cfg.pki.dir
+    out.mkdir(parents=True, exist_ok=True)
     (out / "server.pem").write_bytes(issued.cert_pem)
     write_secret(out / "server.key", issued.key_pem)
     print(f"broker certificate for {', '.join(args.hosts)} (until {issued.not_after:%Y-%m-%d}): "
@@ -64,6 +65,7 @@ def cmd_hq_cert(args: argparse.Namespace, cfg: HqConfig) -> int:
     identity = hq_identity(args.name)
     issued = _ca(cfg).issue_client(identity, role="hq", days=args.days or cfg.pki.cert_days)
     out = args.out_dir or cfg.pki.dir
+    out.mkdir(parents=True, exist_ok=True)
     cert, key = out / f"hq-{args.name}.pem", out / f"hq-{args.name}.key"
     cert.write_bytes(issued.cert_pem)
     write_secret(key, issued.key_pem)

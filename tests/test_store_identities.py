@@ -1,0 +1,205 @@
+"""Head office for real: a fleet set up with `storelink hq` (CA, enrolment, broker-config) on a real Mosquitto that
+requires TLS and client certificates. An enrolled store works end to end and every hq command works over TLS; a
+store reaches only its own topics; a store without a certificate, with an expired, foreign or revoked one cannot
+connect and says why in its status and log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from storelink.app import Gateway
+from storelink.config import parse_config
+from tests.fleet import Fleet, expired_client_cert
+from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for
+from tests.prices_helpers import items, write_items_csv
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    return Fleet(tmp_path, {"store-a": ["north"], "store-b": ["south"]}).set_up()
+
+
+def test_enrolled_store_works_end_to_end_and_every_hq_command_over_tls(tmp_path: Path, fleet: Fleet) -> None:
+    broker = fleet.broker()
+    http = free_port()
+    gw = GatewayProcess(fleet.gateway_config("store-a", http), http).start()
+    hq_view = fleet.client(fleet.pki / "hq-ops.pem", fleet.pki / "hq-ops.key")
+    try:
+        gw.wait_online(15)
+        uplink = gw.get("/api/v1/status")[1]["uplink"]
+        assert uplink["connected"] and uplink["problem"] is None and uplink["refused_subscriptions"] == []
+        hq_view.subscribe("storelink/store-a/events/#")
+        assert gw.post("/api/v1/events", {"kind": "sale", "device": "till-1", "data": {"total": 5}})[0] == 202
+        wait_for(lambda: hq_view.got("storelink/store-a/events/sale"), 10, what="the sale at head office")
+
+        status = fleet.ok("status")
+        line = next(r for r in status.splitlines() if r.startswith("store-a"))
+        assert "online" in line, status
+        ping = json.loads(fleet.ok("cmd", "store-a", "ping"))
+        assert ping["ok"] and ping["result"]["pong"] is True
+
+        csv = write_items_csv(tmp_path / "prices.csv", items(20, base=300))
+        out = fleet.ok("publish-prices", str(csv), "--store", "store-a", "--version", "3", "--wait", "30")
+        assert "COMMITTED version 3: 20 SKU(s) changed" in out
+        fleet.ok("publish-prices", str(csv), "--group", "north", "--version", "4", "--batch-id", "north-4")
+        wait_for(lambda: gw.get("/api/v1/status")[1]["prices"]["active_version"] == 4, 20,
+                 what="the group's price list (store-a is in north)")
+        out = fleet.ok("publish-prices", str(csv), "--group", "south", "--version", "5")
+        assert "published to storelink/groups/south/prices/batch" in out
+
+        new = tomllib.loads(gw.config.read_text())
+        new["logging"] = {"level": "DEBUG"}
+        pushed = tmp_path / "store-a.toml"
+        pushed.write_text(tomli_w.dumps(new))
+        out = fleet.ok("push-config", str(pushed), "--version", "7", "--wait", "30")
+        assert "store-a: applied (running version 7)" in out
+        restart = json.loads(fleet.ok("cmd", "store-a", "resync-prices"))  # signed with hq.toml's key
+        assert restart["ok"] and restart["result"]["active_version"] == 4, restart
+        assert gw.get("/api/v1/status")[1]["prices"]["active_version"] == 4  # south's batch never reached it
+    finally:
+        hq_view.close()
+        gw.stop()
+        broker.stop()
+
+
+def test_a_store_reaches_only_its_own_topics(fleet: Fleet) -> None:
+    broker = fleet.broker()
+    a = fleet.client(fleet.bundle("store-a") / "client.pem", fleet.bundle("store-a") / "client.key")
+    b = fleet.client(fleet.bundle("store-b") / "client.pem", fleet.bundle("store-b") / "client.key")
+    hq = fleet.client(fleet.pki / "hq-ops.pem", fleet.pki / "hq-ops.key")
+    try:
+        assert a.publish("storelink/store-a/events/sale") == "ok"
+        assert a.publish("storelink/store-a/cmd-reply/ping") == "ok"
+        forbidden = ["storelink/store-b/events/sale", "storelink/store-b/status", "storelink/store-b/prices/state",
+                     "storelink/store-b/cmd-reply/ping",  # B's uplink
+                     "storelink/store-a/cmd/ping", "storelink/store-a/config/desired", "storelink/store-a/prices/batch",
+                     "storelink/store-a/prices/desired", "storelink/store-a/cart/response",  # downlink, even its own
+                     "storelink/store-b/cmd/ping", "storelink/groups/north/prices/batch", "elsewhere/x"]
+        for topic in forbidden:
+            assert a.publish(topic) == "Not authorized", topic
+        assert hq.publish("storelink/store-a/events/sale") == "Not authorized"  # head office writes downlink only
+
+        # Mosquitto grants a subscription its ACL denies and drops the messages: nothing may arrive.
+        for f in ("storelink/store-b/cmd/+", "storelink/store-b/events/#", "storelink/store-b/config/desired",
+                  "storelink/groups/south/prices/batch", "storelink/#"):
+            a.subscribe(f)
+        b.subscribe("storelink/store-b/cmd/+")
+        hq.subscribe("storelink/store-b/events/#")
+        assert hq.publish("storelink/store-b/cmd/ping", b'{"n": 1}') == "ok"
+        assert hq.publish("storelink/store-b/config/desired", b'{"secret": 1}', retain=True) == "ok"
+        assert hq.publish("storelink/groups/south/prices/batch", b'{"south": 1}') == "ok"
+        assert b.publish("storelink/store-b/events/sale", b'{"b": 1}') == "ok"
+        # Controls, published after: once A has these, it would have had the others before them.
+        assert hq.publish("storelink/store-a/cmd/ping", b'{"a": 1}') == "ok"
+        assert hq.publish("storelink/groups/north/prices/batch", b'{"north": 1}') == "ok"
+        wait_for(lambda: a.got("storelink/store-a/cmd/ping") and a.got("storelink/groups/north/prices/batch"), 10,
+                 what="store A's own command and its group's prices")
+        wait_for(lambda: b.got("storelink/store-b/cmd/ping") and hq.got("storelink/store-b/events/sale"), 10,
+                 what="store B's command and event where they belong")
+        seen = {t for t, _p in a.messages}
+        assert seen <= {"storelink/store-a/cmd/ping", "storelink/groups/north/prices/batch"}, seen
+    finally:
+        for c in (a, b, hq):
+            c.close()
+        broker.stop()
+
+
+def _store_cfg(fleet: Fleet, store: str, work: Path, **tls: str | None) -> dict[str, Any]:
+    """The store's enrolled config (as its gateway would run it) with [mqtt.tls] entries replaced."""
+    cfg = tomllib.loads(fleet.gateway_config(store, free_port()).read_text())
+    own = work / uuid.uuid4().hex[:8]  # each gateway its own data folder (outbox, prices, replay record)
+    own.mkdir()
+    cfg["storage"] = {"path": str(own / "storelink.db")}
+    for k, v in tls.items():
+        if v is None:
+            cfg["mqtt"]["tls"].pop(k, None)
+        else:
+            cfg["mqtt"]["tls"][k] = v
+    return cfg
+
+
+async def test_refused_stores_say_why_in_status_and_log(tmp_path: Path, fleet: Fleet,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    other = Fleet(tmp_path / "other", {"store-a": []}).set_up()  # a second CA, same store name
+    fleet.ok("enroll", "store-r")
+    fleet.ok("revoke", "store-r")
+    work = tmp_path / "dbs"
+    work.mkdir()
+    expired = expired_client_cert(fleet.pki, "store-a", tmp_path / "expired")
+    # a second broker from the same CA whose certificate names another host
+    fleet.ok("ca", "server-cert", "broker.invalid", "--out-dir", str(tmp_path / "misnamed"))
+    misnamed = Mosquitto(tmp_path / "misnamed")
+    misnamed.write_conf(fleet.broker_conf().replace(str(fleet.pki / "broker" / "server."),
+                                                    str(tmp_path / "misnamed" / "server."))
+                        .replace(f"listener {fleet.port}", f"listener {misnamed.port}"))
+    broker = fleet.broker()
+    misnamed.start()
+    r = fleet.bundle("store-r")
+    cases: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
+        "no certificate": (_store_cfg(fleet, "store-a", work, cert=None, key=None),
+                           "requires a client certificate", ("client_cert_missing",)),
+        "expired": (_store_cfg(fleet, "store-a", work, cert=str(expired[0]), key=str(expired[1])),
+                    "expired on", ("client_cert_expired",)),
+        "another CA": (_store_cfg(fleet, "store-a", work, cert=str(other.bundle("store-a") / "client.pem"),
+                                  key=str(other.bundle("store-a") / "client.key")),
+                       "a CA the broker does not trust", ("client_cert_unknown_ca",)),
+        "revoked": (_store_cfg(fleet, "store-r", work, cert=str(r / "client.pem"), key=str(r / "client.key")),
+                    "revoked", ("client_cert_revoked", "client_cert_refused")),
+        "broker from a foreign CA": (_store_cfg(fleet, "store-a", work, ca=str(other.pki / "ca.pem")),
+                                     "certificate verify failed: unknown CA", ("tls_unknown_ca",)),
+        "broker misnamed": ({**_store_cfg(fleet, "store-a", work)}, "hostname mismatch", ("tls_hostname",)),
+        "no such host": (_store_cfg(fleet, "store-a", work), "(DNS)", ("dns",)),
+    }
+    cases["broker misnamed"][0]["mqtt"] = {**cases["broker misnamed"][0]["mqtt"], "port": misnamed.port}
+    cases["no such host"][0]["mqtt"] = {**cases["no such host"][0]["mqtt"], "host": "no-such-broker.invalid"}
+    gateways = {name: Gateway(parse_config(cfg)) for name, (cfg, _m, _c) in cases.items()}
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(gw.run(stop)) for gw in gateways.values()]
+    try:
+        def settled() -> bool:
+            return all(gw.uplink.problem in cases[name][2] for name, gw in gateways.items())
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not settled() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        report = {name: (gw.uplink.status()["problem"], gw.uplink.status()["last_error"])
+                  for name, gw in gateways.items()}
+        for name, gw in gateways.items():
+            status = gw.status()["uplink"]
+            assert not status["connected"], name
+            assert status["problem"] in cases[name][2] and cases[name][1] in status["last_error"], (name, report)
+            assert any(cases[name][1] in rec.getMessage() for rec in caplog.records
+                       if rec.name == "storelink.uplink"), (name, "not in the log")
+            assert "Unspecified error" not in status["last_error"] and "cannot reach" not in status["last_error"]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        broker.stop()
+        misnamed.stop()
+
+
+def test_a_revoked_store_in_a_real_process_shows_it_on_its_status_api(tmp_path: Path, fleet: Fleet) -> None:
+    """The same as above through `storelink run`: the HTTP status API and the log file, after revocation."""
+    broker = fleet.broker()
+    http = free_port()
+    gw = GatewayProcess(fleet.gateway_config("store-b", http), http).start()
+    try:
+        gw.wait_online(15)
+        fleet.ok("revoke", "store-b")
+        broker.stop()
+        broker = fleet.broker()  # the new CRL (a reload does it too; a restart also ends B's old connection)
+        wait_for(lambda: "revoked" in (gw.get("/api/v1/status")[1]["uplink"]["last_error"] or ""), 20,
+                 what="the revocation in the status")
+        assert not gw.get("/api/v1/status")[1]["uplink"]["connected"]
+        wait_for(lambda: "client certificate refused" in gw.log.read_text(), 5, what="the log line")
+    finally:
+        gw.stop()
+        broker.stop()
