@@ -196,8 +196,8 @@ def problem_from_connack(reason: ReasonCode, ep: Endpoint) -> LinkProblem:
         return LinkProblem("bad_credentials", f"broker refused connection: bad user name or password "
                                               f"({ep.section}.username / password)")
     if value in (5, 135):
-        return LinkProblem("not_authorised", "broker refused connection: not authorised (the broker's "
-                                             "authentication or ACL does not admit this identity)")
+        return LinkProblem("not_authorised", "broker refused connection: not authorised (it does not admit "
+                                             "this identity: user name/password, certificate or ACL)")
     if value in (2, 133):
         return LinkProblem("client_id", f"broker refused connection: client id not accepted ({ep.section}"
                                         ".client_id)")
