@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import tomllib
 import uuid
 from pathlib import Path
@@ -186,20 +187,29 @@ async def test_refused_stores_say_why_in_status_and_log(tmp_path: Path, fleet: F
         misnamed.stop()
 
 
-def test_a_revoked_store_in_a_real_process_shows_it_on_its_status_api(tmp_path: Path, fleet: Fleet) -> None:
-    """The same as above through `storelink run`: the HTTP status API and the log file, after revocation."""
+def test_a_revoked_store_is_cut_off_and_its_gateway_says_so(tmp_path: Path, fleet: Fleet) -> None:
+    """Through `storelink run`: the HTTP status API and the log file. A reload (SIGHUP) with the new ACL and CRL
+    takes a connected store's rights at once; its next connection is refused."""
     broker = fleet.broker()
     http = free_port()
     gw = GatewayProcess(fleet.gateway_config("store-b", http), http).start()
+    b = fleet.client(fleet.bundle("store-b") / "client.pem", fleet.bundle("store-b") / "client.key")
     try:
         gw.wait_online(15)
+        assert b.publish("storelink/store-b/events/sale") == "ok"
         fleet.ok("revoke", "store-b")
+        fleet.broker_conf()  # rewrites the broker's ACL and CRL
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: b.publish("storelink/store-b/events/sale") == "Not authorized", 10,
+                 what="the reload to deny the revoked store")
         broker.stop()
-        broker = fleet.broker()  # the new CRL (a reload does it too; a restart also ends B's old connection)
+        broker = fleet.broker()  # a restart ends B's connections; its reconnect meets the CRL
         wait_for(lambda: "revoked" in (gw.get("/api/v1/status")[1]["uplink"]["last_error"] or ""), 20,
                  what="the revocation in the status")
         assert not gw.get("/api/v1/status")[1]["uplink"]["connected"]
         wait_for(lambda: "client certificate refused" in gw.log.read_text(), 5, what="the log line")
     finally:
+        b.close()
         gw.stop()
         broker.stop()
