@@ -4,7 +4,9 @@ output of `storelink hq broker-config --broker mosquitto`."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import os
 import ssl
 import subprocess
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
+from storelink.hq.cli import main as hq_main
 from tests.helpers import STORELINK, Mosquitto, free_port
 
 TEMPLATE = """\
@@ -53,10 +56,23 @@ class Fleet:
         return subprocess.run([STORELINK, "hq", *args], capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "STORELINK_HQ_CONFIG": str(self.config), **env})
 
-    def ok(self, *args: str, timeout: float = 60) -> str:
+    def cli(self, *args: str, timeout: float = 60) -> str:
+        """`storelink hq ARGS` as an operator runs it (its own process, hq.toml from the environment); stdout."""
         done = self.hq(*args, timeout=timeout)
         assert done.returncode == 0, f"storelink hq {' '.join(args)}: {done.stdout}{done.stderr}"
         return done.stdout
+
+    def run(self, *args: str) -> tuple[int, str, str]:
+        """`storelink hq ARGS --config hq.toml` in this process (quicker than a new one): exit code, out, err."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = hq_main([*args, "--config", str(self.config)])
+        return code, out.getvalue(), err.getvalue()
+
+    def ok(self, *args: str) -> str:
+        code, out, err = self.run(*args)
+        assert code == 0, f"storelink hq {' '.join(args)}: {out}{err}"
+        return out
 
     def set_up(self) -> Fleet:
         self.ok("keygen", "--out", str(self.root / "hq.key"))

@@ -60,11 +60,13 @@ def refused(done: subprocess.CompletedProcess[str], *expect: str, code: int = 69
 
 def test_closed_port_and_malformed_broker(inputs: dict[str, Path]) -> None:
     closed = f"127.0.0.1:{free_port()}"
-    for args in every_command(inputs):
+    for i, args in enumerate(every_command(inputs)):
         refused(hq(*args, "--broker", closed), f"storelink hq {args[0]}: connection refused by {closed}")
-        refused(hq(*args, "--broker", "no-such-broker.invalid:1883"), "cannot resolve", "(DNS)")
         refused(hq(*args, "--broker", "mqtt.example.com"), "--broker: expected HOST:PORT", code=1)
-        refused(hq(*args, "--broker", "h:70000"), "--broker: port 70000 is out of range", code=1)
+        if i % 2:  # the same connect() for all: DNS and a port out of range for half of them
+            refused(hq(*args, "--broker", "no-such-broker.invalid:1883"), "cannot resolve", "(DNS)")
+        else:
+            refused(hq(*args, "--broker", "h:70000"), "--broker: port 70000 is out of range", code=1)
 
 
 @pytest.fixture
@@ -184,7 +186,8 @@ def test_mosquitto_with_tls_client_certificates_and_acl(tmp_path: Path, inputs: 
             refused(hq(*args, "--broker", where, env=plain), "closed the connection without answering",
                     "then set broker.tls")
             refused(fleet.hq(*args, "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key",
-                             str(tmp_path / "missing.key")), "broker.tls.cert/key: cannot load", code=1)
+                             str(tmp_path / "missing.key")), "broker.tls.cert/key (--tls-cert/--tls-key): cannot load",
+                    code=1)
         bare = tmp_path / "bare.toml"
         bare.write_text(f'[broker]\naddress = "{where}"\n[broker.tls]\nca = "{fleet.pki / "ca.pem"}"\n')
         refused(hq("status", "--config", str(bare)), "requires a client certificate", "broker.tls.cert")

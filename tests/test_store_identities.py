@@ -41,28 +41,28 @@ def test_enrolled_store_works_end_to_end_and_every_hq_command_over_tls(tmp_path:
         assert gw.post("/api/v1/events", {"kind": "sale", "device": "till-1", "data": {"total": 5}})[0] == 202
         wait_for(lambda: hq_view.got("storelink/store-a/events/sale"), 10, what="the sale at head office")
 
-        status = fleet.ok("status")
+        status = fleet.cli("status")
         line = next(r for r in status.splitlines() if r.startswith("store-a"))
         assert "online" in line, status
-        ping = json.loads(fleet.ok("cmd", "store-a", "ping"))
+        ping = json.loads(fleet.cli("cmd", "store-a", "ping"))
         assert ping["ok"] and ping["result"]["pong"] is True
 
         csv = write_items_csv(tmp_path / "prices.csv", items(20, base=300))
-        out = fleet.ok("publish-prices", str(csv), "--store", "store-a", "--version", "3", "--wait", "30")
+        out = fleet.cli("publish-prices", str(csv), "--store", "store-a", "--version", "3", "--wait", "30")
         assert "COMMITTED version 3: 20 SKU(s) changed" in out
-        fleet.ok("publish-prices", str(csv), "--group", "north", "--version", "4", "--batch-id", "north-4")
+        fleet.cli("publish-prices", str(csv), "--group", "north", "--version", "4", "--batch-id", "north-4")
         wait_for(lambda: gw.get("/api/v1/status")[1]["prices"]["active_version"] == 4, 20,
                  what="the group's price list (store-a is in north)")
-        out = fleet.ok("publish-prices", str(csv), "--group", "south", "--version", "5")
+        out = fleet.cli("publish-prices", str(csv), "--group", "south", "--version", "5")
         assert "published to storelink/groups/south/prices/batch" in out
 
         new = tomllib.loads(gw.config.read_text())
         new["logging"] = {"level": "DEBUG"}
         pushed = tmp_path / "store-a.toml"
         pushed.write_text(tomli_w.dumps(new))
-        out = fleet.ok("push-config", str(pushed), "--version", "7", "--wait", "30")
+        out = fleet.cli("push-config", str(pushed), "--version", "7", "--wait", "30")
         assert "store-a: applied (running version 7)" in out
-        restart = json.loads(fleet.ok("cmd", "store-a", "resync-prices"))  # signed with hq.toml's key
+        restart = json.loads(fleet.cli("cmd", "store-a", "resync-prices"))  # signed with hq.toml's key
         assert restart["ok"] and restart["result"]["active_version"] == 4, restart
         assert gw.get("/api/v1/status")[1]["prices"]["active_version"] == 4  # south's batch never reached it
     finally:

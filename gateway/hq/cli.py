@@ -79,5 +79,12 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
+def main(argv: list[str]) -> int:
+    """`storelink hq ARGV...` in this process (what `storelink hq` runs, without the process around it)."""
+    parser = argparse.ArgumentParser(prog="storelink hq")
+    _add_args(parser)
+    return _run(parser.parse_args(argv))
+
+
 SUBCOMMAND = ("hq", "head-office tools: status, publish-prices, push-config, cmd, keys, the store CA and "
                     "enrolment, broker-config", _add_args, _run)

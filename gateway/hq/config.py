@@ -81,19 +81,20 @@ class _Secret(_Strict):
             raise ValueError("give password_env or password_file, not both")
         return self
 
-    def read_password(self, section: str, default_env: str | None = None) -> str | None:
+    def read_password(self, where: str, default_env: str | None = None) -> str | None:
+        """`where`: "FILE: section", for messages."""
         if self.password_file is not None:
             try:
                 return self.password_file.read_text(encoding="utf-8").splitlines()[0].strip() or None
             except (OSError, IndexError, UnicodeDecodeError) as err:
-                raise HqConfigError(f"{section}.password_file: cannot read {self.password_file}: "
+                raise HqConfigError(f"{where}.password_file: cannot read {self.password_file}: "
                                     f"{getattr(err, 'strerror', None) or err or 'empty file'}") from None
         name = self.password_env or default_env
         if name is None:
             return None
         value = os.environ.get(name)
         if self.password_env and not value:
-            raise HqConfigError(f"{section}.password_env: the environment variable {name} is not set")
+            raise HqConfigError(f"{where}.password_env: the environment variable {name} is not set")
         return value
 
 
@@ -202,7 +203,7 @@ class HqConfig(_Strict):
         return self._source
 
     def broker_password(self) -> str | None:
-        return self.broker.read_password("broker", PASSWORD_ENV)
+        return self.broker.read_password(f"{self.source}: broker", PASSWORD_ENV)
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The private key that signs prices, configs and commands (signing.key, or --key)."""
@@ -215,9 +216,10 @@ class HqConfig(_Strict):
         try:
             return load_private_key(path.read_text(encoding="utf-8").strip())
         except (OSError, UnicodeDecodeError) as err:
-            raise HqConfigError(f"signing.key: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+            raise HqConfigError(f"{self.source}: signing.key: cannot read {path}: "
+                                f"{getattr(err, 'strerror', None) or err}") from None
         except ValueError as err:
-            raise HqConfigError(f"signing.key: {path}: {err}") from None
+            raise HqConfigError(f"{self.source}: signing.key: {path}: {err}") from None
 
 
 @dataclass(frozen=True)

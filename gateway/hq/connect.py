@@ -51,13 +51,14 @@ def tls_context(cfg: HqConfig) -> ssl.SSLContext | None:
     try:
         ctx = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
     except (OSError, ssl.SSLError) as err:
-        raise HqConfigError(f"{cfg.source}: broker.tls.ca: cannot load {tls.ca}: "
+        raise HqConfigError(f"{cfg.source}: broker.tls.ca (--tls-ca): cannot load {tls.ca}: "
                             f"{getattr(err, 'strerror', None) or err}") from None
     if tls.cert is not None and tls.key is not None:
         try:
             ctx.load_cert_chain(str(tls.cert), str(tls.key))
         except (OSError, ssl.SSLError) as err:
-            raise HqConfigError(f"{cfg.source}: broker.tls.cert/key: cannot load {tls.cert} with {tls.key}: "
+            raise HqConfigError(f"{cfg.source}: broker.tls.cert/key (--tls-cert/--tls-key): cannot load "
+                                f"{tls.cert} with {tls.key}: "
                                 f"{getattr(err, 'strerror', None) or err}") from None
     return ctx
 
@@ -96,19 +97,28 @@ class HqClient(mqtt.Client):
             self.connect(b.host, b.port, b.keepalive)
         except OSError as err:  # DNS, TCP, the TLS handshake (ssl errors are OSErrors)
             raise HqLinkError(problem_from_exception(err, self.endpoint)) from None
-        self.loop_start()
+        # Until the CONNACK, paho's loop runs here: its own thread would sleep out a reconnect delay before a
+        # failed attempt could be stopped.
         deadline = time.monotonic() + b.connect_timeout
-        with self._cond:
-            while self._connack is None and self._lost is None and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
-            connack, lost = self._connack, self._lost
+        while self._connack is None and self._lost is None and time.monotonic() < deadline:
+            try:
+                rc = self.loop(0.1)
+            except OSError as err:  # paho reconnects by itself once (MQTT 3.1.1 -> 3.1) and that can fail
+                self.disconnect()
+                raise HqLinkError(problem_from_exception(err, self.endpoint)) from None
+            if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+                break
+        connack, lost = self._connack, self._lost
         if connack is not None and not connack.is_failure:
+            self.loop_start()
             return
-        self.close()
+        self.disconnect()
         if connack is not None:
             raise HqLinkError(problem_from_connack(connack, self.endpoint))
         if lost is not None:
             raise HqLinkError(lost)
+        if self._trap.last is not None:  # the loop ended without paho calling on_disconnect
+            raise HqLinkError(problem_closed_before_connack(self.endpoint, self._trap.take()))
         raise HqLinkError(LinkProblem("no_connack", f"{self.endpoint.where} accepted the connection but sent no "
                                                     f"MQTT CONNACK within {b.connect_timeout:g} s (is it an MQTT "
                                                     "broker?)"))

@@ -82,9 +82,15 @@ def hq_identity(name: str) -> str:
     return HQ_PREFIX + name
 
 
+# A store called "groups" would own {prefix}/groups/..., where the group price topics are.
+RESERVED_STORE_IDS = frozenset({"groups"})
+
+
 def check_store_id(store_id: str) -> None:
     if not re.fullmatch(STORE_ID_RE, store_id):
         raise PkiError(f"store id {store_id!r} is not valid (letters, digits, '.', '_', '-'; at most 64)")
+    if store_id in RESERVED_STORE_IDS:
+        raise PkiError(f"store id {store_id!r} is reserved (its topics would be the group topics)")
 
 
 class StoreCA:

@@ -21,7 +21,7 @@ import paho.mqtt.client as mqtt
 
 from storelink.contract import Topics
 from storelink.hq.batch import CsvProblems, build_batch, read_csv
-from storelink.hq.config import HqConfig
+from storelink.hq.config import HqConfig, HqConfigError
 from storelink.hq.connect import HqClient, connect
 
 
@@ -82,7 +82,12 @@ def cmd_publish(args: argparse.Namespace, cfg: HqConfig) -> int:
     key = cfg.signing_key()
     version = args.version or int(time.time())
     batch_id = args.batch_id or f"{args.store or args.group}-v{version}"
-    effective = datetime.fromisoformat(args.effective_at) if args.effective_at else None
+    try:
+        effective = datetime.fromisoformat(args.effective_at) if args.effective_at else None
+    except ValueError:
+        raise HqConfigError(f"--effective-at: not an ISO 8601 time: {args.effective_at!r}") from None
+    if effective is not None and effective.tzinfo is None:
+        raise HqConfigError(f"--effective-at: give a timezone (e.g. {args.effective_at}+01:00 or ...Z)")
     b = build_batch(items, version=version, batch_id=batch_id, store=args.store, group=args.group,
                     currency=args.currency, key=key, mode=args.mode, effective_at=effective)
     size = sum(len(m) for m in b.messages)
