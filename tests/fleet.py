@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
+import ipaddress
 import os
 import ssl
 import subprocess
@@ -166,19 +167,25 @@ class TlsClient:
         self.client.disconnect()
 
 
-def expired_client_cert(pki: Path, cn: str, out: Path) -> tuple[Path, Path]:
-    """A certificate from the store CA that expired yesterday (the CA never issues one: made by hand)."""
+def expired_cert(pki: Path, cn: str, out: Path, *, server: bool = False) -> tuple[Path, Path]:
+    """A certificate from the store CA that expired yesterday (the CA never issues one: made by hand), for a client
+    (CN = `cn`) or a broker (also valid for 127.0.0.1). Written as out/{client,server}.{pem,key}."""
     ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+         .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
+         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                               else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    if server:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                            critical=False)
+    cert = b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "client.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "client.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    return out / "client.pem", out / "client.key"
+    name = "server" if server else "client"
+    (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    return out / f"{name}.pem", out / f"{name}.key"

@@ -146,6 +146,16 @@ def test_a_broker_refusing_311(inputs: dict[str, Path], mqtt5_only_broker: int) 
                 "does not speak MQTT 3.1.1", 'broker.protocol = "5"')
 
 
+def test_a_port_that_never_answers(tmp_path: Path) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does) and never says a word
+    try:
+        config = tmp_path / "hq.toml"
+        config.write_text(f'[broker]\naddress = "127.0.0.1:{silent.getsockname()[1]}"\nconnect_timeout = 1\n')
+        refused(hq("status", "--config", str(config)), "sent no MQTT CONNACK within 1 s", "is it an MQTT broker?")
+    finally:
+        silent.close()
+
+
 def test_mosquitto_with_passwords(tmp_path: Path, inputs: dict[str, Path]) -> None:
     pwfile = tmp_path / "passwd"
     pwfile.write_text("hq:right-password\n")
@@ -172,6 +182,11 @@ def test_mosquitto_with_passwords(tmp_path: Path, inputs: dict[str, Path]) -> No
         assert ok.returncode == 0 and "0 store(s) on" in ok.stdout, ok.stderr
         hq_toml.write_text(f'[broker]\naddress = "{where}"\nusername = "hq"\npassword = "right-password"\n')
         refused(hq("status", "--config", str(hq_toml)), "broker.password: unknown key", code=1)
+        refused(hq("status", "--broker", where, "--tls-ca", str(tmp_path / "passwd")), "broker.tls.ca", code=1)
+        ca = Fleet(tmp_path / "pki", {}).pki  # TLS to this plain port
+        assert Fleet(tmp_path / "pki", {}).ok("ca", "init") and ca.is_dir()
+        refused(hq("status", "--broker", where, "--tls-ca", str(ca / "ca.pem")), "TLS handshake failed",
+                "is it a TLS port?")
     finally:
         broker.stop()
 

@@ -18,7 +18,7 @@ import tomli_w
 
 from storelink.app import Gateway
 from storelink.config import parse_config
-from tests.fleet import Fleet, expired_client_cert
+from tests.fleet import Fleet, expired_cert
 from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for
 from tests.prices_helpers import items, write_items_csv
 
@@ -134,15 +134,18 @@ async def test_refused_stores_say_why_in_status_and_log(tmp_path: Path, fleet: F
     fleet.ok("revoke", "store-r")
     work = tmp_path / "dbs"
     work.mkdir()
-    expired = expired_client_cert(fleet.pki, "store-a", tmp_path / "expired")
-    # a second broker from the same CA whose certificate names another host
+    expired = expired_cert(fleet.pki, "store-a", tmp_path / "expired")
+    # More brokers from the same CA: one whose certificate names another host, one whose certificate expired.
     fleet.ok("ca", "server-cert", "broker.invalid", "--out-dir", str(tmp_path / "misnamed"))
-    misnamed = Mosquitto(tmp_path / "misnamed")
-    misnamed.write_conf(fleet.broker_conf().replace(str(fleet.pki / "broker" / "server."),
-                                                    str(tmp_path / "misnamed" / "server."))
-                        .replace(f"listener {fleet.port}", f"listener {misnamed.port}"))
+    expired_cert(fleet.pki, "127.0.0.1", tmp_path / "outdated", server=True)
+    others = {name: Mosquitto(tmp_path / name) for name in ("misnamed", "outdated")}
+    for name, other_broker in others.items():
+        other_broker.write_conf(fleet.broker_conf().replace(str(fleet.pki / "broker" / "server."),
+                                                            str(tmp_path / name / "server."))
+                                .replace(f"listener {fleet.port}", f"listener {other_broker.port}"))
     broker = fleet.broker()
-    misnamed.start()
+    for other_broker in others.values():
+        other_broker.start()
     r = fleet.bundle("store-r")
     cases: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
         "no certificate": (_store_cfg(fleet, "store-a", work, cert=None, key=None),
@@ -157,9 +160,13 @@ async def test_refused_stores_say_why_in_status_and_log(tmp_path: Path, fleet: F
         "broker from a foreign CA": (_store_cfg(fleet, "store-a", work, ca=str(other.pki / "ca.pem")),
                                      "certificate verify failed: unknown CA", ("tls_unknown_ca",)),
         "broker misnamed": ({**_store_cfg(fleet, "store-a", work)}, "hostname mismatch", ("tls_hostname",)),
+        "broker certificate expired": ({**_store_cfg(fleet, "store-a", work)}, "verify failed: expired",
+                                       ("tls_expired",)),
         "no such host": (_store_cfg(fleet, "store-a", work), "(DNS)", ("dns",)),
     }
-    cases["broker misnamed"][0]["mqtt"] = {**cases["broker misnamed"][0]["mqtt"], "port": misnamed.port}
+    cases["broker misnamed"][0]["mqtt"] = {**cases["broker misnamed"][0]["mqtt"], "port": others["misnamed"].port}
+    cases["broker certificate expired"][0]["mqtt"] = {**cases["broker certificate expired"][0]["mqtt"],
+                                                      "port": others["outdated"].port}
     cases["no such host"][0]["mqtt"] = {**cases["no such host"][0]["mqtt"], "host": "no-such-broker.invalid"}
     gateways = {name: Gateway(parse_config(cfg)) for name, (cfg, _m, _c) in cases.items()}
     stop = asyncio.Event()
@@ -184,7 +191,8 @@ async def test_refused_stores_say_why_in_status_and_log(tmp_path: Path, fleet: F
         stop.set()
         await asyncio.gather(*tasks)
         broker.stop()
-        misnamed.stop()
+        for other_broker in others.values():
+            other_broker.stop()
 
 
 def test_a_revoked_store_is_cut_off_and_its_gateway_says_so(tmp_path: Path, fleet: Fleet) -> None:
