@@ -224,8 +224,11 @@ def problem_from_disconnect(reason: ReasonCode, socket_error: str | None) -> Lin
                                                  "(session taken over)")
     if reason.value == 135:
         return LinkProblem("not_authorised", "disconnected by the broker: not authorised")
-    detail = socket_error.split(": ", 1)[-1] if socket_error else str(reason)
-    return LinkProblem("lost", f"disconnected: {detail}")
+    if socket_error:
+        return LinkProblem("lost", f"disconnected: {socket_error.split(': ', 1)[-1]}")
+    if reason.value == 128:  # paho's "Unspecified error": the socket closed under it, without a word
+        return LinkProblem("lost", "disconnected: the broker closed the connection (restarted or stopped?)")
+    return LinkProblem("lost", f"disconnected: {reason}")
 
 
 class SocketErrorTrap(logging.Handler):

@@ -77,6 +77,13 @@ def test_paths_are_relative_to_the_file_and_flags_override(tmp_path: Path) -> No
     assert cfg.broker.tls is not None and cfg.broker.tls.ca == tmp_path / "pki/ca.pem"
     assert cfg.pki.dir == tmp_path / "pki" and cfg.enroll.out == tmp_path / "bundles"
     assert cfg.broker_password() == "s3cret" and cfg.database is not None
+    os.environ["DB_PW"] = "db-secret"
+    try:
+        assert cfg.database_password() == "db-secret"
+    finally:
+        del os.environ["DB_PW"]
+    with pytest.raises(HqConfigError, match="database.password_env: the environment variable DB_PW is not set"):
+        cfg.database_password()
     over = load_hq_config(path, HqOverrides(broker="[::1]:1884", protocol="3.1.1", topic_prefix="acme",
                                             tls_cert=Path("c.pem"), tls_key=Path("k.pem")))
     assert (over.broker.host, over.broker.port, over.broker.protocol, over.topic_prefix) == ("::1", 1884, "3.1.1",

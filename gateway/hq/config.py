@@ -205,6 +205,10 @@ class HqConfig(_Strict):
     def broker_password(self) -> str | None:
         return self.broker.read_password(f"{self.source}: broker", PASSWORD_ENV)
 
+    def database_password(self) -> str | None:
+        """The [database] password (password_env / password_file); None without one or without [database]."""
+        return self.database.read_password(f"{self.source}: database") if self.database is not None else None
+
     def signing_key(self) -> Ed25519PrivateKey:
         """The private key that signs prices, configs and commands (signing.key, or --key)."""
         from storelink.remote.signing import load_private_key
