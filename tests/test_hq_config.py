@@ -82,7 +82,7 @@ def test_paths_are_relative_to_the_file_and_flags_override(tmp_path: Path) -> No
         assert cfg.database_password() == "db-secret"
     finally:
         del os.environ["DB_PW"]
-    with pytest.raises(HqConfigError, match="database.password_env: the environment variable DB_PW is not set"):
+    with pytest.raises(HqConfigError, match=r"database\.password_env: the environment variable DB_PW is not set"):
         cfg.database_password()
     over = load_hq_config(path, HqOverrides(broker="[::1]:1884", protocol="3.1.1", topic_prefix="acme",
                                             tls_cert=Path("c.pem"), tls_key=Path("k.pem")))
