@@ -201,3 +201,11 @@ def test_hq_help_lists_every_command() -> None:
     for name in ("keygen", "publish-prices", "status", "push-config", "cmd", "ca", "enroll", "revoke",
                  "broker-config"):
         assert name in out
+
+
+def test_the_documented_hq_toml_is_valid(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs/head-office.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "hq.toml").write_text(example)
+    cfg = load_hq_config(tmp_path / "hq.toml")
+    assert cfg.broker.address == "mqtt.example.com:8883" and cfg.database is not None
