@@ -22,15 +22,24 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.base import (
+    PYSERIAL,
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    Requirement,
+    plain_error,
+)
+from storelink.validation import TcpPort
 
 if TYPE_CHECKING:
     from escpos.escpos import Escpos
 
 
 def _import_escpos() -> None:
-    """Import python-escpos on first use: it costs ~9 MB, which a gateway without a receipt printer should not
-    pay (every driver module is imported to validate config). It also installs a stderr handler on the root
+    """Import python-escpos on first use: it costs ~9 MB, and this module must import without the [escpos] extra
+    (validating a config imports it, and names the missing extra). It also installs a stderr handler on the root
     logger, which doubled every log line and bypassed the journal handler's redaction: take that back out."""
     root = logging.getLogger()
     before = list(root.handlers)
@@ -58,7 +67,7 @@ class EscposPrinterConfig(DeviceConfig):
     driver: Literal["escpos_printer"] = "escpos_printer"
     connection: Literal["network", "serial", "usb", "file"] = "network"
     host: str | None = Field(None, description="printer address (network)")
-    port: int = Field(9100, ge=1, le=65535)
+    port: TcpPort = 9100
     serial_port: str | None = Field(None, description="for example /dev/ttyUSB0 (serial)")
     baudrate: int = Field(19200, ge=300, le=921600)
     usb_vendor_id: int | None = Field(None, ge=0, le=0xFFFF, description="USB id (usb; needs pyusb)")
@@ -129,7 +138,12 @@ def render_slip(title: str, lines: list[tuple[str, str]], barcode: str | None, f
 
 class EscposPrinter(Driver):
     config_model: ClassVar[type[DeviceConfig]] = EscposPrinterConfig
-    capabilities: ClassVar[frozenset[str]] = frozenset({"receipts"})
+    requires: ClassVar[tuple[Requirement, ...]] = (Requirement("escpos", "escpos"),)
+
+    @classmethod
+    def requirements(cls, config: DeviceConfig) -> tuple[Requirement, ...]:
+        assert isinstance(config, EscposPrinterConfig)
+        return cls.requires + ((PYSERIAL,) if config.connection == "serial" else ())
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
         super().__init__(config, ctx)
@@ -160,7 +174,7 @@ class EscposPrinter(Driver):
         try:
             printer.open()
         except Exception as err:
-            raise PrinterUnavailable(f"{self._where()}: {type(err).__name__}: {err}") from err
+            raise PrinterUnavailable(f"{self._where()}: {plain_error(err)}") from err
         if getattr(printer, "device", None) is None:
             raise PrinterUnavailable(f"{self._where()}: could not open the printer")
         return printer
@@ -175,7 +189,7 @@ class EscposPrinter(Driver):
         try:
             printer._raw(data)
         except Exception as err:
-            raise PrinterUnavailable(f"{self._where()}: write failed: {err}") from err
+            raise PrinterUnavailable(f"{self._where()}: write failed: {plain_error(err)}") from err
         finally:
             with contextlib.suppress(Exception):
                 printer.close()

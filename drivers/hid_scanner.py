@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 from pydantic import Field, field_validator, model_validator
 
 from storelink.drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid, warm_up
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, Requirement
 
-# evdev is imported when a HID scanner is configured or runs, not when the registry imports every driver module.
+# evdev is imported when a HID scanner runs: this module must import without the [hid] extra, so that validating a
+# config can name the missing extra instead of failing on the import.
 if TYPE_CHECKING:
     from evdev import InputEvent
 
@@ -225,7 +226,7 @@ def _candidates() -> list[Candidate]:
 
 
 def open_input_device(config: HidScannerConfig) -> InputSource:
-    """Open (and grab) the configured device. Blocking; raises OSError/LookupError when it is not there."""
+    """Open (and grab) the configured device. Blocking; raises OSError when it is not there."""
     path = config.path
     if path is None:
         candidates = _candidates()
@@ -233,7 +234,7 @@ def open_input_device(config: HidScannerConfig) -> InputSource:
         if path is None:
             wanted = f"name={config.name!r}" if config.name else f"usb_id={config.usb_id}"
             seen = ", ".join(f"{c.name!r} ({c.vendor:04x}:{c.product:04x})" for c in candidates) or "none"
-            raise LookupError(f"no input device matches {wanted} (found: {seen})")
+            raise FileNotFoundError(f"no input device matches {wanted} (found: {seen})")
     from evdev import InputDevice
 
     return InputDevice(path)
@@ -241,7 +242,7 @@ def open_input_device(config: HidScannerConfig) -> InputSource:
 
 class HidScanner(Driver):
     config_model: ClassVar[type[DeviceConfig]] = HidScannerConfig
-    capabilities: ClassVar[frozenset[str]] = frozenset({"scan"})
+    requires: ClassVar[tuple[Requirement, ...]] = (Requirement("evdev", "hid"),)
     config: HidScannerConfig
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
@@ -286,7 +287,8 @@ class HidScanner(Driver):
             if timeout and decoder.partial_since is not None:
                 wait = max(0.0, decoder.partial_since + timeout - time.monotonic())
             try:
-                batch = await asyncio.wait_for(batches.get(), wait)
+                async with asyncio.timeout(wait):
+                    batch = await batches.get()
             except TimeoutError:
                 await self.reporter.report(decoder.flush_partial())
                 continue

@@ -25,11 +25,21 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, PriceItem
+from storelink.drivers.base import (
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    PrepareFailed,
+    PriceChange,
+    PriceItem,
+    plain_error,
+)
 from storelink.drivers.esl_state import EslState, Push
 from storelink.drivers.price_text import format_money, unit_price_text
+from storelink.validation import StrictModel
 
 log = logging.getLogger(__name__)
 _MAC = re.compile(r"^(?:[0-9A-F]{12}|[0-9A-F]{16})$")
@@ -46,23 +56,27 @@ def normalize_mac(mac: str) -> str:
 def read_tags_file(path: Path) -> dict[str, str]:
     """`sku,mac` lines (a header line and # comments allowed) -> {sku: mac}. ValueError names the line."""
     out: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row or row[0].lstrip().startswith("#") or (n == 1 and row[0].strip().lower() == "sku"):
-                continue
-            if len(row) != 2 or not row[0].strip():
-                raise ValueError(f"{path}:{n}: expected 'sku,mac', got {','.join(row)!r}")
-            try:
-                out[row[0].strip()] = normalize_mac(row[1])
-            except ValueError as err:
-                raise ValueError(f"{path}:{n}: {err}") from err
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except OSError as err:  # check-config names the file, no traceback
+        raise ValueError(f"cannot read tags_file {path}: {(err.strerror or str(err)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"tags_file {path} is not UTF-8 text") from None
+    for n, row in enumerate(rows, 1):
+        if not row or row[0].lstrip().startswith("#") or (n == 1 and row[0].strip().lower() == "sku"):
+            continue
+        if len(row) != 2 or not row[0].strip():
+            raise ValueError(f"{path}:{n}: expected 'sku,mac', got {','.join(row)!r}")
+        try:
+            out[row[0].strip()] = normalize_mac(row[1])
+        except ValueError as err:
+            raise ValueError(f"{path}:{n}: {err}") from err
     return out
 
 
-class TagLayout(BaseModel):
+class TagLayout(StrictModel):
     """Where the texts go on the tag (pixels) and which of the AP's fonts they use."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     width: int = Field(296, ge=64, le=1600)
     height: int = Field(128, ge=32, le=1200)
@@ -133,7 +147,6 @@ class AccessPointError(ConnectionError):
 
 class OpenEPaperLink(Driver):
     config_model: ClassVar[type[DeviceConfig]] = OpenEPaperLinkConfig
-    capabilities: ClassVar[frozenset[str]] = frozenset({"labels", "price_target", "esl"})
     price_role = "label"
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
@@ -156,14 +169,8 @@ class OpenEPaperLink(Driver):
             return self._state
 
     async def _open_state(self) -> EslState:
-        path, sync = self.cfg.state_path, "FULL"
-        with contextlib.suppress(KeyError, AttributeError):
-            storage = self.ctx.service("gateway").config.storage
-            sync = storage.synchronous
-            path = path or Path(storage.path).parent / f"esl-{self.cfg.id}.db"
-        if path is None:
-            raise RuntimeError("no state_path and no gateway storage path to put the ESL state beside")
-        return await asyncio.to_thread(EslState, path, sync)
+        path = self.cfg.state_path or self.ctx.data_dir / f"esl-{self.cfg.id}.db"
+        return await asyncio.to_thread(EslState, path, self.ctx.storage_sync)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -176,8 +183,7 @@ class OpenEPaperLink(Driver):
                 async with self.session().request(method, self.cfg.url + path, **kw) as resp:
                     return resp.status, await resp.text()
             except (aiohttp.ClientError, TimeoutError, OSError) as err:
-                raise AccessPointError(f"access point {self.cfg.url} unreachable: "
-                                       f"{type(err).__name__}: {err or 'timed out'}") from err
+                raise AccessPointError(f"access point {self.cfg.url} unreachable: {plain_error(err)}") from err
 
     async def get_tag(self, mac: str) -> dict[str, Any]:
         status, text = await self._request("GET", "/get_db", params={"mac": mac})
@@ -252,7 +258,8 @@ class OpenEPaperLink(Driver):
                 except AccessPointError as err:
                     self.ctx.set_health(Health.OFFLINE, str(err))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
+                    async with asyncio.timeout(self.cfg.poll_interval):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             if self._session is not None:
@@ -376,6 +383,9 @@ class OpenEPaperLink(Driver):
 
     async def price_reported_version(self) -> int | None:
         return await asyncio.to_thread((await self.state()).latest_confirmed)
+
+    async def price_labels_left(self, version: int) -> tuple[int, int]:
+        return await asyncio.to_thread((await self.state()).labels_left, version)
 
     async def tag_states(self) -> list[dict[str, Any]]:
         """Every mapped tag as the AP sees it now beside what this gateway last confirmed on it: `drift` is true

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from paho.mqtt.client import topic_matches_sub as topic_matches
 
 from storelink.config import load_config
-from storelink.contract import Topics, topic_matches
+from storelink.contract import Topics
 from storelink.hq.broker_config import STORE_READS, STORE_WRITES
 from storelink.hq.config import HqConfigError, HqOverrides, load_hq_config
 from storelink.hq.connect import connect
@@ -100,7 +101,7 @@ def test_paths_are_relative_to_the_file_and_flags_override(tmp_path: Path) -> No
 
 def test_every_topic_of_the_contract_has_a_broker_rule() -> None:
     t = Topics("%u", "p")
-    uplink = [t.status, t.event("sale"), t.device_state("till-1"), t.prices_state, t.config_reported,
+    uplink = [t.status, t.event("sale"), t.device_state("till-1"), t.prices_state, t.config_reported, t.update_state,
               t.command_reply("ping"), t.cart_request]
     downlink = [t.prices_batch, t.prices_desired, t.config_desired, t.command("ping"), t.cart_response]
     for topic in uplink:
@@ -109,6 +110,15 @@ def test_every_topic_of_the_contract_has_a_broker_rule() -> None:
     for topic in downlink:
         assert any(topic_matches(f"p/%u/{r}", topic) for r in STORE_READS), topic
         assert not any(topic_matches(f"p/%u/{r}", topic) for r in STORE_WRITES), topic
+    # Every topic the contract can build has its rule: a new one fails here until the ACL (and this list) has it.
+    everything = set()
+    for name, member in vars(Topics).items():
+        if name.startswith("_") or name in ("base", "command_filter", "group_prices_batch") \
+                or not (isinstance(member, property) or callable(member)):
+            continue  # fields, and no topics of one store (the group topic is a per-store ACL line)
+        everything.add(getattr(t, name) if isinstance(member, property) else getattr(t, name)("x"))
+    assert everything <= set(uplink) | set(downlink) | {t.event("x"), t.device_state("x"), t.command("x"),
+                                                       t.command_reply("x")}, everything
     assert t.command_filter == t.command("+") and topic_matches("p/%u/cmd/+", t.command_filter)
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from storelink.hq import broker_config, enroll, prices, remote
+from storelink.hq import broker_config, enroll, prices, release, remote
 from storelink.hq.config import CONFIG_ENV, HqConfig, HqConfigError, HqOverrides, load_hq_config, parse_address
 from storelink.hq.connect import HqLinkError
 from storelink.hq.pki import PkiError
@@ -45,6 +45,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     remote.add_parsers(sub, connection, signing)
     enroll.add_parsers(sub, connection, local)
     broker_config.add_parsers(sub, local)
+    release.add_parsers(sub, connection, signing, local)  # release build/publish/status/resume/rollback
 
 
 def settings(args: argparse.Namespace) -> HqConfig:
@@ -87,4 +88,4 @@ def main(argv: list[str]) -> int:
 
 
 SUBCOMMAND = ("hq", "head-office tools: status, publish-prices, push-config, cmd, keys, the store CA and "
-                    "enrolment, broker-config", _add_args, _run)
+                    "enrolment, broker-config, release", _add_args, _run)

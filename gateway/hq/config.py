@@ -23,8 +23,6 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
@@ -33,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from storelink.config import describe_validation_error
+from storelink.validation import StrictModel, describe_validation_error
 
 CONFIG_ENV = "STORELINK_HQ_CONFIG"
 PASSWORD_ENV = "STORELINK_HQ_PASSWORD"  # the broker password when hq.toml names no password_env/password_file
@@ -66,11 +64,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _Secret(_Strict):
+class _Secret(StrictModel):
     password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                                      description="environment variable holding the password")
     password_file: FilePath | None = Field(None, description="file holding the password (first line)")
@@ -98,7 +92,7 @@ class _Secret(_Strict):
         return value
 
 
-class TlsSettings(_Strict):
+class TlsSettings(StrictModel):
     ca: FilePath | None = Field(None, description="CA that signed the broker's certificate (default: system CAs)")
     cert: FilePath | None = Field(None, description="head office's client certificate (hq ca hq-cert)")
     key: FilePath | None = Field(None, description="its private key")
@@ -140,19 +134,19 @@ class BrokerSettings(_Secret):
         return parse_address(self.address)[1]
 
 
-class SigningSettings(_Strict):
+class SigningSettings(StrictModel):
     key: FilePath | None = Field(None, description="Ed25519 private key that signs prices, configs, commands")
     trust: list[str] = Field(default_factory=list, description="more public keys stores should trust (a key "
                                                                "rotation): base64 or PEM file paths")
 
 
-class PkiSettings(_Strict):
+class PkiSettings(StrictModel):
     dir: FilePath = Field(Path("pki"), validate_default=True,
                           description="the store CA, its CRL and the enrolment records")
     cert_days: int = Field(825, ge=1, le=3650, description="validity of store and head-office certificates")
 
 
-class EnrollSettings(_Strict):
+class EnrollSettings(StrictModel):
     template: FilePath | None = Field(None, description="a storelink.toml without store_id: the stores' config")
     out: FilePath = Field(Path("bundles"), validate_default=True,
                           description="hq enroll writes each bundle to out/STORE_ID/")
@@ -188,7 +182,7 @@ class DatabaseSettings(_Secret):
         return v
 
 
-class HqConfig(_Strict):
+class HqConfig(StrictModel):
     topic_prefix: str = Field("storelink", pattern=r"^[A-Za-z0-9_-]+$", description="the stores' mqtt.topic_prefix")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)  # type: ignore[arg-type]
     signing: SigningSettings = Field(default_factory=SigningSettings)  # type: ignore[arg-type]
@@ -280,6 +274,6 @@ def load_hq_config(path: Path | None = None, overrides: HqOverrides | None = Non
     try:
         cfg = HqConfig.model_validate(data, context={"base": base})
     except ValidationError as err:
-        raise HqConfigError(f"{source}: " + "; ".join(describe_validation_error(err))) from None
+        raise HqConfigError(f"{source}: " + "; ".join(describe_validation_error(err, HqConfig))) from None
     cfg._source = source
     return cfg

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from storelink.config import STORE_ID_RE
 from storelink.system.files import write_atomically
+from storelink.validation import is_identifier
 
 KeyType = Literal["p256", "ed25519"]
 Role = Literal["store", "hq"]
@@ -87,7 +87,7 @@ RESERVED_STORE_IDS = frozenset({"groups"})
 
 
 def check_store_id(store_id: str) -> None:
-    if not re.fullmatch(STORE_ID_RE, store_id):
+    if not is_identifier(store_id):
         raise PkiError(f"store id {store_id!r} is not valid (letters, digits, '.', '_', '-'; at most 64)")
     if store_id in RESERVED_STORE_IDS:
         raise PkiError(f"store id {store_id!r} is reserved (its topics would be the group topics)")

@@ -1,8 +1,9 @@
 """The retained ``storelink/{store}/prices/state`` report (also the "prices" section of GET /api/v1/status).
 
 Rebuilt from the database whenever something changes (debounced), so what head office sees is what is on disk:
-active version, the batch in progress and its phase, SKUs still in transition, and each device's version and
-standing (``current``, ``stale``, ``pending``, ``unknown``).
+active version, the batch in progress and its phase, the changes still in transition (items with their old, new
+and charged price, label devices and labels left), and each device's version and standing (``current``,
+``stale``, ``pending``, ``unknown``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,17 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
+from storelink.contract import (
+    LabelDeviceProgress,
+    LastBatch,
+    PendingBatch,
+    PriceDeviceState,
+    PricesStatePayload,
+    TransitionItem,
+    TransitionState,
+)
 from storelink.outbox import iso_ts
 from storelink.prices.db import PriceDb, get_meta
 from storelink.prices.models import IN_PROGRESS
@@ -21,12 +31,45 @@ from storelink.prices.models import IN_PROGRESS
 log = logging.getLogger(__name__)
 
 
+Role = Literal["till", "label"]
+
+
 def _ts(value: float | None) -> str | None:
     return iso_ts(value) if value else None
 
 
-def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str, str]], stale: set[str],
-                drift: dict[str, str], current: str | None) -> dict[str, Any]:
+# Items listed per transition (a 100,000-item change lists the first ones; `skus` says how many there are).
+TRANSITION_ITEMS = 20
+LabelProgress = dict[str, dict[str, dict[str, Any]]]  # batch -> label device -> {"confirmed", "left", "total"}
+
+
+def _transitions(conn: sqlite3.Connection, labels: LabelProgress) -> list[TransitionState]:
+    """Each batch whose labels are still confirming: its SKUs with the old, new and charged price (min of the
+    two: what every till answers meanwhile), and per label device whether it confirmed and how many are left."""
+    out = []
+    rows = conn.execute("SELECT t.batch_id, t.outcome, t.since, b.version, (SELECT COUNT(*) FROM changes c "
+                        "WHERE c.batch_id=t.batch_id) FROM transitions t LEFT JOIN batches b ON b.batch_id=t.batch_id "
+                        "ORDER BY t.since").fetchall()
+    for batch_id, outcome, since, version, skus in rows:
+        items = conn.execute(
+            "SELECT c.sku, COALESCE(b.description, s.description), c.old_price, c.new_price, c.kind FROM changes c "
+            "LEFT JOIN book b ON b.sku=c.sku LEFT JOIN staged s ON s.batch_id=c.batch_id AND s.sku=c.sku "
+            "WHERE c.batch_id=? ORDER BY c.sku LIMIT ?", (batch_id, TRANSITION_ITEMS)).fetchall()
+        # (a copy: the coordinator updates these on the loop while this runs in the database thread)
+        devices = {d: LabelDeviceProgress(**e) for d, e in list(labels.get(batch_id, {}).items())}
+        lefts = [d.left for d in devices.values() if d.left is not None]
+        out.append(TransitionState(
+            batch_id=batch_id, version=version, outcome=outcome, since=_ts(since), skus=skus,
+            items=[TransitionItem(sku=sku, description=desc, old_price=old, new_price=new, kind=kind,
+                                  charged=min((p for p in (old, new) if p is not None), default=None))
+                   for sku, desc, old, new, kind in items],
+            labels=devices, labels_left=sum(lefts) if lefts else None))
+    return out
+
+
+def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str, Role]], stale: set[str],
+                drift: dict[str, str], current: str | None, labels: LabelProgress | None = None
+                ) -> PricesStatePayload:
     active = int(get_meta(conn, "active_version", "0") or 0)
     pending = conn.execute(
         "SELECT batch_id, version, phase, effective_at, chunks_done, chunks_total, item_count, changed, received_at "
@@ -35,13 +78,12 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
     last = conn.execute("SELECT batch_id, version, phase, reason, updated_at FROM batches "
                         "WHERE phase IN ('done','aborted','rejected','superseded','expired') "
                         "ORDER BY updated_at DESC LIMIT 1").fetchone()
-    transition = conn.execute("SELECT t.batch_id, t.outcome, COUNT(c.sku) FROM transitions t LEFT JOIN changes c "
-                              "ON c.batch_id=t.batch_id GROUP BY t.batch_id").fetchall()
     known = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT device, version, stale FROM devices")}
     in_batch: dict[str, str] = {}
     if pending is not None:
         in_batch = dict(conn.execute("SELECT device, state FROM targets WHERE batch_id=?", (pending[0],)).fetchall())
-    out_devices: dict[str, Any] = {}
+    out_devices: dict[str, PriceDeviceState] = {}
+    standing: Literal["current", "stale", "pending", "unknown"]
     for device, role in devices:
         version, was_stale = known.get(device, (None, 0))
         if device in in_batch and in_batch[device] not in ("excluded",):
@@ -54,33 +96,33 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
             standing = "current" if version == active else "stale"
         else:
             standing = "current"
-        out_devices[device] = {"role": role, "version": version, "state": standing,
-                               "batch_state": in_batch.get(device), "drift": drift.get(device)}
-    return {
-        "store_id": store_id,
-        "active_version": active,
-        "active_batch": get_meta(conn, "active_batch"),
-        "currency": get_meta(conn, "currency"),
-        "active_since": _ts(float(get_meta(conn, "active_since", "0") or 0)),
-        "items": conn.execute("SELECT COUNT(*) FROM book").fetchone()[0],
-        "pending": None if pending is None else {
-            "batch_id": pending[0], "version": pending[1], "phase": pending[2],
-            "effective_at": _ts(pending[3]), "chunks_done": pending[4], "chunks_total": pending[5],
-            "items": pending[6], "changed": pending[7], "received_at": _ts(pending[8]),
-            "running": current == pending[0],
-        },
-        "transition": [{"batch_id": b, "outcome": o, "skus": n} for b, o, n in transition],
-        "last": None if last is None else {"batch_id": last[0], "version": last[1], "outcome": last[2],
-                                           "reason": last[3], "at": _ts(last[4])},
-        "devices": out_devices,
-        "drift": len(drift),
-        "updated_at": iso_ts(time.time()),
-    }
+        out_devices[device] = PriceDeviceState(role=role, version=version, state=standing,
+                                               batch_state=in_batch.get(device), drift=drift.get(device))
+    return PricesStatePayload(
+        store_id=store_id,
+        active_version=active,
+        active_batch=get_meta(conn, "active_batch"),
+        currency=get_meta(conn, "currency"),
+        active_since=_ts(float(get_meta(conn, "active_since", "0") or 0)),
+        items=conn.execute("SELECT COUNT(*) FROM book").fetchone()[0],
+        pending=None if pending is None else PendingBatch(
+            batch_id=pending[0], version=pending[1], phase=pending[2],
+            effective_at=_ts(pending[3]), chunks_done=pending[4], chunks_total=pending[5],
+            items=pending[6], changed=pending[7], received_at=_ts(pending[8]),
+            running=current == pending[0],
+        ),
+        transition=_transitions(conn, labels or {}),
+        last=None if last is None else LastBatch(batch_id=last[0], version=last[1], outcome=last[2],
+                                                 reason=last[3], at=_ts(last[4])),
+        devices=out_devices,
+        drift=len(drift),
+        updated_at=iso_ts(time.time()),
+    )
 
 
 class StatePublisher:
-    def __init__(self, db: PriceDb, build: Callable[[sqlite3.Connection], dict[str, Any]],
-                 publish: Callable[[dict[str, Any]], None]):
+    def __init__(self, db: PriceDb, build: Callable[[sqlite3.Connection], PricesStatePayload],
+                 publish: Callable[[PricesStatePayload], None]):
         self.db = db
         self.build = build
         self.publish = publish
@@ -91,8 +133,9 @@ class StatePublisher:
         self._dirty.set()
 
     async def refresh(self) -> dict[str, Any]:
-        self.latest = await self.db.read(self.build)
-        self.publish(self.latest)
+        report = await self.db.read(self.build)
+        self.publish(report)
+        self.latest = report.model_dump()
         return self.latest
 
     async def run(self) -> None:

@@ -6,7 +6,7 @@ request may carry ``reply_to`` and ``correlation_id`` in its JSON; without any r
 sent unsigned; commands that change something must be a signed envelope (storelink.remote.signing) whose payload names
 this store and this command, carries a unique id and is recent (``[remote] command_max_age``): a recorded
 command cannot be replayed, not even after a restart (storelink.remote.replay keeps the used ids on disk). The
-status page calls ``Commands.run`` directly behind the ``http.token``.
+status page calls ``Commands.execute`` directly behind the ``http.token``.
 """
 
 from __future__ import annotations
@@ -16,24 +16,25 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from storelink.config import describe_validation_error
+from storelink import __version__
+from storelink.config import RunningConfig
+from storelink.devices.supervisor import DeviceSupervisor
 from storelink.outbox import iso_ts
-from storelink.remote.models import DEVICE_ID_RE, CommandRequest, CommandResponse, SignedCommand
+from storelink.parts import BasePart, Subscription
+from storelink.prices.part import PricesPart
+from storelink.remote.models import CommandRequest, CommandResponse, SignedCommand
 from storelink.remote.replay import Replayed, ReplayGuard
 from storelink.remote.signing import SignatureError, verify
-from storelink.uplink import Downlink
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.uplink import Downlink, Uplink
+from storelink.validation import Identifier, Sku, StrictModel, describe_validation_error
 
 log = logging.getLogger(__name__)
-SKU_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
 
 
 class CommandError(Exception):
@@ -43,8 +44,8 @@ class CommandError(Exception):
         super().__init__(message)
 
 
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Args(StrictModel):
+    """A command's arguments."""
 
 
 class NoArgs(_Args):
@@ -52,7 +53,7 @@ class NoArgs(_Args):
 
 
 class ReprintArgs(_Args):
-    skus: list[str] | None = Field(None, min_length=1, max_length=10_000)
+    skus: list[Sku] | None = Field(None, min_length=1, max_length=10_000)
     all: bool = False
 
     @model_validator(mode="after")
@@ -63,12 +64,12 @@ class ReprintArgs(_Args):
 
 
 class RestartArgs(_Args):
-    device: str = Field(pattern=DEVICE_ID_RE)
+    device: Identifier
 
 
 @dataclass(frozen=True)
 class Command:
-    args: type[_Args]
+    args: type[StrictModel]  # the arguments model; unknown keys are refused
     changes_something: bool
     run: Callable[[Any], Awaitable[Any]]
     help: str
@@ -84,10 +85,19 @@ class _ReprintChange:
     changed: list[Any]
 
 
-class Commands:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-        self.replay = ReplayGuard(gateway.config.storage.path.parent / "replay-guard.json")
+class Commands(BasePart):
+    name = "commands"
+
+    def __init__(self, config: RunningConfig, uplink: Uplink, devices: DeviceSupervisor, prices: PricesPart | None,
+                 status: Callable[[], dict[str, Any]], more: Mapping[str, Command] | None = None):
+        """``more``: commands other parts run (the update agent's ``update``), by name."""
+        self.config = config
+        self.uplink = uplink
+        self.topics = uplink.topics
+        self.devices = devices
+        self.prices = prices
+        self.gateway_status = status
+        self.replay = ReplayGuard(config.current.storage.path.parent / "replay-guard.json")
         self.counts: dict[tuple[str, str], int] = {}  # (command, outcome) -> n, for /metrics
         self.table: dict[str, Command] = {
             "ping": Command(NoArgs, False, self._ping, "answers pong"),
@@ -95,10 +105,17 @@ class Commands:
             "reprint-labels": Command(ReprintArgs, True, self._reprint, "print/push labels again: skus or all"),
             "resync-prices": Command(NoArgs, True, self._resync, "re-check devices and ask for a resend if behind"),
             "restart-device": Command(RestartArgs, True, self._restart, "restart one device's driver"),
+            **(more or {}),
         }
 
+    def subscriptions(self) -> list[Subscription]:
+        return [Subscription(self.topics.command_filter, self.on_command)]
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.replay.load)  # commands wait for the part to run, so for the record
+
     # -- shared by MQTT and HTTP -------------------------------------------------------------------------------
-    async def run(self, name: str, raw_args: Any) -> Any:
+    async def execute(self, name: str, raw_args: Any) -> Any:
         cmd = self.table.get(name)
         if cmd is None:
             raise CommandError("unknown_command", f"unknown command {name!r} (known: {', '.join(self.table)})")
@@ -128,7 +145,7 @@ class Commands:
                 req = self._verify_signed(name, body)
                 try:  # durable: on disk before the command runs
                     await asyncio.to_thread(self.replay.accept, req.id, req.issued_at,
-                                            self.gateway.config.remote.command_max_age)
+                                            self.config.current.remote.command_max_age)
                 except Replayed as err:
                     raise CommandError("unauthorized", str(err)) from None
                 signed = True
@@ -142,7 +159,7 @@ class Commands:
             cmd = self.table.get(name)
             if cmd is not None and cmd.changes_something and not signed:
                 raise CommandError("unauthorized", f"{name} changes something: it must be signed")
-            result = await self.run(name, req.args)
+            result = await self.execute(name, req.args)
             response = CommandResponse(ok=True, command=name, result=result, correlation_id=corr_id,
                                        ts=iso_ts(time.time()))
             self._count(name, "ok")
@@ -156,23 +173,23 @@ class Commands:
             response = CommandResponse(ok=False, command=name, error=f"{type(err).__name__}: {err}", code="failed",
                                        correlation_id=corr_id, ts=iso_ts(time.time()))
             self._count(name, "failed")
-        topic = reply_to or self.gateway.topics.command_reply(name)
+        topic = reply_to or self.topics.command_reply(name)
         if "+" in topic or "#" in topic:
-            topic = self.gateway.topics.command_reply(name)  # a wildcard is no place to publish
-        self.gateway.uplink.publish_direct(topic, response.model_dump_json(exclude_none=True).encode(),
+            topic = self.topics.command_reply(name)  # a wildcard is no place to publish
+        self.uplink.publish_direct(topic, response.model_dump_json(exclude_none=True).encode(),
                                            correlation_data=down.correlation_data)
 
     def _verify_signed(self, name: str, body: dict[str, Any]) -> SignedCommand:
-        gw = self.gateway
+        config = self.config.current
         try:
-            payload = verify(body, gw.config.trust.public_keys)
+            payload = verify(body, config.trust.public_keys)
         except SignatureError as err:
             raise CommandError("unauthorized", f"signature: {err.reason}") from None
         try:
             cmd = SignedCommand.model_validate(payload)
         except ValidationError as err:
             raise CommandError("bad_request", "; ".join(describe_validation_error(err))) from None
-        if cmd.store_id != gw.config.store_id:
+        if cmd.store_id != config.store_id:
             raise CommandError("unauthorized", f"signed for store {cmd.store_id!r}, not this one")
         if cmd.command != name:
             raise CommandError("unauthorized", f"signed for command {cmd.command!r}, sent as {name!r}")
@@ -180,30 +197,27 @@ class Commands:
 
     # -- the commands ------------------------------------------------------------------------------------------
     async def _ping(self, _args: NoArgs) -> dict[str, Any]:
-        from storelink import __version__
-
-        return {"pong": True, "version": __version__, "config_version": self.gateway.config.config_version}
+        return {"pong": True, "version": __version__, "config_version": self.config.current.config_version}
 
     async def _status(self, _args: NoArgs) -> dict[str, Any]:
-        return self.gateway.status()
+        return self.gateway_status()
 
     async def _restart(self, args: RestartArgs) -> dict[str, Any]:
         try:
-            self.gateway.supervisor.restart(args.device)
+            self.devices.restart(args.device)
         except KeyError:
-            known = ", ".join(self.gateway.supervisor.devices) or "none"
+            known = ", ".join(self.devices.devices) or "none"
             raise CommandError("bad_args", f"no device {args.device!r} (devices: {known})") from None
         return {"restarting": args.device}
 
-    def _prices(self) -> Any:
-        part = self.gateway.services.get("price_coordinator")
-        if part is None or self.gateway.services.get("prices") is None:
-            raise CommandError("unavailable", "this gateway runs no price book (the prices part is not installed)")
-        return part
+    def _prices(self) -> PricesPart:
+        if self.prices is None or not self.prices.ready.is_set():
+            raise CommandError("unavailable", "this gateway runs no price book (the prices part is not running)")
+        return self.prices
 
     async def _reprint(self, args: ReprintArgs) -> dict[str, Any]:
         part = self._prices()
-        book = self.gateway.services["prices"]
+        book = part.book
         if book.active_version <= 0:
             raise CommandError("unavailable", "no active price list yet: nothing to print")
         wanted = None if args.all else set(args.skus or [])
@@ -242,9 +256,3 @@ class Commands:
         return {"active_version": part.book.active_version,
                 "desired_version": desired.version if desired is not None else None, "drift": drift}
 
-
-def install(gateway: Gateway) -> None:
-    commands = Commands(gateway)
-    commands.replay.load()  # blocking, small: before the uplink subscribes
-    gateway.services["commands"] = commands
-    gateway.uplink.subscribe(gateway.topics.command_filter, commands.on_command)
