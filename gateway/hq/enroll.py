@@ -88,8 +88,11 @@ def cmd_ca_list(_args: argparse.Namespace, cfg: HqConfig) -> int:
 
 
 # -- enrolment ------------------------------------------------------------------------------------------------
-def store_config(cfg: HqConfig, store_id: str, groups: list[str], trust_files: list[str]) -> str:
-    """The store's storelink.toml: the template with store_id, groups, [mqtt], [mqtt.tls], [trust] filled in."""
+def store_config(cfg: HqConfig, store_id: str, groups: list[str], trust: dict[str, bytes]) -> str:
+    """The store's storelink.toml: the template with store_id, groups, [mqtt], [mqtt.tls], [trust] filled in.
+
+    ``trust`` are the PEM files the bundle carries in trust/; the config names them where provisioning puts them.
+    """
     template = cfg.enroll.template
     data: dict[str, Any] = {}
     if template is not None:
@@ -118,10 +121,16 @@ def store_config(cfg: HqConfig, store_id: str, groups: list[str], trust_files: l
                             f"topic_prefix {cfg.topic_prefix!r}")
     mqtt["tls"] = {"ca": str(STORE_TLS / "ca.pem"), "cert": str(STORE_TLS / "client.pem"),
                    "key": str(STORE_TLS / "client.key")}
-    trust = data.setdefault("trust", {})
-    trust["public_keys"] = list(dict.fromkeys([*trust.get("public_keys", []), *trust_files]))
+    table = data.setdefault("trust", {})
+    if not isinstance(table, dict):
+        raise HqConfigError(f"enroll.template: {template}: trust must be a table")
+    template_keys = list(table.get("public_keys") or [])
+    table["public_keys"] = list(dict.fromkeys([*template_keys, *(str(STORE_TRUST / name) for name in trust)]))
+    # The gateway's own validation. It loads every trusted key, and trust/ is not yet where the config names it
+    # (that happens at first boot): the check reads the same keys from the PEM text the bundle carries.
+    check = {**data, "trust": {**table, "public_keys": [*template_keys, *(p.decode() for p in trust.values())]}}
     try:
-        parse_config(data, f"storelink.toml for {store_id}")  # the gateway's own validation
+        parse_config(check, f"storelink.toml for {store_id}")
     except ConfigError as err:
         raise HqConfigError(f"{err} (from enroll.template {template})") from None
     header = (f"# StoreLink store {store_id}: written by `storelink hq enroll` on {dt.date.today()} from "
@@ -163,7 +172,7 @@ def cmd_enroll(args: argparse.Namespace, cfg: HqConfig) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise HqConfigError(f"{out} is not empty (an earlier bundle with a private key?); remove it or use --force")
     trust = _public_keys(cfg)
-    toml = store_config(cfg, args.store, args.group or [], [str(STORE_TRUST / name) for name in trust])
+    toml = store_config(cfg, args.store, args.group or [], trust)
     broker_ca = _broker_ca(cfg, ca)
     groups = tomllib.loads(toml).get("groups", [])
     issued = ca.issue_client(args.store, role="store", days=args.days or cfg.pki.cert_days, groups=groups)
