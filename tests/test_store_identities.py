@@ -21,6 +21,7 @@ from storelink.config import parse_config
 from tests.fleet import Fleet, expired_cert
 from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for
 from tests.prices_helpers import items, write_items_csv
+from tests.release_helpers import HttpsFileServer, storelink_wheel
 
 
 @pytest.fixture
@@ -70,6 +71,47 @@ def test_enrolled_store_works_end_to_end_and_every_hq_command_over_tls(tmp_path:
         gw.stop()
         broker.stop()
 
+
+
+def test_release_commands_over_tls_with_hq_toml(tmp_path: Path, fleet: Fleet) -> None:
+    """`storelink hq release` build, publish and status take the signing key, broker, TLS identity and prefix from
+    hq.toml like every hq command: the signed update command reaches store-a and its reply and update/state come
+    back through the broker's ACL. Nothing here runs the root-side updater, so the store stays at `installing` and
+    the ring ends by its timeout (the full update is tests/test_update_e2e.py)."""
+    house = tmp_path / "house"
+    house.mkdir()
+    wheel = storelink_wheel("2.0.0", tmp_path / "wheel")
+    wheel.rename(house / wheel.name)
+    out = fleet.cli("release", "build", str(house), "--out", str(tmp_path / "dist"), "--extras", "", timeout=120)
+    bundle = tmp_path / "dist" / "storelink-2.0.0.bundle"
+    assert out.startswith(f"{bundle}: ")
+    fleet.ok("ca", "server-cert", "localhost", "--out-dir", str(tmp_path / "www-tls"))  # the release server
+    (tmp_path / "www").mkdir()
+    bundle.rename(tmp_path / "www" / bundle.name)
+    server = HttpsFileServer(tmp_path / "www", {"server_cert": tmp_path / "www-tls" / "server.pem",
+                                                "server_key": tmp_path / "www-tls" / "server.key"})
+    broker = fleet.broker()
+    http = free_port()
+    config = fleet.gateway_config("store-a", http)
+    store_cfg = tomllib.loads(config.read_text())
+    store_cfg["update"] = {"ca": str(fleet.pki / "ca.pem")}
+    config.write_text(tomli_w.dumps(store_cfg))
+    gw = GatewayProcess(config, http).start()
+    rollouts = str(tmp_path / "rollouts")
+    try:
+        gw.wait_online(15)
+        done = fleet.hq("release", "publish", str(tmp_path / "www" / bundle.name), "--url", server.url(bundle.name),
+                        "--group", "north", "--rollouts", rollouts, "--ring-timeout", "10", timeout=120)
+        assert done.returncode == 3 and "store-a (timeout: no outcome within 10 s)" in done.stdout, done
+        assert server.requests, "store-a never fetched the bundle"
+        status = json.loads(fleet.cli("release", "status", "--json", "--rollouts", rollouts, "--listen", "1"))
+        (row,) = [r for r in status["stores"] if r["store"] == "store-a"]
+        assert row["state"] == "installing" and row["target"] == "2.0.0", status
+        assert status["rollout"]["version"] == "2.0.0" and status["rollout"]["status"] == "halted", status
+    finally:
+        gw.stop()
+        broker.stop()
+        server.close()
 
 def test_a_store_reaches_only_its_own_topics(fleet: Fleet) -> None:
     broker = fleet.broker()
