@@ -44,7 +44,8 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
 def every_command(inputs: dict[str, Path]) -> list[list[str]]:
     return [["status"], ["cmd", STORE, "ping", "--wait", "2"],
             ["push-config", str(inputs["config"]), "--key", str(inputs["key"]), "--wait", "2"],
-            ["publish-prices", str(inputs["csv"]), "--store", STORE, "--key", str(inputs["key"]), "--wait", "2"]]
+            ["publish-prices", str(inputs["csv"]), "--store", STORE, "--key", str(inputs["key"]), "--wait", "2"],
+            ["release", "status", "--listen", "0"]]
 
 
 def refused(done: subprocess.CompletedProcess[str], *expect: str, code: int = 69) -> str:
