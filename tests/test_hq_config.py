@@ -210,7 +210,7 @@ def test_hq_help_lists_every_command() -> None:
 
     out = subprocess.run([STORELINK, "hq", "--help"], capture_output=True, text=True, check=True).stdout
     for name in ("keygen", "publish-prices", "status", "push-config", "cmd", "ca", "enroll", "revoke",
-                 "broker-config"):
+                 "broker-config", "release"):
         assert name in out
 
 
