@@ -43,7 +43,7 @@ class Image:
     root: Path
     boot_files: dict[str, bytes]
     seconds: float
-    fleet: Fleet
+    fleet: Fleet | None = None  # head office that enrolled the store on the boot partition (none: a plain install)
 
     @property
     def boot(self) -> Path:
@@ -215,8 +215,10 @@ def test_provisioning_with_nothing_to_do_changes_nothing(image: Image) -> None:
 
 def test_the_enrolled_store_connects_with_its_certificate(image: Image) -> None:
     """First boot done: the gateway in the image, as the storelink user, reaches head office's TLS broker."""
-    broker = image.fleet.broker()
-    watcher = image.fleet.client(image.fleet.pki / "hq-ops.pem", image.fleet.pki / "hq-ops.key")
+    fleet = image.fleet
+    assert fleet is not None
+    broker = fleet.broker()
+    watcher = fleet.client(fleet.pki / "hq-ops.pem", fleet.pki / "hq-ops.key")
     watcher.subscribe(f"storelink/{STORE}/status")
     proc_dir = image.root / "proc"
     subprocess.run(["mount", "-t", "proc", "proc", str(proc_dir)], check=True)
