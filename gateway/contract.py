@@ -48,6 +48,11 @@ class Topics:
     def config_reported(self) -> str:
         return f"{self.base}/config/reported"
 
+    @property
+    def outbox_state(self) -> str:
+        """Retained: what waits in the store's outbox and how much it ever evicted (OutboxStatePayload)."""
+        return f"{self.base}/outbox/state"
+
     # downlink --------------------------------------------------------------------------------------------
     @property
     def prices_batch(self) -> str:
@@ -117,6 +122,31 @@ class StatusPayload(BaseModel):
     store_id: str | None = None
     version: str | None = None
     started_at: str | None = None
+    groups: list[str] | None = None  # the store's price groups (config `groups`), so head office knows its batches
+
+
+class OutboxStatePayload(Strict):
+    """Retained on ``{base}/outbox/state``, every ``OUTBOX_REPORT_EVERY`` seconds while connected."""
+
+    depth: int
+    bytes: int
+    critical: int
+    oldest_undelivered_at: str | None
+    next_seq: int
+    evicted_total: int = Field(description="telemetry evicted since the outbox was created (durable)")
+    alarms: dict[str, str]
+    ts: str
+
+
+class EvictionReport(Strict):
+    """``data`` of the ``outbox.evicted`` event: seq ranges evicted under the cap since the last report."""
+
+    ranges: list[tuple[int, int]]
+    count: int
+    evicted_total: int = Field(description="evictions reported so far, this report included")
+
+
+OUTBOX_REPORT_EVERY = 30.0
 
 
 DeviceHealthState = Literal["ok", "degraded", "offline"]

@@ -31,7 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from storelink import __version__
 from storelink.config import MqttConfig
-from storelink.contract import Topics, topic_matches
+from storelink.contract import OUTBOX_REPORT_EVERY, Topics, topic_matches
 from storelink.outbox import Outbox, StoredEvent, iso_ts
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,22 @@ class Uplink:
         """Connect and drain until cancelled."""
         self._loop = asyncio.get_running_loop()
         self._start_client()
-        await self._drain()
+        reporter = asyncio.ensure_future(self._report_outbox())
+        try:
+            await self._drain()
+        finally:
+            reporter.cancel()
+
+    async def _report_outbox(self) -> None:
+        """Retained ``outbox/state``: head office's fleet view shows the backlog, and its gap tracking learns
+        from ``evicted_total`` when every eviction has been reported (docs/mqtt.md)."""
+        while True:
+            await self._connected_evt.wait()
+            try:
+                self.publish_state(self.topics.outbox_state, await asyncio.to_thread(self.outbox.report))
+            except Exception as err:  # a closed outbox at shutdown; never let the report stop the uplink
+                log.debug("outbox report: %s", err)
+            await asyncio.sleep(OUTBOX_REPORT_EVERY)
 
     def _start_client(self) -> None:
         props = None

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, write_config
+from tests.pg_helpers import Postgres
 
 
 @pytest.fixture
@@ -35,3 +36,16 @@ def gateway_process(gateway_config: Path) -> Iterator[GatewayProcess]:
     proc = GatewayProcess(gateway_config, port)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """One real PostgreSQL for the whole session (start-up costs ~2 s); tests take a fresh database each."""
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: Postgres) -> str:
+    return postgres_server.new_database()

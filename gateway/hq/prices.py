@@ -248,13 +248,16 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     st.add_argument("--listen", type=float, default=1.5, help="seconds to collect retained messages")
     st.add_argument("--json", action="store_true")
     st.set_defaults(hq_handler=cmd_status)
+    from storelink.hq.fleet_cli import add_fleet_subcommands  # ingest, serve (head office's event store)
     from storelink.hq.remote import add_hq_subcommands  # push-config, cmd (remote config and commands)
 
     add_hq_subcommands(sub)
+    add_fleet_subcommands(sub)
 
 
 def _run(args: argparse.Namespace) -> int:
     return int(args.hq_handler(args))
 
 
-SUBCOMMAND = ("hq", "head-office tools: keygen, publish-prices, status, push-config, cmd", _add_args, _run)
+SUBCOMMAND = ("hq", "head-office tools: keygen, publish-prices, status, push-config, cmd, ingest, serve", _add_args,
+              _run)
