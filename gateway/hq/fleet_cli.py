@@ -49,7 +49,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                                   share_group=None if args.no_share else args.share_group,
                                   receive_maximum=args.receive_maximum, session_expiry=args.session_expiry,
                                   max_batch=args.max_batch, tracker=not args.no_tracker,
-                                  trusted_keys=trusted_keys(args.trust_key), gap_grace=args.gap_grace)
+                                  trusted_keys=trusted_keys(args.trust_key), gap_grace=args.gap_grace,
+                                  price_grace=args.price_grace, tracker_every=args.tracker_every)
         opts = broker_options(args)
         worker = IngestWorker(settings)
         worker.open()
@@ -104,6 +105,9 @@ def _add_ingest(p: argparse.ArgumentParser) -> None:
                    help="seconds the broker keeps this worker's queue while it is away")
     p.add_argument("--gap-grace", type=float, default=60.0,
                    help="seconds a seq gap may wait for late events and the store's eviction report")
+    p.add_argument("--price-grace", type=float, default=10.0,
+                   help="seconds of clock skew and batch transit allowed around a price change")
+    p.add_argument("--tracker-every", type=float, default=2.0, help="seconds between two tracker passes")
     p.add_argument("--trust-key", action="append", default=[],
                    help="a head-office public key: recorded price batches must verify with one (repeatable)")
     p.add_argument("--no-tracker", action="store_true", help="never run the tracker in this worker")

@@ -51,6 +51,7 @@ class IngestSettings:
     tracker: bool = True
     tracker_every: float = 2.0
     gap_grace: float = 60.0  # seconds a seq gap waits for late events and the store's eviction report
+    price_grace: float = 10.0  # seconds of clock skew and batch transit allowed around a price change
     trusted_keys: list[Any] = field(default_factory=list)  # verify recorded price batches (public keys)
 
     @property
@@ -151,6 +152,10 @@ class IngestWorker:
                 continue
             delay = 0.5
             pending = []
+        try:
+            self._heartbeat(Counters(), force=True)  # the final totals
+        except DatabaseError as err:
+            log.error("database: %s", err)
 
     def _collect(self, pending: list[Inbound]) -> list[Inbound]:
         """Store messages up to max_batch; downlink price batch messages go to the assembler on the way."""

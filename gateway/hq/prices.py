@@ -122,6 +122,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
         for info in infos:
             info.wait_for_publish(60)
         print(f"published to {topic}")
+        from storelink.hq.published import record_published
+
+        print(record_published(args.database, b, items))
         if args.store:
             client.publish(f"{PREFIX}/{args.store}/prices/desired",
                            json.dumps({"version": version, "batch_id": batch_id}), qos=1, retain=True
@@ -240,6 +243,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                      help="full: the file is the whole price list; delta: only these SKUs change")
     pub.add_argument("--effective-at", default="", help="ISO 8601 with timezone; default: at once")
     pub.add_argument("--broker", default="127.0.0.1:1883")
+    pub.add_argument("--database", default=None,
+                     help="head office's database, where the batch is recorded for price compliance (default "
+                          "$STORELINK_HQ_DATABASE, else storelink-hq.db here if it exists)")
     pub.add_argument("--wait", type=float, default=120.0, help="seconds to follow the store (default 120)")
     pub.add_argument("--no-wait", action="store_true")
     pub.set_defaults(hq_handler=cmd_publish)

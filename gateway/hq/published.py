@@ -15,13 +15,14 @@ import binascii
 import hashlib
 import json
 import logging
+import os
 import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from storelink.hq.db import Database
+from storelink.hq.db import DATABASE_ENV, DEFAULT_DATABASE, Database, DatabaseError, open_database
 from storelink.hq.records import Inbound, parse_ts
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,36 @@ def record_batch(db: Database, manifest: dict[str, Any], items: Sequence[dict[st
                            "ON CONFLICT (batch_id, sku) DO NOTHING",
                            [(manifest["batch_id"], str(i["sku"]), i.get("gtin"), int(i["price"])) for i in items])
     return bool(new)
+
+
+def record_published(database: str | None, batch: Any, items: Sequence[Any]) -> str:
+    """`hq publish-prices`, once the broker took every message: record the batch; returns what to tell the user.
+
+    The database: the one named, else $STORELINK_HQ_DATABASE, else the pilot's default file if it exists here.
+    Without one the batch is still recorded by a running `hq ingest`, which sees it on the downlink topics."""
+    from pathlib import Path
+
+    url = database or os.environ.get(DATABASE_ENV)
+    if url is None and Path(DEFAULT_DATABASE.removeprefix("sqlite:///")).exists():
+        url = DEFAULT_DATABASE
+    if url is None:
+        return (f"not recorded here (no --database or ${DATABASE_ENV}); a running `storelink hq ingest` records "
+                "it from the broker")
+    rows = [i.model_dump(mode="json", exclude_none=True) if hasattr(i, "model_dump") else i for i in items]
+    key_id = json.loads(batch.messages[0]).get("envelope", {}).get("key_id")
+    try:
+        db = open_database(url)
+        try:
+            from storelink.hq.schema import migrate
+
+            migrate(db)
+            new = record_batch(db, batch.manifest, rows, source="publish-prices", key_id=key_id)
+        finally:
+            db.close()
+    except DatabaseError as err:
+        return f"NOT recorded for price compliance: {err} (a running `storelink hq ingest` still records it)"
+    where = url.rpartition("@")[2] if url.startswith("postgres") else url
+    return f"recorded in {where} for price compliance" + ("" if new else " (it was already)")
 
 
 @dataclass

@@ -46,7 +46,7 @@ def run_tracker(settings: Any, stop: threading.Event) -> None:
                 holding = db.try_lock("tracker")
                 if holding:
                     log.info("worker %s runs the tracker", settings.worker_id)
-                    tracker = Tracker(db, gap_grace=settings.gap_grace)
+                    tracker = Tracker(db, gap_grace=settings.gap_grace, grace=settings.price_grace)
             if holding and tracker is not None:
                 tracker.run_pass()
         except DatabaseError as err:
@@ -59,7 +59,7 @@ def run_tracker(settings: Any, stop: threading.Event) -> None:
 
 
 class Tracker:
-    def __init__(self, db: Database, *, gap_grace: float = 60.0, grace: float = 30.0):
+    def __init__(self, db: Database, *, gap_grace: float = 60.0, grace: float = 10.0):
         self.db = db
         self.gap_grace = gap_grace
         self.summary = Summary(db)

@@ -1,0 +1,100 @@
+"""Head office's side for the ingest tests: real `storelink hq ingest` / `hq serve` processes and database reads."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from storelink.hq.db import Database
+from tests.helpers import STORELINK, free_port, wait_for
+
+
+class IngestProcess:
+    """A real `storelink hq ingest` worker (so tests can kill -9 it and start it again under the same id)."""
+
+    def __init__(self, workdir: Path, database: str, broker_port: int, worker: str = "w1", *extra: str):
+        self.workdir, self.database, self.broker_port, self.worker = workdir, database, broker_port, worker
+        self.extra = list(extra)
+        self.log = workdir / f"ingest-{worker}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
+
+    def start(self) -> IngestProcess:
+        self._offset = self.log.stat().st_size if self.log.exists() else 0  # wait for this start's own line
+        cmd = [STORELINK, "hq", "ingest", "--database", self.database, "--broker", f"127.0.0.1:{self.broker_port}",
+               "--worker-id", self.worker, "--tracker-every", "0.5", *self.extra]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.workdir)
+        wait_for(lambda: self._subscribed(), 30, what=f"ingest worker {self.worker} subscribed")
+        return self
+
+    def _subscribed(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"ingest exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        return b"subscribed on" in self.log.read_bytes()[self._offset:]
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ServeProcess:
+    def __init__(self, workdir: Path, database: str):
+        self.port = free_port()
+        self.log = workdir / "serve.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([STORELINK, "hq", "serve", "--database", database, "--listen",
+                                          f"127.0.0.1:{self.port}"], stdout=log, stderr=log, cwd=workdir)
+        wait_for(self._up, 20, what="hq serve to answer")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"hq serve exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return self.get("/healthz")[0] == 200
+        except OSError:
+            return False
+
+    def get(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=10) as resp:
+                body = resp.read()
+                ctype = resp.headers.get("Content-Type", "")
+                return resp.status, json.loads(body) if "json" in ctype else body.decode()
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def one(db: Database, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    return db.query(sql, params)[0][0]
+
