@@ -48,8 +48,8 @@ class Gateway:
         self.config_path = config_path
         self.started_at = time.time()
         self.outbox = Outbox(config.storage)
-        self.uplink = Uplink(config.mqtt, config.store_id, self.outbox, started_at=self.started_at)
-        self.uplink.set_birth_fields(groups=list(config.groups))  # head office matches group price batches by it
+        self.uplink = Uplink(config.mqtt, config.store_id, self.outbox, started_at=self.started_at,
+                             groups=tuple(config.groups))
         self.topics = self.uplink.topics
         # Named services drivers and parts can look up (the price book registers itself as "prices").
         self.services: dict[str, Any] = {"gateway": self, "outbox": self.outbox, "uplink": self.uplink}

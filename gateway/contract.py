@@ -31,7 +31,7 @@ class Topics:
     # uplink ----------------------------------------------------------------------------------------------
     @property
     def status(self) -> str:
-        """Retained birth {"state": "online", ...}; the same topic is the Last Will {"state": "offline"}."""
+        """Retained birth {"state": "online", ...}; the same topic is the Last Will {"state": "offline", ...}."""
         return f"{self.base}/status"
 
     def event(self, kind: str) -> str:

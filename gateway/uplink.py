@@ -56,8 +56,10 @@ def backoff_delay(attempt: int, low: float, high: float) -> float:
 
 
 class Uplink:
-    def __init__(self, cfg: MqttConfig, store_id: str, outbox: Outbox, *, started_at: float | None = None):
+    def __init__(self, cfg: MqttConfig, store_id: str, outbox: Outbox, *, started_at: float | None = None,
+                 groups: tuple[str, ...] = ()):
         self.cfg = cfg
+        self.groups = list(groups)  # in the birth and the Last Will: head office matches group price batches by it
         self.topics = Topics(store_id, cfg.topic_prefix)
         self.outbox = outbox
         self.started_at = started_at or time.time()
@@ -112,7 +114,7 @@ class Uplink:
             )
             if t.insecure_skip_verify:
                 client.tls_insecure_set(True)
-        client.will_set(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
+        client.will_set(self.topics.status, self._offline_payload(), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_min)  # type: ignore[arg-type]
@@ -206,9 +208,14 @@ class Uplink:
             "version": __version__,
             "started_at": iso_ts(self.started_at),
             "protocol": self.cfg.protocol,
+            "groups": self.groups,
             **self._birth_extra,
         }
         return json.dumps(body)
+
+    def _offline_payload(self) -> str:
+        """The Last Will and the goodbye: head office may never have seen this store's birth."""
+        return json.dumps({"state": "offline", "store_id": self.topics.store_id, "groups": self.groups})
 
     def _set_connected(self, session_present: bool, subscribe_mids: dict[int | None, str]) -> None:
         # Republished here on the loop, not in paho's on_connect: publish_state() runs on the loop too, so a state
@@ -408,7 +415,7 @@ class Uplink:
 
         def retire() -> None:
             if was_connected:
-                old.publish(self.topics.status, json.dumps({"state": "offline"}), qos=0, retain=True)
+                old.publish(self.topics.status, self._offline_payload(), qos=0, retain=True)
             old.disconnect()
             old.loop_stop()
 
@@ -472,7 +479,7 @@ class Uplink:
             with contextlib.suppress(asyncio.CancelledError):
                 await drain_task
         if self.connected:
-            info = self._client.publish(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
+            info = self._client.publish(self.topics.status, self._offline_payload(), qos=1, retain=True)
             try:
                 await asyncio.wait_for(asyncio.to_thread(info.wait_for_publish, 2.0), 2.5)
             except (TimeoutError, RuntimeError, ValueError):

@@ -59,6 +59,26 @@ class SimStore:
                                                  "started_at": iso(time.time()), "protocol": "5",
                                                  "groups": self.groups}).encode()
 
+    def offline(self) -> tuple[str, bytes]:
+        """What the broker publishes as the store's Last Will."""
+        return self.topic("status"), json.dumps({"state": "offline", "store_id": self.store_id,
+                                                 "groups": self.groups}).encode()
+
+    def prices_state(self, version: int, stale: Iterable[str] = (), drift: int = 0) -> tuple[str, bytes]:
+        devices = {"till-1": {"role": "till", "version": version, "state": "current", "batch_state": None,
+                              "drift": None}}
+        devices |= {d: {"role": "till", "version": version - 1, "state": "stale", "batch_state": None,
+                        "drift": None} for d in stale}
+        return self.topic("prices/state"), json.dumps({
+            "store_id": self.store_id, "active_version": version, "active_batch": f"b{version}", "pending": None,
+            "devices": devices, "drift": drift, "updated_at": iso(time.time())}).encode()
+
+    def device_state(self, device: str, state: str = "ok", error: str | None = None) -> tuple[str, bytes]:
+        now = iso(time.time())
+        return self.topic(f"devices/{device}/state"), json.dumps({
+            "device": device, "driver": "till_tcp", "state": state, "last_error": error, "last_seen": now,
+            "since": now}).encode()
+
     def outbox_state(self, depth: int = 0, evicted_total: int = 0) -> tuple[str, bytes]:
         return self.topic("outbox/state"), json.dumps({
             "depth": depth, "bytes": 0, "critical": 0, "oldest_undelivered_at": None, "next_seq": self.seq + 1,

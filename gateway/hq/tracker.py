@@ -175,9 +175,10 @@ class Tracker:
                                 "state = 'missing'", (store,))
         for first, last, detected in missing:
             n = last - first + 1
+            seqs = f"seq {first}" if n == 1 else f"seq {first}-{last}"
             alerts.open_alert(self.db, store, "seq_gap", str(first),
-                              f"{n} event{'s' if n > 1 else ''} missing: seq {first}-{last} never arrived and the "
-                              "store did not report evicting them",
+                              f"{n} event{'s' if n > 1 else ''} missing: {seqs} never arrived and the store did "
+                              f"not report evicting {'it' if n == 1 else 'them'}",
                               {"first_seq": first, "last_seq": last, "count": n, "detected_at": detected}, now)
         alerts.close_others(self.db, store, "seq_gap", [str(f) for f, _l, _d in missing], now)
 
