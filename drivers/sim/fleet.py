@@ -92,8 +92,8 @@ def telemetry(n: int) -> dict[str, Any]:
 class Connection:
     """One MQTT connection publishing QoS 1 for many stores, with a bounded window of unacknowledged messages."""
 
-    def __init__(self, host: str, port: int, client_id: str, protocol: int = mqtt.MQTTv5):
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    def __init__(self, host: str, port: int, client_id: str):
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.max_inflight_messages_set(1000)
         self._cond = threading.Condition()
         self._outstanding = 0

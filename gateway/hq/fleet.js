@@ -71,7 +71,7 @@ function renderStores(page) {
     body.append(tr);
   }
   const first = (state.cursors.length - 1) * PAGE;
-  $("page-info").textContent = page.total ? `${first + 1}–${first + page.stores.length} of ${page.total}` : "";
+  $("page-info").textContent = page.total ? `${first + 1}-${first + page.stores.length} of ${page.total}` : "";
   $("prev").disabled = state.cursors.length <= 1;
   $("next").disabled = !page.next;
   state.next = page.next;
