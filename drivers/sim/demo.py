@@ -32,7 +32,8 @@ DemoExtension = tuple[Callable[[dict[str, Any], Path], None], Callable[[Any], Co
 DEMO_EXTENSIONS: list[DemoExtension] = []
 # Modules that append their DemoExtension when imported; one line each.
 DEMO_MODULES: list[str] = ["storelink.drivers.sim.labels_demo", "storelink.drivers.sim.till_demo",
-                            "storelink.drivers.sim.prices_demo", "storelink.drivers.sim.input_demo"]
+                            "storelink.drivers.sim.prices_demo", "storelink.drivers.sim.input_demo",
+                            "storelink.drivers.sim.hq_demo"]
 
 
 def free_port() -> int:

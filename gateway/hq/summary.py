@@ -216,7 +216,8 @@ class Summary:
         alerts.close_others(self.db, store, "price_behind", ["prices"] if behind else [], now)
         for device in stale:
             alerts.open_alert(self.db, store, "stale_till", str(device),
-                              f"till {device} is behind the store's price book (it was offline during a change)",
+                              f"{device} is behind the store's price book (it was offline during a change) and may "
+                              "charge old prices",
                               {"device": device}, now)
         alerts.close_others(self.db, store, "stale_till", [str(d) for d in stale], now)
         if drift:

@@ -1,0 +1,120 @@
+"""`storelink demo` part: head office's side. The ingest lands everything the demo store sends in an embedded SQLite
+database, the fleet dashboard shows it, and the overcharge scene plays out: a second till ("till-2") keeps its own
+old price table, so after the price change to version 2 it still charges 3.49 for the chocolate that head office
+now sells at 2.99. Head office raises an overcharge alert, printed here and shown on the dashboard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from storelink.drivers import till_protocol as tp
+from storelink.drivers.sim.demo import DEMO_EXTENSIONS, free_port
+from storelink.drivers.sim.till import TillError, TillSimulator
+
+_state: dict[str, Any] = {}
+OLD_PRICE = {"sku": "1002", "description": "Dark chocolate 100 g", "price": 349}  # version 1's price
+
+
+def prepare(cfg: dict[str, Any], workdir: Path) -> None:
+    _state["database"] = f"sqlite:///{workdir / 'head-office.db'}"
+    cfg.setdefault("devices", []).append(
+        {"id": "till-2", "driver": "till_tcp", "listen": f"127.0.0.1:{free_port()}", "till_id": "2"})
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _start_ingest(port: int, protocol: str) -> tuple[Any, threading.Thread, Any]:
+    from storelink.hq.ingest import IngestSettings, IngestWorker
+    from storelink.hq.link import BrokerOptions, ingest_client
+
+    # One worker on a plain subscription: the demo's broker speaks MQTT 3.1.1 (no shared subscriptions).
+    settings = IngestSettings(database=_state["database"], worker_id="demo", share_group=None, tracker_every=1.0,
+                              gap_grace=10.0, price_grace=2.0)
+    worker = IngestWorker(settings)
+    worker.open()
+    client = ingest_client(BrokerOptions(port=port, protocol=protocol), settings.client_id, settings.filters(),
+                           receive_maximum=settings.receive_maximum, session_expiry=3600,
+                           on_link_change=worker.new_connection, on_message=worker.on_message)
+    worker.attach(client)
+    thread = threading.Thread(target=worker.run, name="hq-ingest", daemon=True)
+    thread.start()
+    return worker, thread, client
+
+
+async def _overcharge_scene(gateway: Any) -> None:
+    """Till 2 sells the chocolate at its own old price once version 2 is on every label."""
+    dev = next(d for d in gateway.config.device_configs if d.id == "till-2")
+    host, port = tp.parse_address(dev.listen)
+    book = gateway.services["prices"]
+    while not (book.active_version == 2 and not (book.lookup("1002") or {}).get("transition")):
+        await asyncio.sleep(1.0)
+    await asyncio.sleep(3.0)
+    till = TillSimulator(host, port, "2", version=1)
+    try:
+        await till.connect()
+    except (OSError, TillError) as err:
+        _say(f"[till 2] cannot connect to the gateway: {err}")
+        return
+    sale = {"sale_id": f"T2-{int(time.time())}", "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "currency": "EUR", "total": OLD_PRICE["price"],
+            "lines": [{**OLD_PRICE, "qty": 1, "amount": OLD_PRICE["price"]}],
+            "payments": [{"tender": "card", "amount": OLD_PRICE["price"]}]}
+    await till.sale(sale)
+    _say(f"[till 2] SALE {sale['sale_id']}: 1002 Dark chocolate at 3.49 EUR, from the till's own old price table "
+         "(head office now sells it at 2.99)")
+    await till.close()
+
+
+async def _report_alerts(database: str, base_url: str, store: str) -> None:
+    from storelink.hq.db import open_database
+
+    db = await asyncio.to_thread(open_database, database)
+    seen: set[int] = set()
+    try:
+        while True:
+            rows = await asyncio.to_thread(db.query, "SELECT id, kind, message FROM alerts WHERE id > ? ORDER BY id",
+                                           (max(seen, default=0),))
+            for alert_id, kind, message in rows:
+                seen.add(alert_id)
+                _say(f"[head office] ALERT {kind}: {message}  -> {base_url}/store?id={store}")
+            await asyncio.sleep(1.0)
+    finally:
+        db.close()
+
+
+async def run(gateway: Any) -> None:
+    from storelink.hq.dashboard import Dashboard
+
+    mqtt_cfg = gateway.config.mqtt
+    # After the demo's other clients: the embedded broker (amqtt) can fail a connection whose subscriptions land
+    # while another client is connecting ("dictionary changed size during iteration").
+    await asyncio.sleep(1.0)
+    worker, thread, client = await asyncio.to_thread(_start_ingest, mqtt_cfg.port, mqtt_cfg.protocol)
+    dashboard = Dashboard(_state["database"], f"127.0.0.1:{free_port()}")
+    await dashboard.start()
+    assert dashboard.bound is not None
+    base_url = "http://{}:{}".format(*dashboard.bound)
+    _say(f"[head office] ingest running into {_state['database']}; fleet dashboard {base_url}/")
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_report_alerts(_state["database"], base_url, gateway.config.store_id))
+            tg.create_task(_overcharge_scene(gateway))
+    finally:
+        await dashboard.stop()
+        worker.stop_event.set()
+        await asyncio.to_thread(thread.join, 10)
+        with contextlib.suppress(Exception):
+            client.disconnect()
+            client.loop_stop()
+        worker.close()
+
+
+DEMO_EXTENSIONS.append((prepare, run))
