@@ -15,6 +15,7 @@ from storelink.hq.db import Database, loads
 from storelink.hq.records import parse_ts
 
 WALK_LIMIT = 5000  # events per store and pass
+STORES_PER_COMMIT = 200
 PRICE_COLUMNS = {"price.prepared": "prepared_at", "price.committed": "committed_at",
                  "price.confirmed": "confirmed_at", "price.aborted": "aborted_at", "price.rejected": "rejected_at"}
 
@@ -31,31 +32,35 @@ class EventWalker:
             "WHERE g.store_id = s.store_id AND g.state = 'open') FROM stores s "
             "WHERE s.compliance_seq IS NOT NULL AND s.compliance_seq < s.checked_seq")
         prices: dict[tuple[str, str], int | None] = {}  # item prices, shared by the stores of this pass
-        dirty: set[str] = set()
+        todo = []
         for store, done, checked, groups, first_open in rows:
             bound = checked if first_open is None else min(checked, first_open - 1)
-            if bound <= done:
+            if bound > done:
+                todo.append((store, done, bound, [g for g in (loads(groups) or []) if isinstance(g, str)]))
+        for i in range(0, len(todo), STORES_PER_COMMIT):
+            with self.db.transaction():  # one commit per chunk of stores, not one per store
+                for store, done, bound, group_list in todo[i:i + STORES_PER_COMMIT]:
+                    self._walk_store(store, done, bound, group_list, prices, now)
+        return {t[0] for t in todo}
+
+    def _walk_store(self, store: str, done: int, bound: int, groups: list[str],
+                    prices: dict[tuple[str, str], int | None], now: float) -> None:
+        events = self.db.query(
+            "SELECT seq, id, kind, device, ts, data FROM events WHERE store_id = ? AND seq > ? AND seq <= ? "
+            "AND (kind = 'sale' OR kind LIKE 'price.%') ORDER BY seq LIMIT ?", (store, done, bound, WALK_LIMIT))
+        timeline: PriceTimeline | None = None
+        for seq, event_id, kind, device, ts, data in events:
+            body = loads(data)
+            if not isinstance(body, dict):
                 continue
-            events = self.db.query(
-                "SELECT seq, id, kind, device, ts, data FROM events WHERE store_id = ? AND seq > ? AND seq <= ? "
-                "AND (kind = 'sale' OR kind LIKE 'price.%') ORDER BY seq LIMIT ?", (store, done, bound, WALK_LIMIT))
-            group_list = [g for g in (loads(groups) or []) if isinstance(g, str)]
-            timeline: PriceTimeline | None = None
-            with self.db.transaction():
-                for seq, event_id, kind, device, ts, data in events:
-                    body = loads(data)
-                    if not isinstance(body, dict):
-                        continue
-                    if kind == "sale":
-                        timeline = timeline or PriceTimeline(self.db, store, group_list, prices)
-                        self._check_sale(store, timeline, event_id, seq, device, ts, body, now)
-                    elif kind in PRICE_COLUMNS:
-                        self._price_event(store, kind, ts, body, now)
-                        timeline = None  # a confirmation changes what the next sale may charge
-                last = events[-1][0] if len(events) == WALK_LIMIT else bound
-                self.db.execute("UPDATE stores SET compliance_seq = ? WHERE store_id = ?", (last, store))
-            dirty.add(store)
-        return dirty
+            if kind == "sale":
+                timeline = timeline or PriceTimeline(self.db, store, groups, prices)
+                self._check_sale(store, timeline, event_id, seq, device, ts, body, now)
+            elif kind in PRICE_COLUMNS:
+                self._price_event(store, kind, ts, body, now)
+                timeline = None  # a confirmation changes what the next sale may charge
+        last = events[-1][0] if len(events) == WALK_LIMIT else bound
+        self.db.execute("UPDATE stores SET compliance_seq = ? WHERE store_id = ?", (last, store))
 
     def _price_event(self, store: str, kind: str, ts: float, data: dict[str, Any], now: float) -> None:
         batch_id = data.get("batch_id")

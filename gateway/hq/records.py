@@ -116,8 +116,7 @@ def _head(payload: bytes) -> str:
     return payload[:BAD_PAYLOAD_HEAD].decode("utf-8", errors="replace")
 
 
-INSERT_EVENT = ("INSERT INTO events (id, store_id, seq, kind, device, ts, received_at, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
+EVENT_COLUMNS = ("id", "store_id", "seq", "kind", "device", "ts", "received_at", "data")
 UPSERT_RETAINED = ("INSERT INTO retained (store_id, topic, worker, payload, received_at, live_at) "
                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (store_id, topic, worker) DO UPDATE SET "
                    "payload = excluded.payload, received_at = excluded.received_at, "
@@ -126,7 +125,7 @@ UPSERT_RETAINED = ("INSERT INTO retained (store_id, topic, worker, payload, rece
 
 def write_batch(db: Database, parsed: Parsed, worker: str, known_stores: set[str]) -> int:
     """Insert one batch; returns how many events were new (the rest were duplicates). Call inside a transaction."""
-    inserted = db.executemany(INSERT_EVENT, parsed.events)
+    inserted = db.insert_ignore("events", EVENT_COLUMNS, "id", parsed.events)
     new_stores = sorted(parsed.stores - known_stores)  # sorted: two workers never lock in opposite orders
     if new_stores:
         now = time.time()

@@ -30,6 +30,7 @@ from storelink.hq.summary import Summary
 
 log = logging.getLogger(__name__)
 SCAN_LIMIT = 50_000  # new events per store and pass (a long backlog is followed over several passes)
+STORES_PER_COMMIT = 200  # one commit (one fsync) per this many stores, not one per store
 
 
 def run_tracker(settings: Any, stop: threading.Event) -> None:
@@ -77,19 +78,20 @@ class Tracker:
     def track_seqs(self, now: float) -> set[str]:
         rows = self.db.query("SELECT store_id, checked_seq, (SELECT max(seq) FROM events e "
                              "WHERE e.store_id = s.store_id) FROM stores s")
-        dirty: set[str] = set()
-        for store, checked, top in rows:
-            if top is None or (checked is not None and top <= checked):
-                continue
-            if checked is None:  # tracking starts where head office first heard of the store
-                checked = int(self.db.query("SELECT min(seq) FROM events WHERE store_id = ?", (store,))[0][0]) - 1
-                self.db.execute("UPDATE stores SET checked_seq = ?, compliance_seq = ? WHERE store_id = ?",
-                                (checked, checked, store))
-            self._scan(store, int(checked), now)
-            dirty.add(store)
-        return dirty
+        todo = [(s, c) for s, c, top in rows if top is not None and (c is None or top > c)]
+        for i in range(0, len(todo), STORES_PER_COMMIT):
+            with self.db.transaction():
+                for store, checked in todo[i:i + STORES_PER_COMMIT]:
+                    if checked is None:  # tracking starts where head office first heard of the store
+                        checked = int(self.db.query("SELECT min(seq) FROM events WHERE store_id = ?",
+                                                    (store,))[0][0]) - 1
+                        self.db.execute("UPDATE stores SET checked_seq = ?, compliance_seq = ? WHERE store_id = ?",
+                                        (checked, checked, store))
+                    self._scan(store, int(checked), now)
+        return {s for s, _c in todo}
 
     def _scan(self, store: str, checked: int, now: float) -> None:
+        """New events of one store past `checked`: holes become open gaps. Inside track_seqs' transaction."""
         rows = self.db.query(
             "SELECT seq, received_at, CASE WHEN kind = 'outbox.evicted' THEN data END FROM events "
             "WHERE store_id = ? AND seq > ? ORDER BY seq LIMIT ?", (store, checked, SCAN_LIMIT))
@@ -104,18 +106,17 @@ class Tracker:
             last_at = max(last_at, received_at)
             if notice is not None:
                 notices.append(loads(notice))
-        with self.db.transaction():
-            for first, last in gaps:
-                self.db.execute("INSERT INTO seq_gaps (store_id, first_seq, last_seq, state, detected_at) "
-                                "VALUES (?, ?, ?, 'open', ?) ON CONFLICT (store_id, first_seq) DO NOTHING",
-                                (store, first, last, now))
-            notified = self._record_evictions(store, notices, now)
-            self.db.execute(
-                "UPDATE stores SET checked_seq = ?, max_seq = ?, last_event_at = ?, "
-                "last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? ELSE last_seen END, "
-                "notified_evicted = CASE WHEN notified_evicted IS NULL OR notified_evicted < ? THEN ? "
-                "ELSE notified_evicted END WHERE store_id = ?",
-                (prev, prev, last_at, last_at, last_at, notified, notified, store))
+        for first, last in gaps:
+            self.db.execute("INSERT INTO seq_gaps (store_id, first_seq, last_seq, state, detected_at) "
+                            "VALUES (?, ?, ?, 'open', ?) ON CONFLICT (store_id, first_seq) DO NOTHING",
+                            (store, first, last, now))
+        notified = self._record_evictions(store, notices, now)
+        self.db.execute(
+            "UPDATE stores SET checked_seq = ?, max_seq = ?, last_event_at = ?, "
+            "last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? ELSE last_seen END, "
+            "notified_evicted = CASE WHEN notified_evicted IS NULL OR notified_evicted < ? THEN ? "
+            "ELSE notified_evicted END WHERE store_id = ?",
+            (prev, prev, last_at, last_at, last_at, notified, notified, store))
         if gaps:
             log.info("store %s: seq gap(s) %s (checking whether the store evicted them)", store,
                      ", ".join(f"{a}-{b}" for a, b in gaps))

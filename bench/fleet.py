@@ -1,0 +1,253 @@
+"""Fleet benchmark: head office's ingest into PostgreSQL against a bare MQTT subscriber, and the dashboard's pages.
+
+    .venv/bin/python bench/fleet.py [--stores 2000] [--events 60000] [--gateways 3] [--workers 1,2,4] [--runs 3]
+
+Starts its own Mosquitto and PostgreSQL (tests/pg_helpers.py). Each run: `--publishers` processes of lightweight
+simulated stores (storelink.drivers.sim.fleet) plus `--gateways` real `storelink run` gateways (events posted to
+their ingest API) publish to one broker; N `storelink hq ingest` workers (one MQTT 5 shared subscription, the
+tracker on) land them in one PostgreSQL while a bare paho subscriber, in its own process, receives the same
+messages. Printed per worker count, medians of `--runs`: ingest events/s (first publish to last row committed),
+the bare subscriber's events/s over the same messages, their ratio (target with one worker >= 0.5), and the fleet
+size it implies at 10 events/s per store. Then the dashboard: `hq serve` over synthetic fleets of 5,000 to 50,000
+stores, the time for a page (100 and 1,000 stores, filtered and not) and how many stores one page lists in
+under 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from storelink.drivers.sim.fleet import Fleet  # noqa: E402
+from storelink.hq.db import open_database  # noqa: E402
+from storelink.hq.schema import migrate  # noqa: E402
+from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for, write_config  # noqa: E402
+from tests.ingest_helpers import IngestProcess, ServeProcess, one  # noqa: E402
+from tests.pg_helpers import Postgres  # noqa: E402
+
+PER_STORE_RATE = 10.0  # events/s a busy store sends (tills, scanners, telemetry)
+
+
+# -- processes -------------------------------------------------------------------------------------------------
+def _publisher(port: int, stores: list[str], per_store: int, ready: Any, go: Any) -> None:
+    fleet = Fleet("127.0.0.1", port, stores, connections=2, name=f"p{os.getpid()}")
+    fleet.births()
+    ready.set()
+    go.wait()
+    fleet.burst(per_store)
+    fleet.drain(600)
+    fleet.close()
+
+
+def _bare_subscriber(port: int, expected: int, ready: Any, out: Any) -> None:
+    """paho with its defaults (automatic PUBACK): the ceiling for anything that consumes the same messages."""
+    got = 0
+    first = last = 0.0
+    done = threading.Event()
+
+    def on_message(_c: Any, _u: Any, _m: Any) -> None:
+        nonlocal got, first, last
+        last = time.time()
+        if not got:
+            first = last
+        got += 1
+        if got >= expected:
+            done.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{os.getpid()}", protocol=mqtt.MQTTv5)
+    client.on_message = on_message
+    client.on_subscribe = lambda *_a: ready.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe("storelink/+/events/+", 1)
+    client.loop_start()
+    done.wait(900)
+    client.loop_stop()
+    out.put({"received": got, "first": first, "last": last})
+
+
+# -- one ingest run --------------------------------------------------------------------------------------------
+def ingest_run(work: Path, pg: Postgres, broker: Mosquitto, workers: int, stores: int, events: int,
+               publishers: int, gateways: list[GatewayProcess], gw_events: int, tag: str) -> dict[str, float]:
+    url = pg.new_database()
+    per_store = events // stores
+    names = [f"{tag}-{i:05d}" for i in range(stores)]
+    expected = per_store * stores + gw_events * len(gateways)
+    ctx = multiprocessing.get_context("spawn")
+    # A short session expiry: the workers of earlier runs must not keep queueing copies of this run's events.
+    procs = [IngestProcess(work, url, broker.port, f"{tag}-w{i}", "--share-group", f"g-{tag}", "--session-expiry",
+                           "2").start() for i in range(workers)]
+    ready = [ctx.Event() for _ in range(publishers + 1)]
+    go = ctx.Event()
+    result = ctx.Queue()
+    bare = ctx.Process(target=_bare_subscriber, args=(broker.port, expected, ready[0], result))
+    bare.start()
+    pubs = [ctx.Process(target=_publisher, args=(broker.port, names[i::publishers], per_store, ready[i + 1], go))
+            for i in range(publishers)]
+    for p in pubs:
+        p.start()
+    for r in ready:
+        r.wait(60)
+    db = open_database(url)
+    start = time.time()
+    go.set()
+    posters = [threading.Thread(target=_post_events, args=(gw, gw_events)) for gw in gateways]
+    for t in posters:
+        t.start()
+    wait_for(lambda: one(db, "SELECT count(*) FROM events") >= expected, 900, interval=0.05,
+             what=f"{expected} events in PostgreSQL")
+    landed = time.time()
+    for t in posters:
+        t.join()
+    for p in pubs:
+        p.join(60)
+    bare_out = result.get(timeout=120)
+    bare.join(10)
+    assert one(db, "SELECT count(*) FROM events") == expected  # exactly once
+    db.close()
+    for w in procs:
+        w.terminate()
+    return {"ingest": expected / (landed - start), "bare": bare_out["received"] / (bare_out["last"] - start),
+            "events": float(expected)}
+
+
+def _post_events(gw: GatewayProcess, n: int) -> None:
+    """A real store's in-store systems posting through the ingest API, in lists of 100."""
+    for i in range(0, n, 100):
+        body = [{"kind": "telemetry", "device": "sensor-1", "data": {"n": i + k}} for k in range(min(100, n - i))]
+        status, _ = gw.post("/api/v1/events", body)
+        assert status == 202, status
+
+
+def start_gateways(work: Path, broker: Mosquitto, n: int) -> list[GatewayProcess]:
+    out = []
+    for i in range(n):
+        d = work / f"gw{i}"
+        d.mkdir()
+        port = free_port()
+        cfg = write_config(d / "storelink.toml", f"real-gw-{i}", broker.port, port)
+        gw = GatewayProcess(cfg, port).start()
+        gw.wait_online()
+        out.append(gw)
+    return out
+
+
+# -- dashboard -------------------------------------------------------------------------------------------------
+def seed_fleet(url: str, n: int) -> None:
+    db = open_database(url)
+    migrate(db)
+    now = time.time()
+    with db.transaction():
+        db.executemany(
+            "INSERT INTO stores (store_id, first_seen, online, state_since, version, group_list, price_version, "
+            "latest_published, stale_devices, devices_total, devices_bad, outbox_depth, last_seen, problems, "
+            "open_alerts) VALUES (?, ?, ?, ?, '0.1.0', ?, 41, 42, '[]', 8, '[]', 0, ?, ?, ?)",
+            [(f"store-{i:05d}", now, int(i % 50 != 0), now - 600, json.dumps([f"region-{i % 20}"]), now,
+              "offline" if i % 50 == 0 else "", int(i % 50 == 0)) for i in range(n)])
+        db.executemany("INSERT INTO store_groups (group_name, store_id) VALUES (?, ?)",
+                       [(f"region-{i % 20}", f"store-{i:05d}") for i in range(n)])
+        db.executemany("INSERT INTO store_problems (problem, store_id) VALUES ('offline', ?)",
+                       [(f"store-{i:05d}",) for i in range(0, n, 50)])
+    db.execute("ANALYZE")
+    db.close()
+
+
+def timed_get(base: str, path: str, repeat: int = 7) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(base + path, timeout=30) as resp:
+            resp.read()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def dashboard_bench(work: Path, pg: Postgres, sizes: list[int]) -> None:
+    print("\ndashboard (hq serve over PostgreSQL, median of 7 GETs, ms):")
+    print(f"  {'stores':>7} {'page 100':>9} {'1,000':>7} {'group 100':>10} {'offline 100':>12} {'all, 1,000/pg':>14}")
+    for n in sizes:
+        url = pg.new_database()
+        seed_fleet(url, n)
+        serve = ServeProcess(work, url)
+        try:
+            base = serve.base_url
+            first = timed_get(base, "/api/v1/fleet?limit=100")
+            big = timed_get(base, "/api/v1/fleet?limit=1000")
+            group = timed_get(base, "/api/v1/fleet?group=region-3&limit=100")
+            offline = timed_get(base, "/api/v1/fleet?problem=offline&limit=100")
+            t0 = time.perf_counter()
+            after, listed = "", 0
+            while True:
+                with urllib.request.urlopen(f"{base}/api/v1/fleet?limit=1000&after={after}", timeout=60) as resp:
+                    page = json.loads(resp.read())
+                listed += len(page["stores"])
+                if not page["next"]:
+                    break
+                after = page["next"]
+            whole = (time.perf_counter() - t0) * 1000
+            assert listed == n
+            print(f"  {n:>7} {first:>9.1f} {big:>7.1f} {group:>10.1f} {offline:>12.1f} {whole:>14.0f}")
+        finally:
+            serve.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stores", type=int, default=2000)
+    p.add_argument("--events", type=int, default=60_000, help="events from the simulated stores per run")
+    p.add_argument("--gateways", type=int, default=3, help="real storelink run gateways")
+    p.add_argument("--gateway-events", type=int, default=1000, help="events per real gateway per run")
+    p.add_argument("--publishers", type=int, default=2, help="processes of simulated stores")
+    p.add_argument("--workers", default="1,2,4")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--dashboard", default="5000,20000,50000", help="fleet sizes for the dashboard (0: skip)")
+    args = p.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        work = Path(tmp)
+        broker = Mosquitto(work, extra_conf="max_queued_messages 0\n").start()
+        pg = Postgres().start()
+        gateways = start_gateways(work, broker, args.gateways)
+        try:
+            print(f"{args.stores} simulated stores ({args.publishers} processes) + {args.gateways} real gateways, "
+                  f"{args.events + args.gateways * args.gateway_events} events per run, {args.runs} runs, "
+                  f"{os.cpu_count()} CPUs")
+            print(f"  {'workers':>7} {'ingest/s':>9} {'bare/s':>8} {'ratio':>6} {'fleet @10/s':>12}   runs")
+            for w in [int(x) for x in args.workers.split(",")]:
+                runs = []
+                for r in range(args.runs):
+                    res = ingest_run(work, pg, broker, w, args.stores, args.events, args.publishers, gateways,
+                                     args.gateway_events, f"r{w}{r}")
+                    runs.append(res)
+                ingest = statistics.median(x["ingest"] for x in runs)
+                bare = statistics.median(x["bare"] for x in runs)
+                ratio = statistics.median(x["ingest"] / x["bare"] for x in runs)
+                shown = ", ".join(f"{x['ingest']:.0f}/{x['bare']:.0f}" for x in runs)
+                print(f"  {w:>7} {ingest:>9.0f} {bare:>8.0f} {ratio:>6.2f} {ingest / PER_STORE_RATE:>12.0f}   {shown}",
+                      flush=True)
+            sizes = [int(x) for x in args.dashboard.split(",") if int(x)]
+            if sizes:
+                dashboard_bench(work, pg, sizes)
+        finally:
+            for gw in gateways:
+                gw.stop()
+            pg.stop()
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()
