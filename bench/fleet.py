@@ -29,32 +29,34 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
-from storelink.drivers.sim.fleet import Fleet  # noqa: E402
-from storelink.hq.db import open_database  # noqa: E402
-from storelink.hq.schema import migrate  # noqa: E402
-from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for, write_config  # noqa: E402
-from tests.ingest_helpers import IngestProcess, ServeProcess, one  # noqa: E402
-from tests.pg_helpers import Postgres  # noqa: E402
+from storelink.drivers.sim.fleet import Fleet
+from storelink.hq.db import open_database
+from storelink.hq.schema import migrate
+from tests.helpers import GatewayProcess, Mosquitto, free_port, wait_for, write_config
+from tests.ingest_helpers import IngestProcess, ServeProcess, one
+from tests.pg_helpers import Postgres
 
 PER_STORE_RATE = 10.0  # events/s a busy store sends (tills, scanners, telemetry)
 
 
 # -- processes -------------------------------------------------------------------------------------------------
-def _publisher(port: int, stores: list[str], per_store: int, ready: Any, go: Any) -> None:
+def _publisher(port: int, stores: list[str], per_store: int) -> None:
     fleet = Fleet("127.0.0.1", port, stores, connections=2, name=f"p{os.getpid()}")
     fleet.births()
-    ready.set()
-    go.wait()
     fleet.burst(per_store)
     fleet.drain(600)
     fleet.close()
 
 
-def _bare_subscriber(port: int, expected: int, ready: Any, out: Any) -> None:
-    """paho with its defaults (automatic PUBACK): the ceiling for anything that consumes the same messages."""
+def bare_session(port: int, client_id: str, expected: int, subscribe: bool) -> dict[str, float]:
+    """paho with its defaults (automatic PUBACK), on a persistent session: the ceiling for anything that consumes
+    the same messages. subscribe=True only sets the session up; then it receives what was queued for it."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
     got = 0
     first = last = 0.0
     done = threading.Event()
@@ -68,59 +70,82 @@ def _bare_subscriber(port: int, expected: int, ready: Any, out: Any) -> None:
         if got >= expected:
             done.set()
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{os.getpid()}", protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     client.on_message = on_message
-    client.on_subscribe = lambda *_a: ready.set()
-    client.connect("127.0.0.1", port)
-    client.subscribe("storelink/+/events/+", 1)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 3600
+    props.ReceiveMaximum = 10_000  # as the ingest asks for
+    client.connect("127.0.0.1", port, clean_start=subscribe, properties=props)
+    if subscribe:
+        client.subscribe("storelink/+/events/+", 1)
+        client.loop_start()
+        time.sleep(1.0)
+        client.loop_stop()
+        client.disconnect()
+        return {}
     client.loop_start()
     done.wait(900)
     client.loop_stop()
-    out.put({"received": got, "first": first, "last": last})
+    client.disconnect()
+    return {"received": got, "first": first, "last": last}
+
+
+def _bare_process(port: int, client_id: str, expected: int, out: Any) -> None:
+    out.put(bare_session(port, client_id, expected, subscribe=False))
 
 
 # -- one ingest run --------------------------------------------------------------------------------------------
 def ingest_run(work: Path, pg: Postgres, broker: Mosquitto, workers: int, stores: int, events: int,
                publishers: int, gateways: list[GatewayProcess], gw_events: int, tag: str) -> dict[str, float]:
+    """The burst waits at the broker, queued for a bare subscriber's session and for the ingest workers' sessions
+    (all offline), so both are measured at the rate they can consume, not at the rate this box can publish. The
+    bare subscriber drains first, alone; then the workers, together."""
     url = pg.new_database()
     per_store = events // stores
     names = [f"{tag}-{i:05d}" for i in range(stores)]
     expected = per_store * stores + gw_events * len(gateways)
     ctx = multiprocessing.get_context("spawn")
-    # A short session expiry: the workers of earlier runs must not keep queueing copies of this run's events.
-    procs = [IngestProcess(work, url, broker.port, f"{tag}-w{i}", "--share-group", f"g-{tag}", "--session-expiry",
-                           "2").start() for i in range(workers)]
-    ready = [ctx.Event() for _ in range(publishers + 1)]
-    go = ctx.Event()
-    result = ctx.Queue()
-    bare = ctx.Process(target=_bare_subscriber, args=(broker.port, expected, ready[0], result))
-    bare.start()
-    pubs = [ctx.Process(target=_publisher, args=(broker.port, names[i::publishers], per_store, ready[i + 1], go))
+    procs = [IngestProcess(work, url, broker.port, f"{tag}-w{i}", "--share-group", f"g-{tag}",
+                           "--session-expiry", "3600") for i in range(workers)]
+    for w in procs:
+        w.start()
+    bare_id = f"bare-{tag}"
+    bare_session(broker.port, bare_id, 0, subscribe=True)
+    for w in procs:
+        w.terminate()  # the sessions stay at the broker and queue what comes
+    pubs = [ctx.Process(target=_publisher, args=(broker.port, names[i::publishers], per_store))
             for i in range(publishers)]
     for p in pubs:
         p.start()
-    for r in ready:
-        r.wait(60)
-    db = open_database(url)
-    start = time.time()
-    go.set()
     posters = [threading.Thread(target=_post_events, args=(gw, gw_events)) for gw in gateways]
     for t in posters:
         t.start()
-    wait_for(lambda: one(db, "SELECT count(*) FROM events") >= expected, 900, interval=0.05,
-             what=f"{expected} events in PostgreSQL")
-    landed = time.time()
     for t in posters:
         t.join()
     for p in pubs:
-        p.join(60)
-    bare_out = result.get(timeout=120)
+        p.join(600)
+    for gw in gateways:
+        wait_for(lambda gw=gw: gw.get("/api/v1/status")[1]["outbox"]["depth"] == 0, 120, what="gateway drained")
+
+    result = ctx.Queue()
+    bare = ctx.Process(target=_bare_process, args=(broker.port, bare_id, expected, result))
+    bare.start()
+    bare_out = result.get(timeout=900)
     bare.join(10)
+    assert bare_out["received"] == expected, bare_out
+
+    db = open_database(url)
+    for w in procs:  # all at once: each drains its own share of the queue
+        w.start(wait=False)
+    wait_for(lambda: one(db, "SELECT count(*) FROM events") >= expected, 900, interval=0.05,
+             what=f"{expected} events in PostgreSQL")
+    landed = time.time()
+    first = float(one(db, "SELECT min(received_at) FROM events"))
     assert one(db, "SELECT count(*) FROM events") == expected  # exactly once
     db.close()
     for w in procs:
         w.terminate()
-    return {"ingest": expected / (landed - start), "bare": bare_out["received"] / (bare_out["last"] - start),
+    return {"ingest": expected / (landed - first), "bare": expected / (bare_out["last"] - bare_out["first"]),
             "events": float(expected)}
 
 

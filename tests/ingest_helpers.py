@@ -24,14 +24,18 @@ class IngestProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0
 
-    def start(self) -> IngestProcess:
+    def start(self, wait: bool = True) -> IngestProcess:
         self._offset = self.log.stat().st_size if self.log.exists() else 0  # wait for this start's own line
         cmd = [STORELINK, "hq", "ingest", "--database", self.database, "--broker", f"127.0.0.1:{self.broker_port}",
                "--worker-id", self.worker, "--tracker-every", "0.5", *self.extra]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.workdir)
-        wait_for(lambda: self._subscribed(), 30, what=f"ingest worker {self.worker} subscribed")
+        if wait:
+            self.wait_subscribed()
         return self
+
+    def wait_subscribed(self) -> None:
+        wait_for(lambda: self._subscribed(), 30, what=f"ingest worker {self.worker} subscribed")
 
     def _subscribed(self) -> bool:
         assert self.proc is not None
