@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from storelink.hq.db import Database
-from tests.helpers import STORELINK, free_port, wait_for
+from tests.helpers import STORELINK, ChildProcess, free_port, wait_for
 
 
-class IngestProcess:
+class IngestProcess(ChildProcess):
     """A real `storelink hq ingest` worker (so tests can kill -9 it and start it again under the same id)."""
 
     def __init__(self, workdir: Path, database: str, broker_port: int, worker: str = "w1", *extra: str):
@@ -43,20 +43,6 @@ class IngestProcess:
             raise AssertionError(f"ingest exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
         return b"subscribed on" in self.log.read_bytes()[self._offset:]
 
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def terminate(self, timeout: float = 20) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class ServeProcess:

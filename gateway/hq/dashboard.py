@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+import storelink.web
 from storelink.hq.db import Database, DatabaseError, open_database
 from storelink.hq.fleet_view import alert_list, fleet_page, groups, store_detail
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent
 STATIC = {"fleet.js": "text/javascript", "store.js": "text/javascript", "common.js": "text/javascript",
           "fleet.css": "text/css"}
+SHARED = {"dom.js": "text/javascript", "style.css": "text/css"}  # the store's status page files, served as they are
+SHARED_DIR = Path(storelink.web.__file__).parent
 DB_KEY: web.AppKey[Database] = web.AppKey("db")
 LOCK_KEY: web.AppKey[asyncio.Lock] = web.AppKey("db_lock")
 
@@ -112,26 +115,26 @@ def _page(name: str) -> Callable[[web.Request], Any]:
 
 async def static(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
+    if name in SHARED:
+        return web.FileResponse(SHARED_DIR / name, headers={"Content-Type": SHARED[name], "Cache-Control": "no-cache"})
     if name not in STATIC:
         raise web.HTTPNotFound()
     return web.FileResponse(STATIC_DIR / name, headers={"Content-Type": STATIC[name], "Cache-Control": "no-cache"})
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def database_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)  # type: ignore[no-any-return]
-    except web.HTTPException as exc:
-        if exc.status >= 400 and request.path.startswith("/api/"):
-            return _json({"error": exc.reason}, exc.status)
-        raise
     except DatabaseError as err:
         log.error("dashboard: %s", err)
         return _json({"error": f"database: {err}"}, 503)
 
 
 def build_app(db: Database) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    from storelink.web.server import json_errors  # the store API's: HTTP errors under /api/ as JSON
+
+    app = web.Application(middlewares=[json_errors, database_errors])
     app[DB_KEY] = db
     app[LOCK_KEY] = asyncio.Lock()
     app.router.add_get("/", _page("fleet.html"))
