@@ -7,11 +7,8 @@ future is resolved only after COMMIT returned, and with WAL + ``synchronous=FULL
 
 ``seq`` is per gateway, monotonic and gap-free: the next value lives in a ``meta`` row updated in the same
 transaction as the inserts, so a rolled-back batch (disk full) gives its numbers back. The only gaps head office
-can ever see are telemetry events evicted under the size cap, and those are reported exactly: each evicted seq
-goes into the ``evicted`` table (as ranges) in the same transaction that deletes it, and an ``outbox.evicted``
-event (never evicted itself) carries those ranges to head office, at most every ``NOTICE_EVERY`` seconds, so a
-store at its cap for days does not fill its outbox with reports. ``evicted_total`` counts every eviction since
-the outbox was created (durable, in ``meta``), so head office can tell when every eviction has been reported.
+can ever see are telemetry events evicted under the size cap, and those are reported exactly, in
+``outbox.evicted`` events (storelink.evictions).
 """
 
 from __future__ import annotations
@@ -35,13 +32,11 @@ from typing import Any
 import sqlite_utils
 
 from storelink.config import StorageConfig
+from storelink.evictions import EVICTION_KIND, EvictionLog
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000  # events per transaction; bounds the time one commit holds the writer
-NOTICE_EVERY = 10.0  # seconds between two outbox.evicted reports while telemetry is being evicted
-NOTICE_RANGES = 1000  # seq ranges per report (the rest goes in the next one at once)
-EVICTION_KIND = "outbox.evicted"
 
 
 class OutboxError(Exception):
@@ -152,9 +147,7 @@ class Outbox:
         self._busy_since: float | None = None  # set while the writer holds a batch; the watchdog reads it
         self._id_prefix = os.urandom(10).hex()
         self._id_counter = itertools.count()
-        # Eviction reporting (writer thread only): the last evicted run, counts, and whether a report is due.
-        self._evict = _EvictState()
-        self._last_notice = 0.0
+        self.evictions = EvictionLog()  # the writer thread's: which seqs were evicted, and their reports
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -168,13 +161,9 @@ class Outbox:
             if_not_exists=True,
         )
         db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)  # type: ignore[union-attr]
-        conn.execute("CREATE TABLE IF NOT EXISTS evicted (first INTEGER PRIMARY KEY, last INTEGER NOT NULL)")
         conn.execute("CREATE INDEX IF NOT EXISTS outbox_by_class ON outbox(critical, seq)")
-        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('evicted_total', 'evicted_notified')"))
-        unreported = conn.execute("SELECT count(*) FROM evicted").fetchone()[0]
-        self._evict = _EvictState(None, meta.get("evicted_total", 0), meta.get("evicted_notified", 0),
-                                  unreported > 0)
-        self.stats.evicted_total = self._evict.total
+        self.evictions.open(conn)
+        self.stats.evicted_total = self.evictions.state.total
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
         self._next_seq = max(row[0] if row else 1, top + 1)
@@ -321,7 +310,7 @@ class Outbox:
         stop = False
         while not stop:
             try:
-                first = self._queue.get(timeout=self._notice_wait())
+                first = self._queue.get(timeout=self.evictions.wait())
             except queue.Empty:
                 self._commit([])  # only the eviction report is due
                 continue
@@ -345,17 +334,12 @@ class Outbox:
             self.last_progress = time.monotonic()
             self._busy_since = None
 
-    def _notice_wait(self) -> float | None:
-        if not self._evict.unreported:
-            return None
-        return max(0.01, NOTICE_EVERY - (time.monotonic() - self._last_notice))
-
     def _commit(self, work: list[tuple[str, Any]]) -> None:
         assert self._conn is not None
         conn = self._conn
         puts = [w[1] for w in work if w[0] == "put"]
         acks = [s for w in work if w[0] == "ack" for s in w[1]]
-        snapshot = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict)
+        snapshot = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state)
         results: list[tuple[Any, list[Accepted] | BaseException]] = []
         delivered = 0
         try:
@@ -372,12 +356,9 @@ class Outbox:
                         results.append(((fut, loop), accepted))
                     except OutboxFull as err:
                         results.append(((fut, loop), err))
-            if self._evict.unreported and time.monotonic() - self._last_notice >= NOTICE_EVERY:
-                self._eviction_notice(conn)
-            if self._evict != snapshot[4]:
-                conn.executemany("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET "
-                                 "value=excluded.value", [("evicted_total", self._evict.total),
-                                                          ("evicted_notified", self._evict.notified)])
+            if self.evictions.due():
+                self._eviction_report(conn)
+            self.evictions.save(conn, snapshot[4])
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES('next_seq', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -387,7 +368,7 @@ class Outbox:
         except sqlite3.Error as err:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict = snapshot
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state = snapshot
             full = "full" in str(err).lower()
             reason = "disk full" if full else f"database error: {err}"
             self._alarm("storage", f"cannot write the outbox ({reason}); new events are refused")
@@ -398,7 +379,7 @@ class Outbox:
                 self._queue.put(("ack", acks))
         else:
             self.stats.commits_total += 1
-            self.stats.evicted_total = self._evict.total
+            self.stats.evicted_total = self.evictions.state.total
             self.stats.delivered_total += delivered
             self.stats.accepted_total += sum(len(r) for _f, r in results if isinstance(r, list))
             if "storage" in self.stats.alarms:
@@ -458,7 +439,7 @@ class Outbox:
     def _insert_call(self, conn: sqlite3.Connection, pending: list[_Pending]) -> list[Accepted]:
         """Insert one caller's events, all or none (a savepoint), evicting telemetry if the cap needs it."""
         conn.execute("SAVEPOINT call")
-        saved = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict)
+        saved = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state)
         try:
             rows = []
             for p in pending:
@@ -470,7 +451,7 @@ class Outbox:
         except OutboxFull:
             conn.execute("ROLLBACK TO call")
             conn.execute("RELEASE call")
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict = saved
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state = saved
             self.stats.refused_total += len(pending)
             raise
         conn.execute("RELEASE call")
@@ -496,7 +477,7 @@ class Outbox:
                 if not self._over_cap(size):
                     break
                 conn.execute("DELETE FROM outbox WHERE seq=?", (seq,))
-                self._note_evicted(conn, seq)
+                self.evictions.note(conn, seq)
                 self.stats.depth -= 1
                 self.stats.bytes -= length
                 evicted += 1
@@ -509,40 +490,19 @@ class Outbox:
         elif evicted:
             self._alarm("capacity", "outbox at its cap: oldest telemetry is being evicted")
 
-    def _note_evicted(self, conn: sqlite3.Connection, seq: int) -> None:
-        """Record seq as evicted, extending the last run when it follows it (inside the evicting transaction)."""
-        run = self._evict.run
-        if run is not None and run[1] == seq - 1:
-            conn.execute("UPDATE evicted SET last=? WHERE first=?", (seq, run[0]))
-            run = (run[0], seq)
-        else:
-            conn.execute("INSERT INTO evicted(first, last) VALUES (?, ?)", (seq, seq))
-            run = (seq, seq)
-        e = self._evict
-        self._evict = _EvictState(run, e.total + 1, e.notified, True)
-
-    def _eviction_notice(self, conn: sqlite3.Connection) -> None:
-        """Insert one outbox.evicted event with the runs not yet reported, and forget those runs. Critical, so it is
-        never evicted itself; it may put the outbox a little over its cap, which the next put evicts back."""
-        runs = conn.execute("SELECT first, last FROM evicted ORDER BY first LIMIT ?", (NOTICE_RANGES,)).fetchall()
-        e = self._evict
-        if not runs:
-            self._evict = _EvictState(e.run, e.total, e.notified, False)
+    def _eviction_report(self, conn: sqlite3.Connection) -> None:
+        """One outbox.evicted event with the runs not yet reported. Critical, so never evicted itself; it may put the
+        outbox a little over its cap, which the next put evicts back."""
+        data = self.evictions.take_report(conn)
+        if data is None:
             return
-        count = sum(last - first + 1 for first, last in runs)
-        notified = e.notified + count
-        data = {"ranges": [[first, last] for first, last in runs], "count": count, "evicted_total": notified}
         pending = _Pending(f"{self._id_prefix}{next(self._id_counter):012x}", time.time(), EVICTION_KIND, "gateway",
                            _encode_data(data), True)
         row = self._row(pending)
         conn.execute("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", row)
         self._count(1, len(row[5]), 1)
-        conn.execute("DELETE FROM evicted WHERE first <= ?", (runs[-1][0],))
-        run = None if e.run is not None and e.run[0] <= runs[-1][0] else e.run
-        self._evict = _EvictState(run, e.total, notified, len(runs) == NOTICE_RANGES)
-        self._last_notice = time.monotonic()
         log.info("outbox at its cap: %d telemetry event(s) evicted since the last report (seq %d-%d); reported",
-                 count, runs[0][0], runs[-1][1])
+                 data["count"], data["ranges"][0][0], data["ranges"][-1][1])
 
     def _delete(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
         deleted = 0
@@ -560,16 +520,6 @@ class Outbox:
             self.stats.critical -= row[2]
             deleted += row[0]
         return deleted
-
-
-@dataclass(frozen=True, slots=True)
-class _EvictState:
-    """Immutable, so a rolled-back transaction restores it by keeping the old object."""
-
-    run: tuple[int, int] | None = None  # the last evicted run (first, last) still in the evicted table
-    total: int = 0  # evicted since the outbox was created
-    notified: int = 0  # of those, reported in outbox.evicted events
-    unreported: bool = False
 
 
 def _set_results(items: list[tuple[asyncio.Future[Any], Any]], new_event: asyncio.Event) -> None:

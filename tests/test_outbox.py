@@ -78,9 +78,9 @@ async def test_evictions_are_reported_exactly_and_survive_a_restart(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Every evicted seq is in exactly one outbox.evicted report (interleaved with sales, so in several runs),
     reports are spaced by NOTICE_EVERY, and runs evicted but not yet reported at a restart are reported after it."""
-    import storelink.outbox as outbox_module
+    import storelink.evictions
 
-    monkeypatch.setattr(outbox_module, "NOTICE_EVERY", 0.3)
+    monkeypatch.setattr(storelink.evictions, "NOTICE_EVERY", 0.3)
     ob = make(tmp_path, max_events=100)
     accepted = []
     for i in range(80):  # a sale after every second scan: evicted scans come in runs of two
