@@ -125,7 +125,9 @@ UPSERT_RETAINED = ("INSERT INTO retained (store_id, topic, worker, payload, rece
 
 def write_batch(db: Database, parsed: Parsed, worker: str, known_stores: set[str]) -> int:
     """Insert one batch; returns how many events were new (the rest were duplicates). Call inside a transaction."""
-    inserted = db.insert_ignore("events", EVENT_COLUMNS, "id", parsed.events)
+    # Sorted by id: two workers landing the same event twice (a store's resend after a reconnect) lock the ids in
+    # the same order, so they wait for each other instead of deadlocking.
+    inserted = db.insert_ignore("events", EVENT_COLUMNS, "id", sorted(parsed.events))
     new_stores = sorted(parsed.stores - known_stores)  # sorted: two workers never lock in opposite orders
     if new_stores:
         now = time.time()
