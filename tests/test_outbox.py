@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from storelink.config import StorageConfig
+from storelink.contract import EvictionReport, OutboxStatePayload
 from storelink.outbox import Outbox, OutboxError, OutboxFull
 
 
@@ -102,7 +103,9 @@ async def test_evictions_are_reported_exactly_and_survive_a_restart(tmp_path: Pa
     assert sum(r["count"] for r in reports) == len(evicted) == ob.stats.evicted_total
     assert reports[-1]["evicted_total"] == len(evicted)
     assert any(b > a for r in reports for a, b in r["ranges"])  # consecutive seqs merged into runs
-    assert ob.report()["evicted_total"] == len(evicted) and ob.report()["depth"] == len(rows)
+    report = OutboxStatePayload.model_validate(ob.report())  # the retained outbox/state payload of the contract
+    assert report.evicted_total == len(evicted) and report.depth == len(rows)
+    assert all(EvictionReport.model_validate(r) for r in reports)
     ob.close()
 
 

@@ -23,6 +23,9 @@ import threading
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
+from storelink.contract import EvictionReport
 from storelink.hq import alerts
 from storelink.hq.db import Database, DatabaseError, loads, open_database
 from storelink.hq.events_walk import EventWalker
@@ -125,16 +128,15 @@ class Tracker:
         """Store the evicted seq ranges the store reported; returns the highest evicted_total it reported."""
         top = 0
         for notice in notices:
-            if not isinstance(notice, dict):
+            try:
+                report = EvictionReport.model_validate(notice)
+            except ValidationError as err:
+                log.warning("store %s: an outbox.evicted report that is not the contract's: %s", store, err)
                 continue
-            ranges = [r for r in notice.get("ranges") or [] if isinstance(r, list) and len(r) == 2
-                      and all(isinstance(x, int) for x in r) and r[0] <= r[1]]
             self.db.executemany("INSERT INTO evictions (store_id, first_seq, last_seq, reported_at) "
                                 "VALUES (?, ?, ?, ?) ON CONFLICT (store_id, first_seq) DO NOTHING",
-                                [(store, a, b, now) for a, b in ranges])
-            total = notice.get("evicted_total")
-            if isinstance(total, int):
-                top = max(top, total)
+                                [(store, a, b, now) for a, b in report.ranges if a <= b])
+            top = max(top, report.evicted_total)
         return top
 
     # -- 3. settling gaps -------------------------------------------------------------------------------------
