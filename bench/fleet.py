@@ -4,13 +4,16 @@
 
 Starts its own Mosquitto and PostgreSQL (tests/pg_helpers.py). Each run: `--publishers` processes of lightweight
 simulated stores (storelink.drivers.sim.fleet) plus `--gateways` real `storelink run` gateways (events posted to
-their ingest API) publish to one broker; N `storelink hq ingest` workers (one MQTT 5 shared subscription, the
-tracker on) land them in one PostgreSQL while a bare paho subscriber, in its own process, receives the same
-messages. Printed per worker count, medians of `--runs`: ingest events/s (first publish to last row committed),
-the bare subscriber's events/s over the same messages, their ratio (target with one worker >= 0.5), and the fleet
-size it implies at 10 events/s per store. Then the dashboard: `hq serve` over synthetic fleets of 5,000 to 50,000
-stores, the time for a page (100 and 1,000 stores, filtered and not) and how many stores one page lists in
-under 200 ms.
+their ingest API) publish a burst to one broker, which queues it for a bare paho subscriber's session and for the
+sessions of N `storelink hq ingest` workers (one MQTT 5 shared subscription, the tracker on), all offline. So
+both are measured at the rate they consume, not at the rate this box can publish: the bare subscriber drains its
+copy first, alone, then the N workers drain theirs together into one PostgreSQL. Printed per worker count, medians
+of `--runs`: ingest events/s (first message received to last row committed), the bare subscriber's events/s over
+the same messages, their ratio (target with one worker >= 0.5), the fleet size it implies at 10 events/s per
+store, and events per CPU second of the workers, of PostgreSQL and of the broker during the drain (the part with
+the fewest per CPU second, times the cores it can use, is where adding workers stops helping). Then the
+dashboard: `hq serve` over synthetic fleets of 5,000 to 50,000 stores, the time for a page (100 and 1,000 stores,
+filtered and not), the whole fleet in pages of 1,000, and how many stores that lists in 200 ms.
 """
 
 from __future__ import annotations
@@ -40,6 +43,32 @@ from tests.ingest_helpers import IngestProcess, ServeProcess, one
 from tests.pg_helpers import Postgres
 
 PER_STORE_RATE = 10.0  # events/s a busy store sends (tills, scanners, telemetry)
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user + system CPU time of these processes (from /proc), 0 for one that is gone."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def postgres_pids(pg: Postgres) -> list[int]:
+    """The postmaster and every backend it forked (the workers' connections, the WAL writer, ...)."""
+    master = int((pg.data / "postmaster.pid").read_text().split()[0])
+    out = [master]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == master:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 # -- processes -------------------------------------------------------------------------------------------------
@@ -135,18 +164,25 @@ def ingest_run(work: Path, pg: Postgres, broker: Mosquitto, workers: int, stores
     assert bare_out["received"] == expected, bare_out
 
     db = open_database(url)
+    assert broker.proc is not None
+    pg_before, broker_before = cpu_seconds(postgres_pids(pg)), cpu_seconds([broker.proc.pid])
     for w in procs:  # all at once: each drains its own share of the queue
         w.start(wait=False)
-    wait_for(lambda: one(db, "SELECT count(*) FROM events") >= expected, 900, interval=0.05,
+    wait_for(lambda: one(db, "SELECT count(*) FROM events") >= expected, 900, interval=0.5,
              what=f"{expected} events in PostgreSQL")
     landed = time.time()
+    worker_cpu = cpu_seconds([w.proc.pid for w in procs if w.proc is not None])
+    pg_cpu = cpu_seconds(postgres_pids(pg)) - pg_before
+    broker_cpu = cpu_seconds([broker.proc.pid]) - broker_before
     first = float(one(db, "SELECT min(received_at) FROM events"))
     assert one(db, "SELECT count(*) FROM events") == expected  # exactly once
     db.close()
     for w in procs:
         w.terminate()
+    # CPU per event of each part (events per CPU second): which one stops the scaling on a machine with more cores.
     return {"ingest": expected / (landed - first), "bare": expected / (bare_out["last"] - bare_out["first"]),
-            "events": float(expected)}
+            "events": float(expected), "per_worker_cpu": expected / max(worker_cpu, 1e-9),
+            "per_pg_cpu": expected / max(pg_cpu, 1e-9), "per_broker_cpu": expected / max(broker_cpu, 1e-9)}
 
 
 def _post_events(gw: GatewayProcess, n: int) -> None:
@@ -202,7 +238,8 @@ def timed_get(base: str, path: str, repeat: int = 7) -> float:
 
 def dashboard_bench(work: Path, pg: Postgres, sizes: list[int]) -> None:
     print("\ndashboard (hq serve over PostgreSQL, median of 7 GETs, ms):")
-    print(f"  {'stores':>7} {'page 100':>9} {'1,000':>7} {'group 100':>10} {'offline 100':>12} {'all, 1,000/pg':>14}")
+    print(f"  {'stores':>7} {'page 100':>9} {'1,000':>7} {'group 100':>10} {'offline 100':>12} {'all, 1,000/pg':>14} "
+          f"{'listed in 200 ms':>17}")
     for n in sizes:
         url = pg.new_database()
         seed_fleet(url, n)
@@ -224,7 +261,8 @@ def dashboard_bench(work: Path, pg: Postgres, sizes: list[int]) -> None:
                 after = page["next"]
             whole = (time.perf_counter() - t0) * 1000
             assert listed == n
-            print(f"  {n:>7} {first:>9.1f} {big:>7.1f} {group:>10.1f} {offline:>12.1f} {whole:>14.0f}")
+            print(f"  {n:>7} {first:>9.1f} {big:>7.1f} {group:>10.1f} {offline:>12.1f} {whole:>14.0f} "
+                  f"{min(n, int(n * 200 / whole)):>17}")
         finally:
             serve.stop()
 
@@ -251,7 +289,8 @@ def main() -> None:
             print(f"{args.stores} simulated stores ({args.publishers} processes) + {args.gateways} real gateways, "
                   f"{args.events + args.gateways * args.gateway_events} events per run, {args.runs} runs, "
                   f"{os.cpu_count()} CPUs")
-            print(f"  {'workers':>7} {'ingest/s':>9} {'bare/s':>8} {'ratio':>6} {'fleet @10/s':>12}   runs")
+            print(f"  {'workers':>7} {'ingest/s':>9} {'bare/s':>8} {'ratio':>6} {'fleet @10/s':>12} "
+                  f"{'ev/cpu-s: ingest':>17} {'postgres':>9} {'broker':>7}   runs (ingest/bare)")
             for w in [int(x) for x in args.workers.split(",")]:
                 runs = []
                 for r in range(args.runs):
@@ -262,8 +301,11 @@ def main() -> None:
                 bare = statistics.median(x["bare"] for x in runs)
                 ratio = statistics.median(x["ingest"] / x["bare"] for x in runs)
                 shown = ", ".join(f"{x['ingest']:.0f}/{x['bare']:.0f}" for x in runs)
-                print(f"  {w:>7} {ingest:>9.0f} {bare:>8.0f} {ratio:>6.2f} {ingest / PER_STORE_RATE:>12.0f}   {shown}",
-                      flush=True)
+                cpu = {k: statistics.median(x[k] for x in runs) for k in ("per_worker_cpu", "per_pg_cpu",
+                                                                           "per_broker_cpu")}
+                print(f"  {w:>7} {ingest:>9.0f} {bare:>8.0f} {ratio:>6.2f} {ingest / PER_STORE_RATE:>12.0f} "
+                      f"{cpu['per_worker_cpu']:>17.0f} {cpu['per_pg_cpu']:>9.0f} {cpu['per_broker_cpu']:>7.0f}   "
+                      f"{shown}", flush=True)
             sizes = [int(x) for x in args.dashboard.split(",") if int(x)]
             if sizes:
                 dashboard_bench(work, pg, sizes)
