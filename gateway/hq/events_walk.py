@@ -7,6 +7,7 @@ known before the sales after it (the ingest workers may commit them in any order
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from storelink.hq import alerts
@@ -25,6 +26,7 @@ class EventWalker:
         self.db = db
         self.grace = grace
         self.unchecked_lines = 0  # lines with a SKU head office never published for the store (or no price)
+        self.stop: threading.Event | None = None  # the worker's shutdown: the walk ends between chunks
 
     def walk(self, now: float) -> set[str]:
         rows = self.db.query(
@@ -38,6 +40,8 @@ class EventWalker:
             if bound > done:
                 todo.append((store, done, bound, [g for g in (loads(groups) or []) if isinstance(g, str)]))
         for i in range(0, len(todo), STORES_PER_COMMIT):
+            if self.stop is not None and self.stop.is_set():
+                break
             with self.db.transaction():  # one commit per chunk of stores, not one per store
                 for store, done, bound, group_list in todo[i:i + STORES_PER_COMMIT]:
                     self._walk_store(store, done, bound, group_list, prices, now)

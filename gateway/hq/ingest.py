@@ -129,17 +129,19 @@ class IngestWorker:
             self.tracker_thread.start()
 
     def run(self) -> None:
-        """Write until stop_event is set; the last batch is committed and acknowledged before returning."""
+        """Write until stop_event is set, then commit and acknowledge what has arrived by then, once, and return
+        (messages still coming meanwhile stay unacknowledged: the broker keeps them for the next start)."""
         assert self.db is not None
         pending: list[Inbound] = []
         delay = 0.5
-        while True:
+        last_round = False
+        while not last_round:
+            last_round = self.stop_event.is_set()
             pending = self._collect(pending)
             work = bool(pending or self._records or self._unrecorded)
-            if not work and self.stop_event.is_set():
-                break
             if not work:
-                self._housekeeping()
+                if not last_round:
+                    self._housekeeping()
                 continue
             try:
                 self._commit(pending)

@@ -21,6 +21,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -52,7 +53,7 @@ def run_tracker(settings: Any, stop: threading.Event) -> None:
                     log.info("worker %s runs the tracker", settings.worker_id)
                     tracker = Tracker(db, gap_grace=settings.gap_grace, grace=settings.price_grace)
             if holding and tracker is not None:
-                tracker.run_pass()
+                tracker.run_pass(stop=stop)
         except DatabaseError as err:
             log.error("tracker: %s", err)
             if db is not None:
@@ -68,13 +69,20 @@ class Tracker:
         self.gap_grace = gap_grace
         self.summary = Summary(db)
         self.walker = EventWalker(db, grace=grace)
+        self.stop: threading.Event | None = None  # set by the worker's shutdown: a pass ends between chunks
 
-    def run_pass(self, now: float | None = None) -> None:
+    def run_pass(self, now: float | None = None, stop: threading.Event | None = None) -> None:
+        """One pass; a set `stop` ends it between steps (the next pass, here or in another worker, resumes)."""
         now = time.time() if now is None else now
-        dirty = self.summary.fold_retained(now)
-        dirty |= self.track_seqs(now)
-        dirty |= self.settle_gaps(now)
-        dirty |= self.walker.walk(now)
+        self.stop = self.walker.stop = stop
+        steps: tuple[Callable[[], set[str]], ...] = (
+            lambda: self.summary.fold_retained(now), lambda: self.track_seqs(now), lambda: self.settle_gaps(now),
+            lambda: self.walker.walk(now))
+        dirty: set[str] = set()
+        for step in steps:
+            if stop is not None and stop.is_set():
+                return
+            dirty |= step()
         self.summary.evaluate(dirty, now)
 
     # -- 2. seq tracking ---------------------------------------------------------------------------------------
@@ -83,6 +91,8 @@ class Tracker:
                              "WHERE e.store_id = s.store_id) FROM stores s")
         todo = [(s, c) for s, c, top in rows if top is not None and (c is None or top > c)]
         for i in range(0, len(todo), STORES_PER_COMMIT):
+            if self.stop is not None and self.stop.is_set():
+                break
             with self.db.transaction():
                 for store, checked in todo[i:i + STORES_PER_COMMIT]:
                     if checked is None:  # tracking starts where head office first heard of the store
