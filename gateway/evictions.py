@@ -19,6 +19,10 @@ NOTICE_RANGES = 1000  # seq runs per report (the rest goes in the next one at on
 EVICTION_KIND = "outbox.evicted"
 
 
+def create_evicted_table(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS evicted (first INTEGER PRIMARY KEY, last INTEGER NOT NULL)")
+
+
 @dataclass(frozen=True, slots=True)
 class EvictState:
     """Immutable, so the outbox restores it after a rolled-back transaction by keeping the old object."""
@@ -37,7 +41,7 @@ class EvictionLog:
         self._last_report = 0.0
 
     def open(self, conn: sqlite3.Connection) -> None:
-        conn.execute("CREATE TABLE IF NOT EXISTS evicted (first INTEGER PRIMARY KEY, last INTEGER NOT NULL)")
+        """After the outbox's schema is in place (create_evicted_table is part of it)."""
         meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('evicted_total', 'evicted_notified')"))
         left = conn.execute("SELECT count(*) FROM evicted").fetchone()[0]  # evicted before a crash, not reported
         self.state = EvictState(None, meta.get("evicted_total", 0), meta.get("evicted_notified", 0), left > 0)

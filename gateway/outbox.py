@@ -32,7 +32,9 @@ from typing import Any
 import sqlite_utils
 
 from storelink.config import StorageConfig
-from storelink.evictions import EVICTION_KIND, EvictionLog
+from storelink.contract import EventPayload
+from storelink.evictions import EVICTION_KIND, EvictionLog, create_evicted_table
+from storelink.system.schema import ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,19 @@ class OutboxFull(OutboxError):
 class Accepted:
     id: str
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedEvent:
+    """What a listener hears about an accepted event (never its data: listeners show and count, they don't keep)."""
+
+    kind: str
+    device: str
+    seq: int
+    ts: float
+
+
+Listener = Callable[[Sequence[AcceptedEvent]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +115,6 @@ def iso_ts(ts: float) -> str:
 _encode_data = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
-@functools.lru_cache(maxsize=1024)
-def _json_str(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
 def kind_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
     exact = {p for p in patterns if not p.endswith(".*")}
     prefixes = tuple(p[:-1] for p in patterns if p.endswith(".*"))
@@ -129,6 +139,21 @@ def open_database(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     return conn
 
 
+def _create_tables(conn: sqlite3.Connection) -> None:
+    db = sqlite_utils.Database(conn)
+    db["outbox"].create(  # type: ignore[union-attr]
+        {"seq": int, "id": str, "kind": str, "critical": int, "ts": float, "payload": bytes},
+        pk="seq",
+        not_null={"id", "kind", "critical", "ts", "payload"},
+        if_not_exists=True,
+    )
+    db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)  # type: ignore[union-attr]
+    conn.execute("CREATE INDEX IF NOT EXISTS outbox_by_class ON outbox(critical, seq)")
+    # Additive, and made on every open (ensure_schema runs this after any migration): code that does not know the
+    # table (a rollback) ignores it and reads the file as before, so the schema version stays where it is.
+    create_evicted_table(conn)
+
+
 class Outbox:
     def __init__(self, config: StorageConfig, *, on_alarm: Callable[[str, str | None], None] | None = None):
         self.config = config
@@ -147,21 +172,15 @@ class Outbox:
         self._busy_since: float | None = None  # set while the writer holds a batch; the watchdog reads it
         self._id_prefix = os.urandom(10).hex()
         self._id_counter = itertools.count()
+        self._listeners: list[Listener] = []
         self.evictions = EvictionLog()  # the writer thread's: which seqs were evicted, and their reports
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def open(self) -> None:
         """Open (blocking: call from a thread or before the loop runs) and start the writer thread."""
         conn = open_database(self.config.path, self.config.synchronous)
-        db = sqlite_utils.Database(conn)
-        db["outbox"].create(  # type: ignore[union-attr]
-            {"seq": int, "id": str, "kind": str, "critical": int, "ts": float, "payload": bytes},
-            pk="seq",
-            not_null={"id", "kind", "critical", "ts", "payload"},
-            if_not_exists=True,
-        )
-        db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)  # type: ignore[union-attr]
-        conn.execute("CREATE INDEX IF NOT EXISTS outbox_by_class ON outbox(critical, seq)")
+        # Versioned (storelink.system.schema): a release rolled back after an update still reads this file.
+        ensure_schema(conn, "outbox", _create_tables)
         self.evictions.open(conn)
         self.stats.evicted_total = self.evictions.state.total
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
@@ -188,8 +207,15 @@ class Outbox:
                 conn.close()
         self._conn = self._reader = None
 
-    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    @property
+    def writer_alive(self) -> bool:
+        """The writer thread runs (False before open(), after close(), or when it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(events)`` on the event loop after each committed put (the status page's recent events,
+        metrics). It must be quick and must not raise; an exception is logged and the put still succeeds."""
+        self._listeners.append(listener)
 
     # -- accepting ------------------------------------------------------------------------------------------
     def is_critical(self, kind: str) -> bool:
@@ -217,7 +243,17 @@ class Outbox:
         pending = [self._pending(k, d, data) for k, d, data in items]
         fut: asyncio.Future[list[Accepted]] = loop.create_future()
         self._queue.put(("put", (pending, fut, loop)))
-        return await fut
+        accepted = await fut
+        if self._listeners:
+            self._tell([AcceptedEvent(p.kind, p.device, a.seq, p.ts) for p, a in zip(pending, accepted, strict=True)])
+        return accepted
+
+    def _tell(self, events: list[AcceptedEvent]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(events)
+            except Exception:
+                log.exception("outbox listener %r failed", listener)
 
     def ack(self, seqs: Sequence[int]) -> None:
         """The broker acknowledged these; delete them (asynchronously, batched with other work)."""
@@ -254,7 +290,7 @@ class Outbox:
     def progress_probe(self) -> float:
         """For the watchdog: "now" while the writer is idle or between batches, else when its batch began.
         A writer thread that died never makes progress again."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self.writer_alive:
             return self.last_progress
         return self._busy_since or time.monotonic()
 
@@ -404,10 +440,7 @@ class Outbox:
     def _row(self, p: _Pending) -> tuple[int, str, str, int, float, bytes]:
         """The row for p under the next seq (taken here; callers that do not keep the row restore it)."""
         seq = self._next_seq
-        payload = (
-            f'{{"id":"{p.id}","seq":{seq},"ts":"{iso_ts(p.ts)}","kind":{_json_str(p.kind)},'
-            f'"device":{_json_str(p.device)},"data":{p.data_json}}}'
-        ).encode()
+        payload = EventPayload.encode(p.id, seq, iso_ts(p.ts), p.kind, p.device, p.data_json)
         self._next_seq += 1
         return (seq, p.id, p.kind, int(p.critical), p.ts, payload)
 

@@ -28,10 +28,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel
 
 from storelink import __version__
 from storelink.config import MqttConfig
-from storelink.contract import OUTBOX_REPORT_EVERY, Topics, topic_matches
+from storelink.contract import OUTBOX_REPORT_EVERY, OutboxStatePayload, StatusPayload, Topics
 from storelink.outbox import Outbox, StoredEvent, iso_ts
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Downlink:
 
 
 Handler = Callable[[Downlink], Awaitable[None]]
+StatePayload = BaseModel | dict[str, Any] | bytes  # a contract model (storelink.contract); bytes b"" clears
 
 
 def backoff_delay(attempt: int, low: float, high: float) -> float:
@@ -85,7 +87,6 @@ class Uplink:
         self._retained_state: dict[str, bytes] = {}
         self._unacked_subs: dict[int, str] = {}  # SUBSCRIBE mid -> filter, sent on this connection, not answered
         self._refused_subs: set[str] = set()  # filters the broker refused on this connection
-        self._birth_extra: dict[str, Any] = {}
         self._handler_tasks: set[asyncio.Future[None]] = set()
         self._client = self._make_client()
 
@@ -134,9 +135,6 @@ class Uplink:
             mid = self._client.subscribe(topic_filter, qos)[1]
             if mid is not None:
                 self._unacked_subs[mid] = topic_filter
-
-    def set_birth_fields(self, **fields: Any) -> None:
-        self._birth_extra.update(fields)
 
     # -- paho callbacks (network thread) --------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -201,21 +199,14 @@ class Uplink:
         self._call(self._dispatch, down, msg.mid, msg.qos, client)
 
     # -- loop side ------------------------------------------------------------------------------------------
-    def _birth_payload(self) -> str:
-        body = {
-            "state": "online",
-            "store_id": self.topics.store_id,
-            "version": __version__,
-            "started_at": iso_ts(self.started_at),
-            "protocol": self.cfg.protocol,
-            "groups": self.groups,
-            **self._birth_extra,
-        }
-        return json.dumps(body)
+    def _birth_payload(self) -> bytes:
+        return StatusPayload(state="online", store_id=self.topics.store_id, version=__version__,
+                             started_at=iso_ts(self.started_at), protocol=self.cfg.protocol,
+                             groups=self.groups).encode()
 
-    def _offline_payload(self) -> str:
-        """The Last Will and the goodbye: head office may never have seen this store's birth."""
-        return json.dumps({"state": "offline", "store_id": self.topics.store_id, "groups": self.groups})
+    def _offline_payload(self) -> bytes:
+        """The Last Will and the goodbye; with the store's groups: head office may never have seen its birth."""
+        return StatusPayload(state="offline", store_id=self.topics.store_id, groups=self.groups).encode()
 
     def _set_connected(self, session_present: bool, subscribe_mids: dict[int | None, str]) -> None:
         # Republished here on the loop, not in paho's on_connect: publish_state() runs on the loop too, so a state
@@ -306,7 +297,7 @@ class Uplink:
         return True
 
     def _dispatch(self, down: Downlink, mid: int, qos: int, client: mqtt.Client) -> None:
-        handlers = [h for f, _q, h in self._handlers if topic_matches(f, down.topic)]
+        handlers = [h for f, _q, h in self._handlers if mqtt.topic_matches_sub(f, down.topic)]
         task = asyncio.ensure_future(self._run_handlers(down, handlers, mid, qos, client))
         self._handler_tasks.add(task)
         task.add_done_callback(self._handler_tasks.discard)
@@ -323,9 +314,15 @@ class Uplink:
             client.ack(mid, qos)  # the client that received it: a mid belongs to one connection
 
     # -- public API -----------------------------------------------------------------------------------------
-    def publish_state(self, topic: str, payload: dict[str, Any] | bytes) -> None:
-        """Retained latest-state message; remembered and republished on every reconnect."""
-        data = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+    def publish_state(self, topic: str, payload: StatePayload) -> None:
+        """Retained latest-state message; remembered and republished on every reconnect. Build it from a model of
+        storelink.contract (b"" clears a retained state)."""
+        if isinstance(payload, BaseModel):
+            data = payload.model_dump_json().encode()
+        elif isinstance(payload, bytes):
+            data = payload
+        else:
+            data = json.dumps(payload, separators=(",", ":")).encode()
         if self._retained_state.get(topic) == data:
             return
         self._retained_state[topic] = data
@@ -376,7 +373,8 @@ class Uplink:
         while True:
             await self._connected_evt.wait()
             try:
-                self.publish_state(self.topics.outbox_state, await asyncio.to_thread(self.outbox.report))
+                report = OutboxStatePayload.model_validate(await asyncio.to_thread(self.outbox.report))
+                self.publish_state(self.topics.outbox_state, report)
             except Exception as err:  # a closed outbox at shutdown; never let the report stop the uplink
                 log.debug("outbox report: %s", err)
             await asyncio.sleep(OUTBOX_REPORT_EVERY)

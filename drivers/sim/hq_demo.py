@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from storelink.drivers import till_protocol as tp
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS, free_port
 from storelink.drivers.sim.till import TillError, TillSimulator
 
 _state: dict[str, Any] = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 OLD_PRICE = {"sku": "1002", "description": "Dark chocolate 100 g", "price": 349}  # version 1's price
 
 
@@ -53,7 +60,7 @@ async def _overcharge_scene(gateway: Any) -> None:
     """Till 2 sells the chocolate at its own old price once version 2 is on every label."""
     dev = next(d for d in gateway.config.device_configs if d.id == "till-2")
     host, port = tp.parse_address(dev.listen)
-    book = gateway.services["prices"]
+    book = gateway.device_services.prices
     while not (book.active_version == 2 and not (book.lookup("1002") or {}).get("transition")):
         await asyncio.sleep(1.0)
     await asyncio.sleep(3.0)
@@ -116,5 +123,3 @@ async def run(gateway: Any) -> None:
             client.loop_stop()
         worker.close()
 
-
-DEMO_EXTENSIONS.append((prepare, run))

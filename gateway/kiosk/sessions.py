@@ -23,7 +23,6 @@ import asyncio
 import inspect
 import json
 import logging
-import re
 import shutil
 import sqlite3
 import threading
@@ -32,13 +31,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from storelink.contract import DEVICE_RE
 from storelink.outbox import iso_ts
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.parts import BasePart
+from storelink.system.schema import ensure_schema
+from storelink.validation import is_identifier
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +82,12 @@ CREATE TABLE IF NOT EXISTS session_files (kiosk_id TEXT NOT NULL, path TEXT NOT 
 """
 
 
-class KioskSessions:
+class KioskSessions(BasePart):
+    """The kiosk part (installed when a device needs kiosk sessions, or the config has a [cart]); devices see it
+    as their DeviceContext.kiosk."""
+
+    name = "kiosk"
+
     def __init__(self, data_dir: Path, emit: EmitFn):
         self.data_dir = data_dir
         self.db_path = data_dir / "kiosk.db"
@@ -98,6 +101,12 @@ class KioskSessions:
         self.ended_total = 0
 
     # -- life cycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.open()
+
+    async def stop(self) -> None:
+        await self.close()
+
     async def open(self) -> None:
         """Open the journal and purge whatever a previous process left behind (it died mid-session)."""
         await asyncio.to_thread(self._open_db)
@@ -124,13 +133,6 @@ class KioskSessions:
                 self._db.close()
                 self._db = None
 
-    async def run(self) -> None:
-        await self.open()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.close()
-
     # -- sessions -------------------------------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> None:
         """``await listener(KioskEvent)`` on every start and end (after the purge, for ends)."""
@@ -148,7 +150,7 @@ class KioskSessions:
 
     async def session_started(self, kiosk_id: str) -> str:
         """Start a session at ``kiosk_id`` (idempotent: an open session is kept). Returns the session id."""
-        if not re.fullmatch(DEVICE_RE, kiosk_id):
+        if not is_identifier(kiosk_id):
             raise ValueError(f"kiosk id {kiosk_id!r} is not a valid device id")
         await asyncio.wait_for(self._ready.wait(), 60)
         async with self._lock(kiosk_id):
@@ -283,7 +285,7 @@ class KioskSessions:
         conn.execute("PRAGMA synchronous=FULL")
         # Deleted content is overwritten with zeros instead of left in free pages for a forensic tool.
         conn.execute("PRAGMA secure_delete=ON")
-        conn.executescript(_SCHEMA)
+        ensure_schema(conn, "kiosk", lambda c: c.executescript(_SCHEMA))  # versioned: see storelink.system.schema
         with self._db_lock:
             self._db = conn
 
@@ -312,9 +314,3 @@ class KioskSessions:
             # database and truncate the WAL so no earlier version of the rows is left in either file.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-
-def install(gateway: Gateway) -> None:
-    sessions = KioskSessions(gateway.config.storage.path.parent / "kiosk", gateway.emit)
-    gateway.services["kiosk"] = sessions
-    gateway.status_parts["kiosk"] = sessions.status
-    gateway.parts.append(("kiosk", sessions.run))
