@@ -73,6 +73,7 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected_evt = asyncio.Event()
         self._window_evt = asyncio.Event()
+        self._report_now = asyncio.Event()
         self._awaiting_acks = False  # the drain waits for PUBACKs to free the window
         self._pubacks: collections.deque[tuple[int, bool, str]] = collections.deque()  # from paho's thread
         self._pubacks_scheduled = False
@@ -220,6 +221,7 @@ class Uplink:
         self.disconnected_since = None
         self.last_error = None
         self._connected_evt.set()
+        self._report_now.set()  # a fresh outbox report on every connect
         log.info("uplink connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, session_present)
 
     def _set_disconnected(self, why: str) -> None:
@@ -369,15 +371,20 @@ class Uplink:
 
     async def _report_outbox(self) -> None:
         """Retained ``outbox/state``: head office's fleet view shows the backlog, and its gap tracking learns
-        from ``evicted_total`` when every eviction has been reported (docs/mqtt.md)."""
+        from ``evicted_total`` when every eviction has been reported (docs/mqtt.md). Made fresh on every connect
+        and every OUTBOX_REPORT_EVERY seconds, never republished from memory like the other retained states: a
+        report from before an outage, sent again at reconnect, would tell head office a stale eviction count as
+        news."""
         while True:
             await self._connected_evt.wait()
             try:
                 report = OutboxStatePayload.model_validate(await asyncio.to_thread(self.outbox.report))
-                self.publish_state(self.topics.outbox_state, report)
+                self.publish_direct(self.topics.outbox_state, report.model_dump_json().encode(), retain=True)
             except Exception as err:  # a closed outbox at shutdown; never let the report stop the uplink
                 log.debug("outbox report: %s", err)
-            await asyncio.sleep(OUTBOX_REPORT_EVERY)
+            self._report_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report_now.wait(), OUTBOX_REPORT_EVERY)
 
     def _start_client(self) -> None:
         props = None

@@ -130,7 +130,9 @@ class Summary:
                 if body.get("state") != "ok":
                     bad.append({"device": body.get("device"), "state": body.get("state"),
                                 "last_error": body.get("last_error")})
-        outbox, outbox_at, _outbox_live = topics.get("outbox/state", (None, None, None))
+        # When a report last came live from the store: the broker's retained copy, sent again when a worker
+        # subscribes, is no news (the gap tracking asks for a report made after it saw a gap).
+        outbox, _outbox_received, outbox_at = topics.get("outbox/state", (None, None, None))
         depth = oldest = evicted = None
         if isinstance(outbox, dict):
             depth, evicted = outbox.get("depth"), outbox.get("evicted_total")
