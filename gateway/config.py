@@ -10,16 +10,16 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from storelink.devices.registry import validate_device_tables
 from storelink.drivers.base import DeviceConfig
 from storelink.prices.models import PricesConfig
 from storelink.remote.models import CartSettings, RemoteConfigSettings
 from storelink.update.models import UpdateSettings
-from storelink.validation import Identifier, StrictModel, describe_validation_error
+from storelink.validation import Identifier, StrictModel, TcpPort, describe_validation_error
 
 
 class TlsConfig(StrictModel):
@@ -37,7 +37,7 @@ class TlsConfig(StrictModel):
 
 class MqttConfig(StrictModel):
     host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
+    port: TcpPort = 1883
     username: str | None = None
     password: str | None = Field(None, repr=False)
     tls: TlsConfig | None = None
@@ -100,10 +100,19 @@ class HttpConfig(StrictModel):
         return _parse_listen(self.listen)
 
 
+def _usable_public_key(text: str) -> str:
+    from storelink.remote.signing import load_public_key
+
+    load_public_key(text)  # ValueError says what is wrong (not base64, no such file, not Ed25519)
+    return text
+
+
 class TrustConfig(StrictModel):
     """Head-office Ed25519 public keys (base64 of the 32 raw bytes, or a PEM file path)."""
 
-    public_keys: list[str] = Field(default_factory=list)
+    # Each one is loaded at check time: a key that cannot verify anything is a config error, not a later
+    # "bad signature" on every price batch.
+    public_keys: list[Annotated[str, AfterValidator(_usable_public_key)]] = Field(default_factory=list)
 
 
 class LoggingConfig(StrictModel):
@@ -159,12 +168,17 @@ class ConfigError(Exception):
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfig:
+    """Validate a whole config in one pass: top-level and device problems are reported together."""
+    problems: list[str] = []
+    cfg: GatewayConfig | None = None
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, describe_validation_error(err)) from None
-    devices, problems = validate_device_tables(cfg.devices)
-    if problems:
+        problems += describe_validation_error(err, GatewayConfig)
+    tables = data.get("devices", []) if isinstance(data, dict) else []
+    devices, device_problems = validate_device_tables(tables if isinstance(tables, list) else [])
+    problems += device_problems
+    if problems or cfg is None:
         raise ConfigError(source, problems)
     cfg._device_configs = devices
     return cfg

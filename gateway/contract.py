@@ -195,10 +195,30 @@ class PendingBatch(StrictModel):
     running: bool = Field(description="the coordinator is driving this batch now")
 
 
+class TransitionItem(StrictModel):
+    sku: str
+    description: str | None
+    old_price: int | None = Field(description="minor units; null for an item the change adds")
+    new_price: int | None = Field(description="minor units; null for an item the change removes")
+    kind: Literal["add", "change", "remove"]
+    charged: int | None = Field(description="what every till answers meanwhile: the lower of old and new")
+
+
+class LabelDeviceProgress(StrictModel):
+    confirmed: bool = Field(description="this label device shows the version (or, after an abort, the old content)")
+    left: int | None = Field(None, description="its labels that do not show the version yet (devices that count)")
+    total: int | None = Field(None, description="its labels the version changes")
+
+
 class TransitionState(StrictModel):
     batch_id: str
+    version: int | None
     outcome: str
+    since: str | None
     skus: int = Field(description="SKUs whose lookups answer min(old, new) until the labels confirm")
+    items: list[TransitionItem] = Field(description="the first 20 of those SKUs, by SKU")
+    labels: dict[str, LabelDeviceProgress] = Field(description="each label device, once it is being waited for")
+    labels_left: int | None = Field(description="labels left on the devices that count them")
 
 
 class LastBatch(StrictModel):

@@ -282,7 +282,8 @@ class Outbox:
 
     async def wait_for_new(self, max_wait: float) -> None:
         try:
-            await asyncio.wait_for(self._new_event.wait(), max_wait)
+            async with asyncio.timeout(max_wait):
+                await self._new_event.wait()
         except TimeoutError:
             pass
         self._new_event.clear()

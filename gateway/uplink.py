@@ -486,7 +486,8 @@ class Uplink:
         if self.connected:
             info = self._client.publish(self.topics.status, self._offline_payload(), qos=1, retain=True)
             try:
-                await asyncio.wait_for(asyncio.to_thread(info.wait_for_publish, 2.0), 2.5)
+                async with asyncio.timeout(2.5):
+                    await asyncio.to_thread(info.wait_for_publish, 2.0)
             except (TimeoutError, RuntimeError, ValueError):
                 pass
         self._client.disconnect()

@@ -1,15 +1,42 @@
 from __future__ import annotations
 
+import asyncio
+import io
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_timeout
 
 from storelink.remote.signing import KeyPair, keygen
 from tests import contract_check
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, write_config
 from tests.pg_helpers import Postgres
 from tests.release_helpers import ReleaseKit
+
+_thread_stacks = pytest_timeout.dump_stacks
+
+
+def _stacks_and_tasks(terminal: Any) -> None:
+    """pytest-timeout's dump (every other thread's stack) plus every asyncio task of the hung test's loop: an
+    async test stuck in an await shows only the event loop's select() in its traceback, its tasks say where."""
+    _thread_stacks(terminal)
+    try:
+        loop = asyncio.get_running_loop()  # the signal handler runs on the test's thread, inside its loop
+    except RuntimeError:
+        return
+    for task in asyncio.all_tasks(loop):
+        terminal.sep("~", title=f"asyncio task {task.get_name()}")
+        out = io.StringIO()
+        task.print_stack(limit=30, file=out)
+        terminal.write(out.getvalue())
+
+
+pytest_timeout.dump_stacks = _stacks_and_tasks  # looked up by name when the timeout fires
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +93,18 @@ def postgres_server() -> Iterator[Postgres]:
 @pytest.fixture
 def pg_url(postgres_server: Postgres) -> str:
     return postgres_server.new_database()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """storelink[all] and its pinned dependencies as wheels, built once for the image and plain-Debian tests
+    (image/chroot-test.sh takes it through STORELINK_TEST_WHEELHOUSE)."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("wheelhouse")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--wheel-dir",
+                    str(out), "-c", str(root / "image/requirements.lock"), f"{root}[all]"], check=True, timeout=600)
+    shutil.copy(root / "image/requirements.lock", out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -187,7 +187,7 @@ def test_config_errors_name_the_device_and_the_key(tmp_path: Path) -> None:
     text = err.value.render()
     assert "devices[0] (id='scanner-1').parity: Input should be 'none', 'even'" in text
     assert "devices[0] (id='scanner-1').baud: unknown key" in text
-    assert "devices[0] (id='scanner-1').rcn_layouts[0].prefixes: Value error, prefix '59'" in text
+    assert "devices[0] (id='scanner-1').rcn_layouts[0].prefixes: prefix '59'" in text
     assert "devices[1] (id='mat-1')" in text and "leave_after_s must be at least debounce_s" in text
 
 

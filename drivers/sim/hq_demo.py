@@ -1,7 +1,8 @@
 """`storelink demo` part: head office's side. The ingest lands everything the demo store sends in an embedded SQLite
-database, the fleet dashboard shows it, and the overcharge scene plays out: a second till ("till-2") keeps its own
-old price table, so after the price change to version 2 it still charges 3.49 for the chocolate that head office
-now sells at 2.99. Head office raises an overcharge alert, printed here and shown on the dashboard.
+database, the fleet dashboard shows it, and the overcharge scene plays out: a second till ("till-2") is a POS that
+keeps its own price table and never took the change, so once price version 2 is on every label it still charges
+3.49 for the chocolate head office now sells at 2.99. Head office raises an overcharge alert, printed here and
+shown on the dashboard.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _start_ingest(port: int, protocol: str) -> tuple[Any, threading.Thread, Any]
     from storelink.hq.ingest import IngestSettings, IngestWorker
     from storelink.hq.link import BrokerOptions, ingest_client
 
-    # One worker on a plain subscription: the demo's broker speaks MQTT 3.1.1 (no shared subscriptions).
+    # One worker on a plain subscription: a pilot's set-up (docs/head-office.md).
     settings = IngestSettings(database=_state["database"], worker_id="demo", share_group=None, tracker_every=1.0,
                               gap_grace=10.0, price_grace=2.0)
     worker = IngestWorker(settings)
@@ -56,28 +57,33 @@ def _start_ingest(port: int, protocol: str) -> tuple[Any, threading.Thread, Any]
     return worker, thread, client
 
 
-async def _overcharge_scene(gateway: Any) -> None:
-    """Till 2 sells the chocolate at its own old price once version 2 is on every label."""
+async def _till_2(gateway: Any) -> None:
+    """Till 2 stays connected (its device is as healthy as the others) and, once version 2 is on every label,
+    sells the chocolate at the price its own table still holds."""
     dev = next(d for d in gateway.config.device_configs if d.id == "till-2")
     host, port = tp.parse_address(dev.listen)
+    till = TillSimulator(host, port, "2", version=0)
+    while till.hello_reply is None:
+        with contextlib.suppress(OSError, ConnectionError, TimeoutError, TillError):
+            await till.connect()
+        if till.hello_reply is None:
+            await asyncio.sleep(0.5)
     book = gateway.device_services.prices
     while not (book.active_version == 2 and not (book.lookup("1002") or {}).get("transition")):
         await asyncio.sleep(1.0)
     await asyncio.sleep(3.0)
-    till = TillSimulator(host, port, "2", version=1)
-    try:
-        await till.connect()
-    except (OSError, TillError) as err:
-        _say(f"[till 2] cannot connect to the gateway: {err}")
-        return
     sale = {"sale_id": f"T2-{int(time.time())}", "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "currency": "EUR", "total": OLD_PRICE["price"],
             "lines": [{**OLD_PRICE, "qty": 1, "amount": OLD_PRICE["price"]}],
             "payments": [{"tender": "card", "amount": OLD_PRICE["price"]}]}
-    await till.sale(sale)
+    try:
+        await till.sale(sale)
+    except (OSError, ConnectionError, TimeoutError, TillError) as err:
+        _say(f"[till 2] could not ring up its sale: {err}")
+        return
     _say(f"[till 2] SALE {sale['sale_id']}: 1002 Dark chocolate at 3.49 EUR, from the till's own old price table "
          "(head office now sells it at 2.99)")
-    await till.close()
+    await till.closed.wait()  # stays connected, like till-1
 
 
 async def _report_alerts(database: str, base_url: str, store: str) -> None:
@@ -113,7 +119,7 @@ async def run(gateway: Any) -> None:
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(_report_alerts(_state["database"], base_url, gateway.config.store_id))
-            tg.create_task(_overcharge_scene(gateway))
+            tg.create_task(_till_2(gateway))
     finally:
         await dashboard.stop()
         worker.stop_event.set()

@@ -108,7 +108,8 @@ class KioskCart(BasePart):
             self.uplink.publish_direct(self.topics.cart_request, request.model_dump_json().encode(), qos=1,
                                        correlation_data=bytes.fromhex(corr), response_topic=self.topics.cart_response)
             try:
-                answer = await asyncio.wait_for(fut, timeout)
+                async with asyncio.timeout(timeout):
+                    answer = await fut
             except TimeoutError:
                 self.counts["timeouts"] += 1
                 raise CartFailed(504, f"head office did not answer within {timeout:g}s") from None

@@ -68,7 +68,7 @@ class PricesPart(BasePart):
     def _build_state(self, conn: sqlite3.Connection) -> PricesStatePayload:
         devices = [(t.device, t.role) for t in self.targets.all()]
         return build_state(conn, self.store_id, devices, self.auditor.stale, self.auditor.drift,
-                           self.coordinator.current)
+                           self.coordinator.current, self.coordinator.label_progress)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.open)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,6 +99,23 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
 
 
+class ListenError(Exception):
+    """The HTTP server cannot have its address (in use, not an address of this machine, no permission). The
+    caller names the setting to change: `[http] listen` for `storelink run`, `--listen` for the demo."""
+
+    def __init__(self, address: str, err: OSError):
+        self.address = address
+        # (asyncio's message repeats the address: the errno's own text is what a person needs)
+        self.reason = (os.strerror(err.errno) if err.errno else str(err)).lower()
+        super().__init__(f"cannot listen on {address}: {self.reason}")
+
+    def explain(self, option: str) -> str:
+        """One line for a person: what failed, why, and what to change."""
+        in_use = self.reason == "address already in use"
+        hint = " (another program, or another StoreLink, is using it)" if in_use else ""
+        return f"cannot listen on {self.address}: {self.reason}{hint}; change {option}"
+
+
 class HttpServer:
     """The local HTTP server: the ingest, status and health routes, and the routes the parts declare."""
 
@@ -129,7 +147,11 @@ class HttpServer:
                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as err:
+            await self.stop()
+            raise ListenError(self.config.current.http.listen, err) from None
         addresses = self.runner.addresses
         self.bound = (str(addresses[0][0]), int(addresses[0][1])) if addresses else (host, port)
         log.info("http listening on %s:%d", *self.bound)

@@ -104,7 +104,8 @@ class StatusPage(BasePart):
                 yield "status", text
                 last = text
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), TICK)
+                async with asyncio.timeout(TICK):
+                    await self._closing.wait()
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         return await sse.stream(request, self._views())
