@@ -384,7 +384,8 @@ class Uplink:
                 log.debug("outbox report: %s", err)
             self._report_now.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), OUTBOX_REPORT_EVERY)
+                async with asyncio.timeout(OUTBOX_REPORT_EVERY):
+                    await self._report_now.wait()
 
     def _start_client(self) -> None:
         props = None

@@ -28,10 +28,10 @@ def test_demo_overcharge_scene_shows_up_as_an_alert_at_head_office() -> None:
             if "ALERT overcharge" in line:
                 break
         out = "".join(lines)
-        assert "[till 2] SALE T2-" in out and "at 3.49 EUR" in out, out[-3000:]
+        assert "till-2 rings up sale T2-" in out and "at 3.49 EUR" in out, out[-3000:]
         alert = next(line for line in lines if "ALERT overcharge" in line)
         assert "till 2 charged 3.49 EUR for 1002" in alert and "published price 2.99 EUR (version 2)" in alert
-        url = re.search(r"fleet dashboard (http://127\.0\.0\.1:\d+)/", out)
+        url = re.search(r"fleet dashboard: (http://127\.0\.0\.1:\d+)/", out)
         assert url, out[-3000:]
         with urllib.request.urlopen(f"{url.group(1)}/api/v1/alerts?kind=overcharge", timeout=10) as resp:
             alerts = json.loads(resp.read())["alerts"]

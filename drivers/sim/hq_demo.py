@@ -79,10 +79,10 @@ async def _till_2(gateway: Any) -> None:
     try:
         await till.sale(sale)
     except (OSError, ConnectionError, TimeoutError, TillError) as err:
-        _say(f"[till 2] could not ring up its sale: {err}")
+        _say(f"   *  till-2 could not ring up its sale: {err}")
         return
-    _say(f"[till 2] SALE {sale['sale_id']}: 1002 Dark chocolate at 3.49 EUR, from the till's own old price table "
-         "(head office now sells it at 2.99)")
+    _say(f"   *  till-2 rings up sale {sale['sale_id']}: 1002 Dark chocolate at 3.49 EUR, from the till's own old "
+         "price table (head office now sells it at 2.99)")
     await till.closed.wait()  # stays connected, like till-1
 
 
@@ -97,7 +97,7 @@ async def _report_alerts(database: str, base_url: str, store: str) -> None:
                                            (max(seen, default=0),))
             for alert_id, kind, message in rows:
                 seen.add(alert_id)
-                _say(f"[head office] ALERT {kind}: {message}  -> {base_url}/store?id={store}")
+                _say(f"   *  head office ALERT {kind}: {message}  -> {base_url}/store?id={store}")
             await asyncio.sleep(1.0)
     finally:
         db.close()
@@ -115,7 +115,7 @@ async def run(gateway: Any) -> None:
     await dashboard.start()
     assert dashboard.bound is not None
     base_url = "http://{}:{}".format(*dashboard.bound)
-    _say(f"[head office] ingest running into {_state['database']}; fleet dashboard {base_url}/")
+    _say(f"   *  head office's ingest runs into {_state['database']}; its fleet dashboard: {base_url}/")
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(_report_alerts(_state["database"], base_url, gateway.config.store_id))
