@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _str
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storelink import safe_json
 from storelink.remote.models import (
     CommandRequest,
     CommandResponse,
@@ -359,3 +360,11 @@ def render_schemas() -> str:
     for topic, model, schema in json_schemas():
         out += [f"### `{topic}`: {model.__name__}", "", "```json", _dump(_untitled(schema)), "```", ""]
     return "\n".join(out)
+
+
+def is_publish_topic(topic: object) -> TypeGuard[str]:
+    """A topic the gateway may publish to: MQTT's rules for a topic name (1..65535 UTF-8 bytes, no wildcards, no
+    U+0000; a broker disconnects a client that breaks them), bounded to 256 characters. A reply topic named by a
+    message is checked with this before anything is sent there."""
+    return (isinstance(topic, str) and 0 < len(topic) <= 256 and not any(c in topic for c in "+#\x00")
+            and safe_json.text_ok(topic))

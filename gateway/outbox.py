@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import json
 import logging
 import os
 import queue
@@ -31,14 +30,18 @@ from typing import Any
 
 import sqlite_utils
 
+from storelink import safe_json
 from storelink.config import StorageConfig
 from storelink.contract import EventPayload
 from storelink.evictions import EVICTION_KIND, EvictionLog, create_evicted_table
+from storelink.system.logs import exception_summary
 from storelink.system.schema import ensure_schema
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000  # events per transaction; bounds the time one commit holds the writer
+MAX_EVENT_BYTES = 1024 * 1024  # one event's data as JSON; a 1000-line sale is ~100 KB
+MAX_EVENT_DEPTH = safe_json.MAX_DEPTH
 
 
 class OutboxError(Exception):
@@ -47,6 +50,11 @@ class OutboxError(Exception):
 
 class OutboxFull(OutboxError):
     """The cap is reached and there is no telemetry left to evict (or the disk is full)."""
+
+
+class EventRejected(OutboxError):
+    """The event itself can never be stored (not JSON-safe, too deep, too large): the caller's input is wrong,
+    retrying it unchanged cannot help. Raised before anything is queued to the writer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +91,7 @@ class _Pending:
     ts: float
     kind: str
     device: str
-    data_json: str
+    data_json: str  # validated: encodes as UTF-8 (safe_json.dumps_text)
     critical: bool
 
 
@@ -111,8 +119,6 @@ def iso_ts(ts: float) -> str:
     return f"{_iso_second(ms // 1000)}{ms % 1000:03d}Z"
 
 
-# One encoder for every event: json.dumps() with non-default options builds a new JSONEncoder per call.
-_encode_data = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def kind_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -222,10 +228,15 @@ class Outbox:
         return not self._is_telemetry(kind)
 
     def _pending(self, kind: str, device: str, data: Any) -> _Pending:
+        # Validated here, on the caller's side of the queue: a row the writer could not encode would fail the
+        # whole batch it is in (and once killed the writer thread). The caller gets the reason instead.
+        for name, text in (("kind", kind), ("device", device)):
+            if not isinstance(text, str) or not 1 <= len(text) <= 128 or not safe_json.text_ok(text):
+                raise EventRejected(f"event {name} must be 1..128 characters of UTF-8 text")
         try:
-            data_json = _encode_data(data)
-        except (TypeError, ValueError) as err:
-            raise OutboxError(f"event data is not JSON: {err}") from None
+            data_json = safe_json.dumps_text(data, max_bytes=MAX_EVENT_BYTES, max_depth=MAX_EVENT_DEPTH)
+        except safe_json.JsonRejected as err:
+            raise EventRejected(f"event data cannot be stored: {err.reason}") from None
         # A random per-process prefix and a counter: unique across restarts and gateways like a uuid4, without
         # paying for os.urandom on every event (12 us here, a fifth of the enqueue cost).
         event_id = f"{self._id_prefix}{next(self._id_counter):012x}"
@@ -367,9 +378,31 @@ class Outbox:
                 work.append(item)
                 if item[0] == "put":
                     n += len(item[1][0])
-            self._commit(work)
+            try:
+                self._commit(work)
+            except Exception as err:  # never let one batch end the thread: every later caller would hang
+                log.error("outbox writer: a batch failed (%s); storing its calls one by one",
+                          exception_summary(err))
+                self._commit_singly(work)
             self.last_progress = time.monotonic()
             self._busy_since = None
+
+    def _commit_singly(self, work: list[tuple[str, Any]]) -> None:
+        """After an unexpected failure: each call in its own transaction, so only the call that cannot be stored
+        is refused (its caller gets an OutboxError) and everything else in the batch is committed."""
+        for item in work:
+            try:
+                self._commit([item])
+            except Exception as err:
+                if item[0] != "put":
+                    log.error("outbox writer: deleting delivered rows failed (%s); they are sent again",
+                              exception_summary(err))
+                    continue
+                pending, fut, loop = item[1]
+                log.error("outbox writer: refused a call of %d event(s) it could not store (%s)", len(pending),
+                          exception_summary(err))
+                self.stats.refused_total += len(pending)
+                self._resolve([((fut, loop), OutboxError(f"event could not be stored ({type(err).__name__})"))])
 
     def _commit(self, work: list[tuple[str, Any]]) -> None:
         assert self._conn is not None
@@ -414,6 +447,13 @@ class Outbox:
             self.stats.refused_total += sum(len(p) for p, _f, _l in puts)
             if acks:  # deletes are retried with the next batch; the rows are still there
                 self._queue.put(("ack", acks))
+        except BaseException:
+            # Not a storage error (a bug, a row that cannot be built): undo this batch and let the caller retry
+            # it call by call. Nothing of it was committed, so no caller has been told anything yet.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state = snapshot
+            raise
         else:
             self.stats.commits_total += 1
             self.stats.evicted_total = self.evictions.state.total
@@ -531,7 +571,7 @@ class Outbox:
         if data is None:
             return
         pending = _Pending(f"{self._id_prefix}{next(self._id_counter):012x}", time.time(), EVICTION_KIND, "gateway",
-                           _encode_data(data), True)
+                           safe_json.dumps_text(data), True)
         row = self._row(pending)
         conn.execute("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", row)
         self._count(1, len(row[5]), 1)

@@ -51,6 +51,7 @@ def mqtt_contract() -> Iterator[None]:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     checked, _problems = contract_check.take()
     terminalreporter.write_line(f"MQTT contract: {checked} messages received by test subscribers validated")
+    _fuzz_summary(terminalreporter)
 
 
 @pytest.fixture
@@ -80,6 +81,28 @@ def gateway_process(gateway_config: Path) -> Iterator[GatewayProcess]:
     proc = GatewayProcess(gateway_config, port)
     yield proc
     proc.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-minutes", type=float, default=0.0,
+                     help="run the fuzzing suite (tests/test_fuzz.py) with fresh seeds for about this many minutes "
+                          "in total (nightly); default: a fixed, derandomized set of cases (CI)")
+
+
+@pytest.fixture(scope="session")
+def fuzz_minutes(request: pytest.FixtureRequest) -> float:
+    return float(request.config.getoption("--fuzz-minutes"))
+
+
+def _fuzz_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    fuzz = sys.modules.get("tests.fuzz_helpers")  # only when the fuzzing suite ran
+    FUZZ_STATS = getattr(fuzz, "FUZZ_STATS", {})
+    if FUZZ_STATS:
+        terminalreporter.section("fuzzing: cases per surface")
+        for name, (cases, seconds) in sorted(FUZZ_STATS.items()):
+            terminalreporter.write_line(f"{name:<22} {cases:>6} cases {seconds:>7.1f} s")
+        total = sum(s for _c, s in FUZZ_STATS.values())
+        terminalreporter.write_line(f"{'total':<22} {sum(c for c, _s in FUZZ_STATS.values()):>6} cases {total:>7.1f} s")
 
 
 @pytest.fixture(scope="session")

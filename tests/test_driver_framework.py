@@ -44,7 +44,8 @@ def test_config_errors_name_the_device_and_the_key(tmp_path: Path) -> None:
     assert "devices[1] (id='pos').delimiter: String should have at most 1 character" in err
     assert "devices[2] (id='x').driver: unknown driver 'teleporter' (known: " in err and "till_tcp" in err
     assert "devices[3] (id='pos').id: duplicate device id 'pos'" in err
-    good = _check(tmp_path, '[[devices]]\nid = "till-1"\ndriver = "till_tcp"\nlisten = ":7700"\n')
+    good = _check(tmp_path, '[[devices]]\nid = "till-1"\ndriver = "till_tcp"\nlisten = ":7700"\n'
+                            'secret = "a-long-enough-till-secret"\n')
     assert good.returncode == 0 and "1 devices" in good.stdout
 
 

@@ -45,6 +45,9 @@ def price_code(item: str, cents: int) -> str:
         ("]C1zzz", {"valid": False, "reason": "invalid_gs1"}),
         ("]A0ITEM-42", {"valid": True, "type": "text", "code": "ITEM-42", "symbology": "CODE-39"}),
         ("\x00\x01\xfe\x07", {"valid": False, "reason": "garbled", "length": 4}),
+        ("]", {"valid": False, "reason": "unrecognised", "length": 1}),  # found by the fuzzing suite: biip crashed
+        ("]x" + "Jane Doe", {"valid": False, "reason": "unrecognised", "detail": "malformed symbology identifier "
+                                                                              "(AIM prefix)"}),  # no scan text
     ],
 )
 def test_interpretation(text: str, expect: dict[str, Any]) -> None:

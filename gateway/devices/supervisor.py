@@ -7,6 +7,7 @@ started again after an exponential backoff with jitter; it can never take the ga
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -50,6 +51,7 @@ class DeviceServices:
     watchdog: ProgressWatchdog
     prices: PriceBookView | None = None
     kiosk: KioskView | None = None
+    rejections: collections.Counter[tuple[str, str]] | None = None  # refused input by (surface, reason): status
 
 
 class DeviceHandle:
@@ -111,6 +113,12 @@ class DeviceHandle:
     @property
     def kiosk(self) -> KioskView | None:
         return self._sup.services.kiosk
+
+    @property
+    def rejections(self) -> collections.Counter[tuple[str, str]] | None:
+        """The gateway's counters of refused input (not part of DeviceContext: drivers count through
+        storelink.drivers.till_protocol.count_rejection, which does without them)."""
+        return self._sup.services.rejections
 
     def watch_thread(self, name: str, max_silence: float) -> Callable[[], None]:
         watchdog = self._sup.services.watchdog

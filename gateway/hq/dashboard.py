@@ -132,9 +132,9 @@ async def database_errors(request: web.Request, handler: Any) -> web.StreamRespo
 
 
 def build_app(db: Database) -> web.Application:
-    from storelink.web.server import json_errors  # the store API's: HTTP errors under /api/ as JSON
+    from storelink.web.server import api_errors  # the store API's: HTTP errors under /api/ as JSON
 
-    app = web.Application(middlewares=[json_errors, database_errors])
+    app = web.Application(middlewares=[api_errors, database_errors])
     app[DB_KEY] = db
     app[LOCK_KEY] = asyncio.Lock()
     app.router.add_get("/", _page("fleet.html"))

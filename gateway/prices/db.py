@@ -28,6 +28,7 @@ from storelink.outbox import open_database
 from storelink.system.schema import ensure_schema
 
 T = TypeVar("T")
+WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint (SQLite checkpoints at ~4 MB)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,6 +80,8 @@ class PriceDb:
 
     def _open(self) -> None:
         conn = open_database(self.path, self.synchronous)
+        # A big transaction (a chunk of several MB) grows the WAL; without a limit it keeps that size for good.
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         ensure_schema(conn, "prices", lambda c: c.executescript(SCHEMA))  # versioned: see storelink.system.schema
         self._writer = conn
 
