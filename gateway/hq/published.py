@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storelink.hq.db import DATABASE_ENV, DEFAULT_DATABASE, Database, DatabaseError, open_database
-from storelink.hq.records import Inbound, parse_ts
+from storelink.hq.records import Inbound, decode_payload, parse_ts
 
 log = logging.getLogger(__name__)
 MAX_CHUNK = 8 * 1024 * 1024  # what the gateway accepts inflated
@@ -107,7 +107,7 @@ class BatchAssembler:
         """Feed one downlink message. Returns a completed batch (if this message completed one) and messages that
         are done with and must be acknowledged without a record, each with why (logged and kept as bad)."""
         try:
-            body = json.loads(m.payload)
+            body = decode_payload(m.payload)  # nothing PostgreSQL cannot store gets as far as a record
             kind = body["type"]
             batch_id = body["envelope"]["payload"]["batch_id"] if kind == "manifest" else body["batch_id"]
         except (ValueError, UnicodeDecodeError, KeyError, TypeError):
@@ -161,7 +161,7 @@ class BatchAssembler:
                     raise ValueError(f"chunk {index} does not match its SHA-256 in the manifest")
                 if asm.manifest.get("encoding") == "zlib":
                     data = zlib.decompressobj().decompress(data, MAX_CHUNK)
-                part = json.loads(data)
+                part = decode_payload(data, MAX_CHUNK)
                 if not isinstance(part, list) or not all(isinstance(i, dict) and "sku" in i and "price" in i
                                                          for i in part):
                     raise ValueError(f"chunk {index} is not a list of items")

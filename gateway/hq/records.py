@@ -7,12 +7,12 @@ transaction; only after it returned does the ingest acknowledge those messages t
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from storelink import safe_json
 from storelink.hq.db import Database
 
 RETAINED_TOPICS = ("status", "prices/state", "outbox/state", "config/reported")
@@ -63,11 +63,36 @@ def _event_row(store: str, kind: str, body: Any, received_at: float) -> tuple[An
     if ts is None:
         return "no valid ts"
     if body.get("kind") != kind:
-        return f"kind {body.get('kind')!r} does not match the topic"
+        return f"kind {safe_json.echo(body.get('kind'))} does not match the topic"
     device, data = body.get("device"), body.get("data")
     if not isinstance(device, str) or not isinstance(data, dict):
         return "device or data missing"
-    return (event_id, store, seq, kind, device, ts, received_at, json.dumps(data, separators=(",", ":")))
+    return (event_id, store, seq, kind, device, ts, received_at, safe_json.dumps_text(data))
+
+
+def decode_payload(payload: bytes, max_bytes: int = safe_json.MAX_BYTES) -> Any:
+    """A store's payload through the gateway's one decode step (safe_json: no NaN, lone surrogates, runaway
+    nesting), and no NUL anywhere: PostgreSQL stores none in text or jsonb, so one such message would fail its
+    whole batch's commit, which would be retried for ever."""
+    body = safe_json.loads(payload, max_bytes=max_bytes)
+    if b"\\u0000" in payload and _holds_nul(body):  # JSON text can only spell a NUL as that escape
+        raise safe_json.JsonRejected("a string holds a NUL character")
+    return body
+
+
+def _holds_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def parse(messages: list[Inbound], prefix: str, worker: str) -> Parsed:
@@ -88,9 +113,9 @@ def parse(messages: list[Inbound], prefix: str, worker: str) -> Parsed:
             out.stores.add(store)
             continue
         try:
-            body = json.loads(m.payload)
-        except (ValueError, UnicodeDecodeError) as err:
-            out.bad.append((m.topic, f"not JSON: {err}", _head(m.payload), m.received_at))
+            body = decode_payload(m.payload)
+        except safe_json.JsonRejected as err:
+            out.bad.append((m.topic, f"not JSON: {err.reason}", _head(m.payload), m.received_at))
             continue
         if is_event:
             row = _event_row(store, parts[3], body, m.received_at)
@@ -99,7 +124,7 @@ def parse(messages: list[Inbound], prefix: str, worker: str) -> Parsed:
                 continue
             out.events.append(row)
         elif isinstance(body, dict):
-            out.retained[(store, rest)] = (store, rest, worker, json.dumps(body, separators=(",", ":")),
+            out.retained[(store, rest)] = (store, rest, worker, safe_json.dumps_text(body),
                                            m.received_at, _live(m))
         else:
             out.bad.append((m.topic, "not a JSON object", _head(m.payload), m.received_at))
@@ -113,7 +138,8 @@ def _live(m: Inbound) -> float | None:
 
 
 def _head(payload: bytes) -> str:
-    return payload[:BAD_PAYLOAD_HEAD].decode("utf-8", errors="replace")
+    # Storable in any text column: undecodable bytes and NUL (which PostgreSQL refuses) become U+FFFD.
+    return payload[:BAD_PAYLOAD_HEAD].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 EVENT_COLUMNS = ("id", "store_id", "seq", "kind", "device", "ts", "received_at", "data")
