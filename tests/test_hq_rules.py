@@ -127,6 +127,23 @@ def test_a_gap_waits_for_the_eviction_report_then_is_explained_or_missing(db: Da
     assert db.query("SELECT count(*) FROM alerts WHERE kind = 'seq_gap' AND closed_at IS NULL") == [(0,)]
 
 
+def test_a_report_that_came_before_the_event_revealing_a_gap_does_not_settle_it(db: Database) -> None:
+    """A tracker pass starts (its `now`), the store's outbox report arrives, then the event after a hole, and the
+    pass's seq step sees both: the report was made before head office knew of the gap, so the gap stays open
+    past the grace until a later report (found under load by test_hq_gaps.py)."""
+    db.execute("INSERT INTO stores (store_id, first_seen) VALUES ('s1', ?)", (T0,))
+    for seq, at in ((1, T0), (2, T0), (5, T0 + 2)):
+        db.execute("INSERT INTO events (id, store_id, seq, kind, device, ts, received_at, data) VALUES "
+                   "(?, 's1', ?, 'scan', 'd', ?, ?, '{}')", (f"e{seq}", seq, at, at))
+    db.execute("INSERT INTO retained (store_id, topic, worker, payload, received_at, live_at) VALUES "
+               "('s1', 'outbox/state', 'w', ?, ?, ?)", (json.dumps({"depth": 0, "evicted_total": 0}), T0 + 1.5,
+                                                         T0 + 1.5))
+    tracker = Tracker(db, gap_grace=5)
+    tracker.run_pass(T0 + 1)
+    tracker.run_pass(T0 + 20)
+    assert db.query("SELECT first_seq, last_seq, state FROM seq_gaps") == [(3, 4, "open")]
+
+
 def test_an_overcharge_is_recorded_once_even_when_the_sale_comes_twice(db: Database) -> None:
     v1 = batch(db, 1, {"A": 500}, T0)
     confirm(db, v1, T0 + 1)

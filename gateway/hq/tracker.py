@@ -108,21 +108,24 @@ class Tracker:
         rows = self.db.query(
             "SELECT seq, received_at, CASE WHEN kind = 'outbox.evicted' THEN data END FROM events "
             "WHERE store_id = ? AND seq > ? ORDER BY seq LIMIT ?", (store, checked, SCAN_LIMIT))
-        gaps: list[tuple[int, int]] = []
+        gaps: list[tuple[int, int, float]] = []
         notices: list[Any] = []
         prev = checked
         last_at = 0.0
         for seq, received_at, notice in rows:
             if seq > prev + 1:
-                gaps.append((prev + 1, seq - 1))
+                # Seen no earlier than the event after the hole arrived: `now` is the pass's start, and an outbox
+                # report that came just before that event (so before head office knew of the gap) must not count
+                # as one made after it (settle_gaps asks for that).
+                gaps.append((prev + 1, seq - 1, max(now, received_at)))
             prev = max(prev, seq)
             last_at = max(last_at, received_at)
             if notice is not None:
                 notices.append(loads(notice))
-        for first, last in gaps:
+        for first, last, seen in gaps:
             self.db.execute("INSERT INTO seq_gaps (store_id, first_seq, last_seq, state, detected_at) "
                             "VALUES (?, ?, ?, 'open', ?) ON CONFLICT (store_id, first_seq) DO NOTHING",
-                            (store, first, last, now))
+                            (store, first, last, seen))
         notified = self._record_evictions(store, notices, now)
         self.db.execute(
             "UPDATE stores SET checked_seq = ?, max_seq = ?, last_event_at = ?, "
@@ -132,7 +135,7 @@ class Tracker:
             (prev, prev, last_at, last_at, last_at, notified, notified, store))
         if gaps:
             log.info("store %s: seq gap(s) %s (checking whether the store evicted them)", store,
-                     ", ".join(f"{a}-{b}" for a, b in gaps))
+                     ", ".join(f"{a}-{b}" for a, b, _seen in gaps))
 
     def _record_evictions(self, store: str, notices: list[Any], now: float) -> int:
         """Store the evicted seq ranges the store reported; returns the highest evicted_total it reported."""
