@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -45,7 +44,9 @@ class IngestProcess(ChildProcess):
 
 
 
-class ServeProcess:
+class ServeProcess(ChildProcess):
+    """A real `storelink hq serve`."""
+
     def __init__(self, workdir: Path, database: str):
         self.port = free_port()
         self.log = workdir / "serve.log"
@@ -76,13 +77,12 @@ class ServeProcess:
             return err.code, json.loads(err.read() or b"null")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """A clean stop (SIGTERM), else a kill."""
+        try:
+            if self.proc.poll() is None:
+                self.terminate(10)
+        except subprocess.TimeoutExpired:
+            super().stop()
 
 
 def one(db: Database, sql: str, params: tuple[Any, ...] = ()) -> Any:
