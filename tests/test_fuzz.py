@@ -492,7 +492,7 @@ def test_fuzz_price_csv(store: Store, tmp_path: Path, budget: float) -> None:
         path.write_bytes(data)
         args = argparse.Namespace(file=path, store=STORE, group=None, key=str(key), version=version, batch_id="",
                                   currency="EUR", mode="full", effective_at="", broker=f"127.0.0.1:{store.broker.port}",
-                                  wait=0.0, no_wait=True)
+                                  database=None, wait=0.0, no_wait=True)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cmd_publish(args)
