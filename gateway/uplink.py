@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +34,16 @@ from pydantic import BaseModel
 from storelink import __version__
 from storelink.config import MqttConfig
 from storelink.contract import OUTBOX_REPORT_EVERY, OutboxStatePayload, StatusPayload, Topics
+from storelink.mqtt_problems import (
+    SPECIFIC_CERT_PROBLEMS,
+    Endpoint,
+    LinkProblem,
+    SocketErrorTrap,
+    problem_closed_before_connack,
+    problem_from_connack,
+    problem_from_disconnect,
+    problem_from_exception,
+)
 from storelink.outbox import Outbox, StoredEvent, iso_ts
 from storelink.system.logs import exception_summary, loggable_id
 
@@ -73,6 +84,7 @@ class Uplink:
         self.connected_since: float | None = None
         self.disconnected_since: float | None = time.time()
         self.last_error: str | None = None
+        self.problem: str | None = None  # the code of the connection problem (storelink.mqtt_problems), for alerts
         self.last_progress = time.monotonic()  # the watchdog reads this
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected_evt = asyncio.Event()
@@ -101,6 +113,10 @@ class Uplink:
     def _make_client(self) -> mqtt.Client:
         cfg = self.cfg
         v5 = cfg.protocol == "5"
+        t = cfg.tls
+        self._endpoint = Endpoint(cfg.host, cfg.port, "mqtt", t is not None, t.ca if t else None,
+                                  t.cert if t else None, 5.0, cfg.protocol)
+        self._connack_seen = False  # paho's thread: did the broker answer CONNECT on this connection?
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id or f"storelink-{self.topics.store_id}",
@@ -108,8 +124,10 @@ class Uplink:
             clean_session=None if v5 else False,
             reconnect_on_failure=True,
         )
-        if log.isEnabledFor(logging.DEBUG):  # paho logs an ERROR per reconnect attempt; ours says it once
-            client.enable_logger(logging.getLogger("paho"))
+        # paho logs an ERROR per reconnect attempt (ours says why, once); the trap keeps its socket errors, which
+        # are the only trace of a broker hanging up on our certificate (storelink.mqtt_problems).
+        self._socket_errors = SocketErrorTrap(logging.getLogger("paho") if log.isEnabledFor(logging.DEBUG) else None)
+        client.enable_logger(self._socket_errors.logger)
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
@@ -158,9 +176,10 @@ class Uplink:
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
             return  # a client replaced by reconfigure(): its news is stale
+        self._connack_seen = True
         if reason.is_failure:
             self._next_delay()
-            self._call(self._set_disconnected, f"broker refused connection: {reason}")
+            self._call(self._set_disconnected, problem_from_connack(reason, self._endpoint))
             return
         self._attempt = 0
         client.publish(self.topics.status, self._birth_payload(), qos=1, retain=True)
@@ -175,13 +194,20 @@ class Uplink:
         if client is not self._client:
             return
         self._next_delay()
-        self._call(self._set_disconnected, f"disconnected: {reason}")
+        socket_error = self._socket_errors.take()
+        if self._connack_seen:
+            problem = problem_from_disconnect(reason, socket_error)
+        else:  # hung up before answering CONNECT: a refused client certificate, a TLS or protocol mismatch
+            problem = problem_closed_before_connack(self._endpoint, socket_error)
+        self._connack_seen = False
+        self._call(self._set_disconnected, problem)
 
     def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
         if client is not self._client:
             return
         self._next_delay()
-        self._call(self._set_disconnected, f"cannot reach broker {self.cfg.host}:{self.cfg.port}")
+        # paho calls this while handling the exception of the failed connect: DNS, TCP, the TLS handshake.
+        self._call(self._set_disconnected, problem_from_exception(sys.exc_info()[1], self._endpoint))
 
     def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
@@ -228,14 +254,17 @@ class Uplink:
         self.connected_since = time.time()
         self.disconnected_since = None
         self.last_error = None
+        self.problem = None
         self._connected_evt.set()
         self._report_now.set()  # a fresh outbox report on every connect
         log.info("uplink connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, session_present)
 
-    def _set_disconnected(self, why: str) -> None:
-        if not self.connected and (self.last_error or "").startswith("broker refused") \
-                and why.startswith("disconnected"):
-            why = self.last_error or why  # the refusal says why; the disconnect that follows it does not
+    def _set_disconnected(self, problem: LinkProblem) -> None:
+        if not self.connected and (self.last_error or "").startswith("broker refused") and problem.code == "lost":
+            return  # the refusal says why; the disconnect that follows it does not
+        if problem.code == "client_cert_refused" and self.problem in SPECIFIC_CERT_PROBLEMS:
+            return  # the same refusal without the broker's TLS alert: keep the reason it gave before
+        why = problem.message
         if self.connected or self.last_error != why:
             log.warning("uplink %s", why)
         if self.connected:
@@ -243,6 +272,7 @@ class Uplink:
         self.connected = False
         self.connected_since = None
         self.last_error = why
+        self.problem = problem.code
         self._connected_evt.clear()
 
     def _subscribed(self, mid: int, refusals: list[str]) -> None:
@@ -389,6 +419,7 @@ class Uplink:
             "refused_subscriptions": sorted(self._refused_subs),
             "downlink": dict(self.downlink_counts),
             "last_error": self.last_error,
+            "problem": self.problem,
         }
 
     async def run(self) -> None:
@@ -445,7 +476,8 @@ class Uplink:
             self._inflight.clear()
         self._pubacks.clear()  # the old client's mids would match the new client's
         self._attempt = 0
-        self._set_disconnected(f"reconnecting to {cfg.host}:{cfg.port} with new settings")
+        self._set_disconnected(LinkProblem("reconfiguring", f"reconnecting to {cfg.host}:{cfg.port} with new "
+                                                            "settings"))
         self._client = self._make_client()  # from here on the old client's callbacks are ignored
         self._window_evt.set()
         if self._loop is not None:

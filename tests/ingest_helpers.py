@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import urllib.error
 import urllib.request
@@ -16,19 +17,25 @@ from tests.helpers import STORELINK, ChildProcess, free_port, wait_for
 class IngestProcess(ChildProcess):
     """A real `storelink hq ingest` worker (so tests can kill -9 it and start it again under the same id)."""
 
-    def __init__(self, workdir: Path, database: str, broker_port: int, worker: str = "w1", *extra: str):
+    def __init__(self, workdir: Path, database: str | None, broker_port: int | None, worker: str = "w1", *extra: str,
+                 env: dict[str, str] | None = None):
+        """`database`/`broker_port` None: hq.toml's (STORELINK_HQ_CONFIG in `env`)."""
         self.workdir, self.database, self.broker_port, self.worker = workdir, database, broker_port, worker
-        self.extra = list(extra)
+        self.extra, self.env = list(extra), env
         self.log = workdir / f"ingest-{worker}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0
 
     def start(self, wait: bool = True) -> IngestProcess:
         self._offset = self.log.stat().st_size if self.log.exists() else 0  # wait for this start's own line
-        cmd = [STORELINK, "hq", "ingest", "--database", self.database, "--broker", f"127.0.0.1:{self.broker_port}",
-               "--worker-id", self.worker, "--tracker-every", "0.5", *self.extra]
+        cmd = [STORELINK, "hq", "ingest", "--worker-id", self.worker, "--tracker-every", "0.5", *self.extra]
+        if self.database is not None:
+            cmd += ["--database", self.database]
+        if self.broker_port is not None:
+            cmd += ["--broker", f"127.0.0.1:{self.broker_port}"]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.workdir)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.workdir,
+                                         env={**os.environ, **self.env} if self.env else None)
         if wait:
             self.wait_subscribed()
         return self
@@ -45,14 +52,16 @@ class IngestProcess(ChildProcess):
 
 
 class ServeProcess(ChildProcess):
-    """A real `storelink hq serve`."""
+    """A real `storelink hq serve` (`database` None: hq.toml's, STORELINK_HQ_CONFIG in `env`)."""
 
-    def __init__(self, workdir: Path, database: str):
+    def __init__(self, workdir: Path, database: str | None, env: dict[str, str] | None = None):
         self.port = free_port()
         self.log = workdir / "serve.log"
+        cmd = [STORELINK, "hq", "serve", "--listen", f"127.0.0.1:{self.port}"]
+        cmd += ["--database", database] if database is not None else []
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([STORELINK, "hq", "serve", "--database", database, "--listen",
-                                          f"127.0.0.1:{self.port}"], stdout=log, stderr=log, cwd=workdir)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=workdir,
+                                         env={**os.environ, **env} if env else None)
         wait_for(self._up, 20, what="hq serve to answer")
 
     @property

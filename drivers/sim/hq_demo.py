@@ -40,18 +40,17 @@ def _say(line: str) -> None:
 
 
 def _start_ingest(port: int, protocol: str) -> tuple[Any, threading.Thread, Any]:
+    from storelink.hq.config import HqConfig
     from storelink.hq.ingest import IngestSettings, IngestWorker
-    from storelink.hq.link import BrokerOptions, ingest_client
 
     # One worker on a plain subscription: a pilot's set-up (docs/head-office.md).
     settings = IngestSettings(database=_state["database"], worker_id="demo", share_group=None, tracker_every=1.0,
-                              gap_grace=10.0, price_grace=2.0)
+                              gap_grace=10.0, price_grace=2.0, session_expiry=3600)
     worker = IngestWorker(settings)
     worker.open()
-    client = ingest_client(BrokerOptions(port=port, protocol=protocol), settings.client_id, settings.filters(),
-                           receive_maximum=settings.receive_maximum, session_expiry=3600,
-                           on_link_change=worker.new_connection, on_message=worker.on_message)
-    worker.attach(client)
+    # The demo's broker, not whatever $STORELINK_HQ_CONFIG names: head office's defaults with its address.
+    cfg = HqConfig.model_validate({"broker": {"address": f"127.0.0.1:{port}", "protocol": protocol}})
+    client = worker.connect(cfg)
     thread = threading.Thread(target=worker.run, name="hq-ingest", daemon=True)
     thread.start()
     return worker, thread, client

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from typing import Any
 from aiohttp import web
 
 import storelink.web
-from storelink.hq.db import Database, DatabaseError, open_database
+from storelink.hq.config import HqConfig, HqConfigError
+from storelink.hq.db import DEFAULT_DATABASE, Database, DatabaseError, open_database
 from storelink.hq.fleet_view import alert_list, fleet_page, groups, store_detail
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,8 @@ def build_app(db: Database) -> web.Application:
 class Dashboard:
     """The dashboard as a part another program can run (the demo): start() binds, stop() closes."""
 
-    def __init__(self, database: str, listen: str = "127.0.0.1:8090"):
-        self.database, self.listen = database, listen
+    def __init__(self, database: str, listen: str = "127.0.0.1:8090", password: str | None = None):
+        self.database, self.listen, self.password = database, listen, password
         self.runner: web.AppRunner | None = None
         self.db: Database | None = None
         self.bound: tuple[str, int] | None = None
@@ -166,12 +166,13 @@ class Dashboard:
             raise ValueError(f"--listen: expected HOST:PORT, got {self.listen!r}")
 
         def open_read_only() -> Database:
-            setup = open_database(self.database, application="storelink-hq-serve")
+            setup = open_database(self.database, password=self.password, application="storelink-hq-serve")
             try:
                 migrate(setup)  # a dashboard started before any ingest worker still finds its tables
             finally:
                 setup.close()
-            return open_database(self.database, readonly=True, application="storelink-hq-serve")
+            return open_database(self.database, password=self.password, readonly=True,
+                                 application="storelink-hq-serve")
 
         self.db = await asyncio.to_thread(open_read_only)
         self.runner = web.AppRunner(build_app(self.db), access_log=None, handle_signals=False)
@@ -189,15 +190,14 @@ class Dashboard:
             self.db = None
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, cfg: HqConfig) -> int:
     import signal
 
-    dash = Dashboard(args.database, args.listen)
+    dash = Dashboard(cfg.database_url or DEFAULT_DATABASE, args.listen, cfg.database_password())
     try:
-        await dash.start()
-    except (DatabaseError, OSError, ValueError) as err:
-        print(f"storelink hq serve: {err}", file=sys.stderr)
-        return 1
+        await dash.start()  # DatabaseError and OSError: one line (storelink.hq.cli)
+    except ValueError as err:
+        raise HqConfigError(str(err)) from None
     assert dash.bound is not None
     log.info("fleet dashboard on http://%s:%d/ (read-only)", *dash.bound)
     stop = asyncio.Event()
@@ -209,14 +209,10 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    return asyncio.run(_serve(args))
+def cmd_serve(args: argparse.Namespace, cfg: HqConfig) -> int:
+    return asyncio.run(_serve(args, cfg))
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from storelink.hq.db import DATABASE_ENV, DEFAULT_DATABASE, default_database
-
-    p.add_argument("--database", default=default_database(),
-                   help=f"as for hq ingest (default ${DATABASE_ENV} or {DEFAULT_DATABASE})")
     p.add_argument("--listen", default="127.0.0.1:8090", help="HOST:PORT (default %(default)s)")
     p.set_defaults(hq_handler=cmd_serve)

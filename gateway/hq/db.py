@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from storelink.hq.config import HqConfig
+
 Row = tuple[Any, ...]
-DATABASE_ENV = "STORELINK_HQ_DATABASE"
 DEFAULT_DATABASE = "sqlite:///storelink-hq.db"  # a pilot: one file in the working directory
-
-
-def default_database() -> str:
-    return os.environ.get(DATABASE_ENV) or DEFAULT_DATABASE
 
 
 class DatabaseError(Exception):
@@ -157,7 +153,8 @@ class SqliteDatabase:
 class PostgresDatabase:
     dialect = "postgresql"
 
-    def __init__(self, url: str, *, readonly: bool = False, application: str = "storelink-hq"):
+    def __init__(self, url: str, *, password: str | None = None, readonly: bool = False,
+                 application: str = "storelink-hq"):
         try:
             import psycopg
         except ImportError:
@@ -167,7 +164,9 @@ class PostgresDatabase:
         self._sql: dict[str, str] = {}
         self._lock = threading.RLock()
         try:
-            self.conn = psycopg.connect(url, autocommit=True, application_name=application, connect_timeout=10)
+            extra: dict[str, Any] = {"password": password} if password else {}  # else PGPASSWORD/~/.pgpass
+            self.conn = psycopg.connect(url, autocommit=True, application_name=application, connect_timeout=10,
+                                        **extra)
             if readonly:
                 self.conn.execute("SET default_transaction_read_only = on")
         except psycopg.Error as err:
@@ -258,13 +257,20 @@ def _redact(url: str) -> str:
     return f"{head}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
-def open_database(url: str, *, readonly: bool = False, application: str = "storelink-hq") -> Database:
+def open_database(url: str, *, password: str | None = None, readonly: bool = False,
+                  application: str = "storelink-hq") -> Database:
     """`postgresql://...` or `postgres://...` opens PostgreSQL; `sqlite:///path` or a path opens SQLite."""
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresDatabase(url, readonly=readonly, application=application)
+        return PostgresDatabase(url, password=password, readonly=readonly, application=application)
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url.removeprefix("sqlite:")
     if "://" in path:
         raise DatabaseError(f"database {url!r}: use postgresql://... or sqlite:///path/to/file.db")
     if readonly and not Path(path).exists():
         raise DatabaseError(f"{path}: no such database (start `storelink hq ingest` first: it creates it)")
     return SqliteDatabase(Path(path))  # read-only use is the caller's: the dashboard only reads
+
+
+def open_configured(cfg: HqConfig, *, readonly: bool = False, application: str = "storelink-hq") -> Database:
+    """The database hq.toml's [database] names (``--database`` overrides it), else the embedded default file."""
+    return open_database(cfg.database_url or DEFAULT_DATABASE, password=cfg.database_password(), readonly=readonly,
+                         application=application)

@@ -1,11 +1,13 @@
 """`storelink hq ingest` and `storelink hq serve`: head office's event store and its fleet view.
 
-    storelink hq ingest [--database URL] [--broker HOST:PORT] [--worker-id ID]   # until SIGTERM/SIGINT
-    storelink hq serve  [--database URL] [--listen 127.0.0.1:8090]
+    storelink hq ingest [--config hq.toml] [--database URL] [--broker HOST:PORT] [--worker-id ID]  # until SIGTERM
+    storelink hq serve  [--config hq.toml] [--database URL] [--listen 127.0.0.1:8090]
 
-The database defaults to ``$STORELINK_HQ_DATABASE`` or an embedded SQLite file ``storelink-hq.db`` in the working
-directory (a pilot); give ``postgresql://user@host/db`` for a fleet (password in ``PGPASSWORD`` or ~/.pgpass,
-never on the command line). Broker credentials come from ``STORELINK_HQ_USERNAME``/``STORELINK_HQ_PASSWORD``.
+Both read hq.toml like every `storelink hq` command (storelink.hq.config; flags override it): the broker, its TLS
+identity, protocol and topic prefix for the ingest (through storelink.hq.connect, the one connection of all hq
+commands), and ``[database]`` for both: ``postgresql://user@host/db`` for a fleet (the password from
+``password_env``/``password_file``, never on the command line) or ``sqlite:///PATH``; without one, the embedded
+SQLite file ``storelink-hq.db`` in the working directory (a pilot).
 """
 
 from __future__ import annotations
@@ -14,23 +16,12 @@ import argparse
 import logging
 import os
 import signal
-import sys
-from pathlib import Path
 from typing import Any
 
-from storelink.hq.db import DATABASE_ENV, DEFAULT_DATABASE, default_database
+from storelink.hq.config import HqConfig
+from storelink.hq.db import DEFAULT_DATABASE
 
 log = logging.getLogger("storelink.hq")
-
-
-def broker_options(args: argparse.Namespace) -> Any:
-    from storelink.hq.link import BrokerOptions, parse_broker
-
-    host, port = parse_broker(args.broker)
-    return BrokerOptions(host=host, port=port, protocol=args.protocol,
-                         username=os.environ.get("STORELINK_HQ_USERNAME") or None,
-                         password=os.environ.get("STORELINK_HQ_PASSWORD") or None,
-                         ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def trusted_keys(texts: list[str]) -> list[Any]:
@@ -39,41 +30,34 @@ def trusted_keys(texts: list[str]) -> list[Any]:
     return [load_public_key(t) for t in texts]
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from storelink.hq.db import DatabaseError
+def cmd_ingest(args: argparse.Namespace, cfg: HqConfig) -> int:
     from storelink.hq.ingest import IngestSettings, IngestWorker
-    from storelink.hq.link import LinkError, ingest_client
 
+    settings = IngestSettings(database=cfg.database_url or DEFAULT_DATABASE, database_password=cfg.database_password(),
+                              worker_id=args.worker_id, prefix=cfg.topic_prefix,
+                              share_group=None if args.no_share else args.share_group,
+                              receive_maximum=args.receive_maximum, session_expiry=args.session_expiry,
+                              max_batch=args.max_batch, tracker=not args.no_tracker,
+                              trusted_keys=trusted_keys(args.trust_key), gap_grace=args.gap_grace,
+                              price_grace=args.price_grace, tracker_every=args.tracker_every)
+    worker = IngestWorker(settings)
+    # Broker first, then the database, and nothing logged before both work: either failure is the one line
+    # storelink.hq.cli prints (exit 69). Messages that come meanwhile wait in the worker's queue, unacknowledged.
+    client = worker.connect(cfg)  # HqLinkError
     try:
-        settings = IngestSettings(database=args.database, worker_id=args.worker_id, prefix=args.prefix,
-                                  share_group=None if args.no_share else args.share_group,
-                                  receive_maximum=args.receive_maximum, session_expiry=args.session_expiry,
-                                  max_batch=args.max_batch, tracker=not args.no_tracker,
-                                  trusted_keys=trusted_keys(args.trust_key), gap_grace=args.gap_grace,
-                                  price_grace=args.price_grace, tracker_every=args.tracker_every)
-        opts = broker_options(args)
-        worker = IngestWorker(settings)
-        worker.open()
-    except (DatabaseError, LinkError, ValueError) as err:
-        print(f"storelink hq ingest: {err}", file=sys.stderr)
-        return 1
-    try:
-        client = ingest_client(opts, settings.client_id, settings.filters(), receive_maximum=args.receive_maximum,
-                               session_expiry=args.session_expiry, on_link_change=worker.new_connection,
-                               on_message=worker.on_message)
-    except LinkError as err:
-        worker.close()
-        print(f"storelink hq ingest: {err}", file=sys.stderr)
-        return 1
-    worker.attach(client)
+        worker.open()  # DatabaseError
+    except BaseException:
+        worker.close()  # first: it marks the worker stopping, so our own disconnect is not logged as a loss
+        client.close()
+        raise
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_a: worker.stop_event.set())
-    log.info("ingest worker %s: %s -> %s", settings.worker_id, opts.where, _where(settings.database))
+    log.info("subscribed on %s: %s", cfg.broker.address, ", ".join(settings.filters()))
+    log.info("ingest worker %s: %s -> %s", settings.worker_id, cfg.broker.address, _where(settings.database))
     try:
         worker.run()
     finally:
-        client.disconnect()  # the session stays at the broker: what arrives meanwhile waits for this worker id
-        client.loop_stop()
+        client.close()  # the session stays at the broker: what arrives meanwhile waits for this worker id
         worker.close()
     c = worker.counters
     log.info("ingest worker %s stopped: %d received, %d new events, %d duplicates, %d bad", settings.worker_id,
@@ -86,14 +70,6 @@ def _where(url: str) -> str:
 
 
 def _add_ingest(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--database", default=default_database(),
-                   help=f"postgresql://USER@HOST/DB or sqlite:///PATH (default ${DATABASE_ENV} or {DEFAULT_DATABASE})")
-    p.add_argument("--broker", default="127.0.0.1:1883")
-    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
-    p.add_argument("--tls-ca", type=Path)
-    p.add_argument("--tls-cert", type=Path)
-    p.add_argument("--tls-key", type=Path)
-    p.add_argument("--prefix", default="storelink", help="the stores' mqtt.topic_prefix")
     p.add_argument("--worker-id", default=os.environ.get("STORELINK_HQ_WORKER") or _hostname(),
                    help="stable per worker: the broker keeps this worker's session (and its queue) under it")
     p.add_argument("--share-group", default="storelink-ingest", help="MQTT 5 shared subscription group")
@@ -120,9 +96,13 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
-def add_fleet_subcommands(sub: Any) -> None:
-    """Adds ingest and serve to the `storelink hq` subparsers (called from gateway/hq/prices.py)."""
-    _add_ingest(sub.add_parser("ingest", help="land every store's events and states in head office's database"))
+def add_parsers(sub: Any, connection: argparse.ArgumentParser, local: argparse.ArgumentParser,
+                database: argparse.ArgumentParser) -> None:
+    """Parent parsers (storelink.hq.cli): `connection` --config and the broker flags, `local` --config alone,
+    `database` --database."""
+    _add_ingest(sub.add_parser("ingest", parents=[connection, database],
+                               help="land every store's events and states in head office's database"))
     from storelink.hq.dashboard import add_serve_arguments
 
-    add_serve_arguments(sub.add_parser("serve", help="the read-only fleet dashboard (and /metrics)"))
+    add_serve_arguments(sub.add_parser("serve", parents=[local, database],
+                                       help="the read-only fleet dashboard (and /metrics)"))

@@ -30,10 +30,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from storelink.hq.config import HqConfig
+from storelink.hq.connect import HqClient, PersistentSession, connect
 from storelink.hq.db import Database, DatabaseError, open_database
 from storelink.hq.published import Assembled, BatchAssembler, record_batch
 from storelink.hq.records import Inbound, Parsed, parse, write_batch
 from storelink.hq.schema import migrate
+from storelink.mqtt_problems import LinkProblem
 
 log = logging.getLogger(__name__)
 HEARTBEAT = 5.0
@@ -42,6 +45,7 @@ HEARTBEAT = 5.0
 @dataclass
 class IngestSettings:
     database: str
+    database_password: str | None = None  # PostgreSQL's, from hq.toml (libpq's PGPASSWORD/~/.pgpass otherwise)
     worker_id: str = field(default_factory=lambda: socket.gethostname())
     prefix: str = "storelink"
     share_group: str | None = "storelink-ingest"  # None: a plain subscription (one worker; brokers without $share)
@@ -88,7 +92,7 @@ class IngestWorker:
 
     def __init__(self, settings: IngestSettings):
         self.s = settings
-        self.client: Any = None  # a paho Client with manual_ack (storelink.hq.link.ingest_client): attach()
+        self.client: HqClient | None = None  # with a persistent session and manual acknowledgement: connect()
         self.queue: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.counters = Counters()
         self.stop_event = threading.Event()
@@ -103,21 +107,37 @@ class IngestWorker:
         self.db: Database | None = None
         self.tracker_thread: threading.Thread | None = None
 
-    def attach(self, client: Any) -> None:
+    def connect(self, cfg: HqConfig) -> HqClient:
+        """Connected through head office's one connection (hq.toml's broker, TLS, protocol) and subscribed, every
+        filter granted; HqLinkError otherwise. The session is this worker id's: a crash leaves what it had not
+        acknowledged in it, and the broker queues for it while it is away (Receive Maximum bounds a batch)."""
+        session = PersistentSession(self.s.client_id, self.s.session_expiry, self.s.receive_maximum)
+        client = connect(cfg, "ingest", session=session, on_message=self.on_message,
+                         on_link_change=self.link_changed)
+        try:
+            client.subscribe_confirmed(self.s.filters())
+        except BaseException:
+            client.close()
+            raise
+        client.reconnect_delay_set(1, 30)
         self.client = client
+        return client
 
     # -- paho's thread ----------------------------------------------------------------------------------------
-    def new_connection(self) -> None:
-        """Called by the link on every (re)connect and disconnect: mids of the old connection become void."""
+    def link_changed(self, problem: LinkProblem | None) -> None:
+        """On every (re)connect and disconnect: mids of the old connection become void."""
         with self._gen_lock:
             self._generation += 1
+        if problem is not None and not self.stop_event.is_set():
+            log.warning("broker: %s; reconnecting", problem.message)
 
     def on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         self.queue.put(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._generation, bool(msg.retain)))
 
     # -- the writer ---------------------------------------------------------------------------------------------
     def open(self) -> None:
-        self.db = open_database(self.s.database, application=f"storelink-ingest-{self.s.worker_id}")
+        self.db = open_database(self.s.database, password=self.s.database_password,
+                                application=f"storelink-ingest-{self.s.worker_id}")
         before = migrate(self.db)
         if before == 0:
             log.info("database %s: schema created", self.s.database.split("@")[-1])

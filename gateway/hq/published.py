@@ -15,14 +15,14 @@ import binascii
 import hashlib
 import json
 import logging
-import os
 import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from storelink.hq.db import DATABASE_ENV, DEFAULT_DATABASE, Database, DatabaseError, open_database
+from storelink.hq.config import HqConfig
+from storelink.hq.db import DEFAULT_DATABASE, Database, DatabaseError, open_database
 from storelink.hq.records import Inbound, decode_payload, parse_ts
 
 log = logging.getLogger(__name__)
@@ -49,23 +49,23 @@ def record_batch(db: Database, manifest: dict[str, Any], items: Sequence[dict[st
     return bool(new)
 
 
-def record_published(database: str | None, batch: Any, items: Sequence[Any]) -> str:
+def record_published(cfg: HqConfig, batch: Any, items: Sequence[Any]) -> str:
     """`hq publish-prices`, once the broker took every message: record the batch; returns what to tell the user.
 
-    The database: the one named, else $STORELINK_HQ_DATABASE, else the pilot's default file if it exists here.
+    The database: hq.toml's [database] (or --database), else the pilot's default file if it exists here.
     Without one the batch is still recorded by a running `hq ingest`, which sees it on the downlink topics."""
     from pathlib import Path
 
-    url = database or os.environ.get(DATABASE_ENV)
+    url = cfg.database_url
     if url is None and Path(DEFAULT_DATABASE.removeprefix("sqlite:///")).exists():
         url = DEFAULT_DATABASE
     if url is None:
-        return (f"not recorded here (no --database or ${DATABASE_ENV}); a running `storelink hq ingest` records "
-                "it from the broker")
+        return ("not recorded here (no [database] in hq.toml, no --database); a running `storelink hq ingest` "
+                "records it from the broker")
     rows = [i.model_dump(mode="json", exclude_none=True) if hasattr(i, "model_dump") else i for i in items]
     key_id = json.loads(batch.messages[0]).get("envelope", {}).get("key_id")
     try:
-        db = open_database(url)
+        db = open_database(url, password=cfg.database_password())
         try:
             from storelink.hq.schema import migrate
 

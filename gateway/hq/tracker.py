@@ -45,7 +45,8 @@ def run_tracker(settings: Any, stop: threading.Event) -> None:
     while not stop.wait(settings.tracker_every):
         try:
             if db is None:
-                db = open_database(settings.database, application=f"storelink-tracker-{settings.worker_id}")
+                db = open_database(settings.database, password=settings.database_password,
+                                   application=f"storelink-tracker-{settings.worker_id}")
                 holding = False
             if not holding:
                 holding = db.try_lock("tracker")
