@@ -133,7 +133,9 @@ def test_scheduled_versions_queue_and_a_newer_batch_supersedes_a_scheduled_one(
     try:
         rig.start_on_version_1(subscriber, 10, 1000)
         a, b = "SKU000001", "SKU000008"
-        t2, t3 = _ahead(3.0), _ahead(5.0)
+        # far enough ahead that both are still scheduled when v3 is prepared, also on a loaded machine (preparing
+        # both took over 3 s in a parallel test run)
+        t2, t3 = _ahead(6.0), _ahead(8.0)
         watch = ShelfWatch(rig.floor, [a, b], valid_from={2: t2 + SWAP, 3: t3 + SWAP})
         poll = LookupPoller(rig, [a, b], watch)
         v2 = items(10, base=1000)
@@ -146,6 +148,7 @@ def test_scheduled_versions_queue_and_a_newer_batch_supersedes_a_scheduled_one(
         e = wait_event(subscriber, "price.prepared", version=3, timeout=10)
         assert e["data"]["changed"] == 2
         state = rig.gw.get("/api/v1/prices/state")[1]  # type: ignore[union-attr]
+        assert time.time() < t2, "the machine was too slow to see both versions scheduled"
         assert [s["version"] for s in state["scheduled"]] == [2, 3]
         wait_event(subscriber, "price.confirmed", version=3, timeout=30)
         wait_for(lambda: any(x[2] == b and x[3] == 1200 for x in poll.samples), 5, what="a lookup after the end")
