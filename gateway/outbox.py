@@ -7,7 +7,8 @@ future is resolved only after COMMIT returned, and with WAL + ``synchronous=FULL
 
 ``seq`` is per gateway, monotonic and gap-free: the next value lives in a ``meta`` row updated in the same
 transaction as the inserts, so a rolled-back batch (disk full) gives its numbers back. The only gaps head office
-can ever see are telemetry events evicted under the size cap, and those are counted and reported.
+can ever see are telemetry events evicted under the size cap, and those are reported exactly, in
+``outbox.evicted`` events (storelink.evictions).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import sqlite_utils
 from storelink import safe_json
 from storelink.config import StorageConfig
 from storelink.contract import EventPayload
+from storelink.evictions import EVICTION_KIND, EvictionLog, create_evicted_table
 from storelink.system.logs import exception_summary
 from storelink.system.schema import ensure_schema
 
@@ -153,6 +155,9 @@ def _create_tables(conn: sqlite3.Connection) -> None:
     )
     db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)  # type: ignore[union-attr]
     conn.execute("CREATE INDEX IF NOT EXISTS outbox_by_class ON outbox(critical, seq)")
+    # Additive, and made on every open (ensure_schema runs this after any migration): code that does not know the
+    # table (a rollback) ignores it and reads the file as before, so the schema version stays where it is.
+    create_evicted_table(conn)
 
 
 class Outbox:
@@ -174,6 +179,7 @@ class Outbox:
         self._id_prefix = os.urandom(10).hex()
         self._id_counter = itertools.count()
         self._listeners: list[Listener] = []
+        self.evictions = EvictionLog()  # the writer thread's: which seqs were evicted, and their reports
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -181,6 +187,8 @@ class Outbox:
         conn = open_database(self.config.path, self.config.synchronous)
         # Versioned (storelink.system.schema): a release rolled back after an update still reads this file.
         ensure_schema(conn, "outbox", _create_tables)
+        self.evictions.open(conn)
+        self.stats.evicted_total = self.evictions.state.total
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
         self._next_seq = max(row[0] if row else 1, top + 1)
@@ -319,12 +327,20 @@ class Outbox:
             "oldest_undelivered_age_s": round(time.time() - oldest, 3) if oldest else None,
             "accepted_total": s.accepted_total,
             "delivered_total": s.delivered_total,
-            "evicted_total": s.evicted_total,
+            "evicted_total": s.evicted_total,  # since the outbox was created (durable), reported to head office
             "refused_total": s.refused_total,
             "next_seq": self._next_seq,
             "cap": {"max_bytes": self.config.max_bytes, "max_events": self.config.max_events},
             "alarms": dict(s.alarms),
         }
+
+    def report(self) -> dict[str, Any]:
+        """Blocking: the retained ``{base}/outbox/state`` payload (contract.OutboxStatePayload)."""
+        oldest = self.oldest_ts() if self._reader is not None else None
+        s = self.stats
+        return {"depth": s.depth, "bytes": s.bytes, "critical": s.critical,
+                "oldest_undelivered_at": iso_ts(oldest) if oldest else None, "next_seq": self._next_seq,
+                "evicted_total": s.evicted_total, "alarms": dict(s.alarms), "ts": iso_ts(time.time())}
 
     # -- the writer thread ----------------------------------------------------------------------------------
     def _alarm(self, name: str, message: str | None) -> None:
@@ -341,7 +357,11 @@ class Outbox:
     def _writer(self) -> None:
         stop = False
         while not stop:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=self.evictions.wait())
+            except queue.Empty:
+                self._commit([])  # only the eviction report is due
+                continue
             if first is None:
                 break
             self._busy_since = time.monotonic()
@@ -389,9 +409,9 @@ class Outbox:
         conn = self._conn
         puts = [w[1] for w in work if w[0] == "put"]
         acks = [s for w in work if w[0] == "ack" for s in w[1]]
-        snapshot = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical)
+        snapshot = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state)
         results: list[tuple[Any, list[Accepted] | BaseException]] = []
-        evicted = delivered = 0
+        delivered = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
             if acks:
@@ -402,11 +422,13 @@ class Outbox:
             else:  # near the cap: call by call, each all or nothing, evicting telemetry as it goes
                 for pending, fut, loop in puts:
                     try:
-                        accepted, ev = self._insert_call(conn, pending)
-                        evicted += ev
+                        accepted = self._insert_call(conn, pending)
                         results.append(((fut, loop), accepted))
                     except OutboxFull as err:
                         results.append(((fut, loop), err))
+            if self.evictions.due():
+                self._eviction_report(conn)
+            self.evictions.save(conn, snapshot[4])
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES('next_seq', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -416,7 +438,7 @@ class Outbox:
         except sqlite3.Error as err:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical = snapshot
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state = snapshot
             full = "full" in str(err).lower()
             reason = "disk full" if full else f"database error: {err}"
             self._alarm("storage", f"cannot write the outbox ({reason}); new events are refused")
@@ -430,11 +452,11 @@ class Outbox:
             # it call by call. Nothing of it was committed, so no caller has been told anything yet.
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical = snapshot
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state = snapshot
             raise
         else:
             self.stats.commits_total += 1
-            self.stats.evicted_total += evicted
+            self.stats.evicted_total = self.evictions.state.total
             self.stats.delivered_total += delivered
             self.stats.accepted_total += sum(len(r) for _f, r in results if isinstance(r, list))
             if "storage" in self.stats.alarms:
@@ -488,37 +510,36 @@ class Outbox:
         conn.executemany("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", rows)
         return results
 
-    def _insert_call(self, conn: sqlite3.Connection, pending: list[_Pending]) -> tuple[list[Accepted], int]:
+    def _insert_call(self, conn: sqlite3.Connection, pending: list[_Pending]) -> list[Accepted]:
         """Insert one caller's events, all or none (a savepoint), evicting telemetry if the cap needs it."""
         conn.execute("SAVEPOINT call")
-        saved = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical)
-        evicted = 0
+        saved = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state)
         try:
             rows = []
             for p in pending:
                 row = self._row(p)
-                evicted += self._make_room(conn, len(row[5]), p.critical, p.kind)
+                self._make_room(conn, len(row[5]), p.critical, p.kind)
                 self._count(1, len(row[5]), row[3])
                 rows.append(row)
             conn.executemany("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", rows)
         except OutboxFull:
             conn.execute("ROLLBACK TO call")
             conn.execute("RELEASE call")
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical = saved
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evictions.state = saved
             self.stats.refused_total += len(pending)
             raise
         conn.execute("RELEASE call")
-        return [Accepted(id=r[1], seq=r[0]) for r in rows], evicted
+        return [Accepted(id=r[1], seq=r[0]) for r in rows]
 
     def _over_cap(self, extra_bytes: int) -> bool:
         c = self.config
         return self.stats.depth + 1 > c.max_events or self.stats.bytes + extra_bytes > c.max_bytes
 
-    def _make_room(self, conn: sqlite3.Connection, size: int, critical: bool, kind: str) -> int:
+    def _make_room(self, conn: sqlite3.Connection, size: int, critical: bool, kind: str) -> None:
         if not self._over_cap(size):
             if "capacity" in self.stats.alarms and self.stats.bytes < 0.9 * self.config.max_bytes:
                 self._alarm("capacity", None)
-            return 0
+            return
         evicted = 0
         while self._over_cap(size):
             victims = conn.execute(
@@ -530,6 +551,7 @@ class Outbox:
                 if not self._over_cap(size):
                     break
                 conn.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+                self.evictions.note(conn, seq)
                 self.stats.depth -= 1
                 self.stats.bytes -= length
                 evicted += 1
@@ -541,7 +563,20 @@ class Outbox:
             self._alarm("capacity", "outbox over its cap with critical events; telemetry refused")
         elif evicted:
             self._alarm("capacity", "outbox at its cap: oldest telemetry is being evicted")
-        return evicted
+
+    def _eviction_report(self, conn: sqlite3.Connection) -> None:
+        """One outbox.evicted event with the runs not yet reported. Critical, so never evicted itself; it may put the
+        outbox a little over its cap, which the next put evicts back."""
+        data = self.evictions.take_report(conn)
+        if data is None:
+            return
+        pending = _Pending(f"{self._id_prefix}{next(self._id_counter):012x}", time.time(), EVICTION_KIND, "gateway",
+                           safe_json.dumps_text(data), True)
+        row = self._row(pending)
+        conn.execute("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", row)
+        self._count(1, len(row[5]), 1)
+        log.info("outbox at its cap: %d telemetry event(s) evicted since the last report (seq %d-%d); reported",
+                 data["count"], data["ranges"][0][0], data["ranges"][-1][1])
 
     def _delete(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
         deleted = 0

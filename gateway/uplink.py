@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from storelink import __version__
 from storelink.config import MqttConfig
-from storelink.contract import OFFLINE, StatusPayload, Topics
+from storelink.contract import OUTBOX_REPORT_EVERY, OutboxStatePayload, StatusPayload, Topics
 from storelink.mqtt_problems import (
     SPECIFIC_CERT_PROBLEMS,
     Endpoint,
@@ -73,8 +73,10 @@ def backoff_delay(attempt: int, low: float, high: float) -> float:
 
 
 class Uplink:
-    def __init__(self, cfg: MqttConfig, store_id: str, outbox: Outbox, *, started_at: float | None = None):
+    def __init__(self, cfg: MqttConfig, store_id: str, outbox: Outbox, *, started_at: float | None = None,
+                 groups: tuple[str, ...] = ()):
         self.cfg = cfg
+        self.groups = list(groups)  # in the birth and the Last Will: head office matches group price batches by it
         self.topics = Topics(store_id, cfg.topic_prefix)
         self.outbox = outbox
         self.started_at = started_at or time.time()
@@ -87,6 +89,7 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected_evt = asyncio.Event()
         self._window_evt = asyncio.Event()
+        self._report_now = asyncio.Event()
         self._awaiting_acks = False  # the drain waits for PUBACKs to free the window
         self._pubacks: collections.deque[tuple[int, bool, str]] = collections.deque()  # from paho's thread
         self._pubacks_scheduled = False
@@ -137,7 +140,7 @@ class Uplink:
             )
             if t.insecure_skip_verify:
                 client.tls_insecure_set(True)
-        client.will_set(self.topics.status, OFFLINE, qos=1, retain=True)
+        client.will_set(self.topics.status, self._offline_payload(), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_min)  # type: ignore[arg-type]
@@ -233,7 +236,12 @@ class Uplink:
     # -- loop side ------------------------------------------------------------------------------------------
     def _birth_payload(self) -> bytes:
         return StatusPayload(state="online", store_id=self.topics.store_id, version=__version__,
-                             started_at=iso_ts(self.started_at), protocol=self.cfg.protocol).encode()
+                             started_at=iso_ts(self.started_at), protocol=self.cfg.protocol,
+                             groups=self.groups).encode()
+
+    def _offline_payload(self) -> bytes:
+        """The Last Will and the goodbye; with the store's groups: head office may never have seen its birth."""
+        return StatusPayload(state="offline", store_id=self.topics.store_id, groups=self.groups).encode()
 
     def _set_connected(self, session_present: bool, subscribe_mids: dict[int | None, str]) -> None:
         # Republished here on the loop, not in paho's on_connect: publish_state() runs on the loop too, so a state
@@ -248,6 +256,7 @@ class Uplink:
         self.last_error = None
         self.problem = None
         self._connected_evt.set()
+        self._report_now.set()  # a fresh outbox report on every connect
         log.info("uplink connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, session_present)
 
     def _set_disconnected(self, problem: LinkProblem) -> None:
@@ -417,7 +426,29 @@ class Uplink:
         """Connect and drain until cancelled."""
         self._loop = asyncio.get_running_loop()
         self._start_client()
-        await self._drain()
+        reporter = asyncio.ensure_future(self._report_outbox())
+        try:
+            await self._drain()
+        finally:
+            reporter.cancel()
+
+    async def _report_outbox(self) -> None:
+        """Retained ``outbox/state``: head office's fleet view shows the backlog, and its gap tracking learns
+        from ``evicted_total`` when every eviction has been reported (docs/mqtt.md). Made fresh on every connect
+        and every OUTBOX_REPORT_EVERY seconds, never republished from memory like the other retained states: a
+        report from before an outage, sent again at reconnect, would tell head office a stale eviction count as
+        news."""
+        while True:
+            await self._connected_evt.wait()
+            try:
+                report = OutboxStatePayload.model_validate(await asyncio.to_thread(self.outbox.report))
+                self.publish_direct(self.topics.outbox_state, report.model_dump_json().encode(), retain=True)
+            except Exception as err:  # a closed outbox at shutdown; never let the report stop the uplink
+                log.debug("outbox report: %s", err)
+            self._report_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OUTBOX_REPORT_EVERY):
+                    await self._report_now.wait()
 
     def _start_client(self) -> None:
         props = None
@@ -454,7 +485,7 @@ class Uplink:
 
         def retire() -> None:
             if was_connected:
-                old.publish(self.topics.status, OFFLINE, qos=0, retain=True)
+                old.publish(self.topics.status, self._offline_payload(), qos=0, retain=True)
             old.disconnect()
             old.loop_stop()
 
@@ -518,7 +549,7 @@ class Uplink:
             with contextlib.suppress(asyncio.CancelledError):
                 await drain_task
         if self.connected:
-            info = self._client.publish(self.topics.status, OFFLINE, qos=1, retain=True)
+            info = self._client.publish(self.topics.status, self._offline_payload(), qos=1, retain=True)
             try:
                 async with asyncio.timeout(2.5):
                     await asyncio.to_thread(info.wait_for_publish, 2.0)
