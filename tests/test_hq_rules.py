@@ -144,6 +144,28 @@ def test_a_report_that_came_before_the_event_revealing_a_gap_does_not_settle_it(
     assert db.query("SELECT first_seq, last_seq, state FROM seq_gaps") == [(3, 4, "open")]
 
 
+def test_a_retained_copy_of_the_outbox_state_does_not_settle_a_gap(db: Database) -> None:
+    """The store's outbox state reached head office only as the broker's retained copy (the worker subscribed
+    again after the store had sent it live; live_at is NULL): the store does report, so its gap waits for its next
+    live report instead of going missing after the grace like a store that never reports (test_hq_gaps.py, on a
+    fresh machine). A store with no outbox state at all still gets the grace alone."""
+    for store in ("s1", "s2"):
+        db.execute("INSERT INTO stores (store_id, first_seen) VALUES (?, ?)", (store, T0))
+        for seq in (1, 2, 5):
+            db.execute("INSERT INTO events (id, store_id, seq, kind, device, ts, received_at, data) VALUES "
+                       "(?, ?, ?, 'scan', 'd', ?, ?, '{}')", (f"{store}-e{seq}", store, seq, T0, T0))
+    db.execute("INSERT INTO retained (store_id, topic, worker, payload, received_at, live_at) VALUES "
+               "('s1', 'outbox/state', 'w', ?, ?, NULL)", (json.dumps({"depth": 0, "evicted_total": 0}), T0))
+    tracker = Tracker(db, gap_grace=5)
+    tracker.run_pass(T0 + 1)
+    tracker.run_pass(T0 + 20)
+    assert db.query("SELECT store_id, state FROM seq_gaps ORDER BY store_id") == [("s1", "open"), ("s2", "missing")]
+    db.execute("UPDATE retained SET received_at = ?, live_at = ? WHERE store_id = 's1'", (T0 + 21, T0 + 21))
+    tracker.run_pass(T0 + 22)  # its next live report: nothing evicted, so the hole is missing
+    assert db.query("SELECT store_id, state FROM seq_gaps ORDER BY store_id") == [("s1", "missing"),
+                                                                                  ("s2", "missing")]
+
+
 def test_an_overcharge_is_recorded_once_even_when_the_sale_comes_twice(db: Database) -> None:
     v1 = batch(db, 1, {"A": 500}, T0)
     confirm(db, v1, T0 + 1)

@@ -166,8 +166,12 @@ class Tracker:
             evicted = self.db.query("SELECT first_seq, last_seq FROM evictions WHERE store_id = ? AND first_seq <= ? "
                                     "AND last_seq >= ?", (store, last, first))
             # A store that reports its evictions has told us all of them once its outbox state (sent after we saw
-            # the gap) counts no more than its reports did; one that never reports them gets the grace alone.
-            reported = reported_at is None or (reported_at > detected and (evicted_total or 0) <= (notified or 0))
+            # the gap) counts no more than its reports did; one that never reports them gets the grace alone. A
+            # store whose outbox state head office has only as the broker's retained copy (it came back before the
+            # ingest had subscribed again) is a reporting store too: it waits for the store's next live report.
+            never_reports = reported_at is None and evicted_total is None
+            reported = never_reports or (reported_at is not None and reported_at > detected
+                                         and (evicted_total or 0) <= (notified or 0))
             settled = now - detected >= self.gap_grace and reported
             pieces = _subtract(first, last, present, [(a, b) for a, b in evicted])
             unchanged = pieces == [(first, last, "hole")] and (state == "missing" or not settled)
