@@ -15,10 +15,11 @@ All methods are blocking; the driver calls them through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from storelink.system.sqlite import Synchronous, open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -70,39 +71,26 @@ class Job:
 
 
 class LabelQueue:
-    def __init__(self, path: Path, synchronous: str = "FULL"):
+    def __init__(self, path: Path, synchronous: Synchronous = "FULL"):
         self.path = path
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+        self._db = open_db(path, synchronous=synchronous)
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _tx(self) -> sqlite3.Connection:
-        self._db.execute("BEGIN IMMEDIATE")
-        return self._db
-
     # recovery -----------------------------------------------------------------------------------------------
     def recover(self) -> int:
         """After a restart: jobs whose fate is unknown are sent again (at-least-once). Returns how many."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 n = db.execute("UPDATE jobs SET state='queued', updated=?, note='re-sent after restart' "
                                "WHERE state='sent'", (now,)).rowcount
                 db.execute("DELETE FROM jobs WHERE state IN ('printed', 'cancelled') AND updated < ?",
                            (now - KEEP_DONE_S,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return n
 
     # the price change's phases ---------------------------------------------------------------------------
@@ -111,8 +99,7 @@ class LabelQueue:
         Raises ValueError for a version that was already aborted here."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 row = db.execute("SELECT state FROM versions WHERE version=?", (version,)).fetchone()
                 if row and row[0] == "aborted":
                     raise ValueError(f"price version {version} was aborted on this printer")
@@ -127,10 +114,6 @@ class LabelQueue:
                         (version, label.sku, label.payload, prev[0] if prev else None, prev[1] if prev else None,
                          now, now, label.note),
                     ).rowcount
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return added
 
     def commit(self, version: int) -> None:
@@ -143,8 +126,7 @@ class LabelQueue:
         have been printed. Returns (cancelled, restores queued, SKUs with no earlier label to restore)."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 db.execute("INSERT INTO versions (version, state, items, updated) VALUES (?, 'aborted', 0, ?) "
                            "ON CONFLICT (version) DO UPDATE SET state='aborted', updated=excluded.updated",
                            (version, now))
@@ -162,10 +144,6 @@ class LabelQueue:
                         "updated, note) VALUES (?, ?, 'restore', ?, ?, 'queued', ?, ?, 'abort: old price again')",
                         (version, sku, previous, previous_version, now, now),
                     ).rowcount
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return cancelled, restored, unknown
 
     def confirmed(self, version: int) -> bool:
@@ -190,16 +168,11 @@ class LabelQueue:
         """The oldest queued jobs, marked `sent` (durably) before a single byte goes to the printer."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 rows = db.execute("SELECT id, version, sku, kind, payload FROM jobs WHERE state='queued' "
                                   "ORDER BY id LIMIT ?", (limit,)).fetchall()
                 db.executemany("UPDATE jobs SET state='sent', attempts=attempts+1, updated=? WHERE id=?",
                                [(now, r[0]) for r in rows])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return [Job(*r) for r in rows]
 
     def has_sent(self) -> bool:
@@ -215,8 +188,7 @@ class LabelQueue:
         """Every `sent` job is on paper: record it, and remember each label as the one the shelf now shows."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 rows = db.execute("SELECT id, version, sku, kind, payload, previous_version FROM jobs "
                                   "WHERE state='sent' ORDER BY id").fetchall()
                 for job_id, version, sku, kind, payload, previous_version in rows:
@@ -225,10 +197,6 @@ class LabelQueue:
                     db.execute("INSERT INTO shown (sku, version, payload) VALUES (?, ?, ?) ON CONFLICT (sku) "
                                "DO UPDATE SET version=excluded.version, payload=excluded.payload",
                                (sku, shown_version, payload))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return [Job(*r[:5]) for r in rows]
 
     def counts(self) -> dict[str, int]:

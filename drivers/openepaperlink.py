@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, PriceItem
 from storelink.drivers.esl_state import EslState, Push
 from storelink.drivers.price_text import format_money, unit_price_text
+from storelink.system.sqlite import Synchronous
 
 log = logging.getLogger(__name__)
 _MAC = re.compile(r"^(?:[0-9A-F]{12}|[0-9A-F]{16})$")
@@ -156,7 +157,8 @@ class OpenEPaperLink(Driver):
             return self._state
 
     async def _open_state(self) -> EslState:
-        path, sync = self.cfg.state_path, "FULL"
+        path = self.cfg.state_path
+        sync: Synchronous = "FULL"
         with contextlib.suppress(KeyError, AttributeError):
             storage = self.ctx.service("gateway").config.storage
             sync = storage.synchronous

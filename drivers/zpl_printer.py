@@ -37,6 +37,7 @@ from storelink.drivers.zpl_label import (
     parse_host_status,
     render_label,
 )
+from storelink.system.sqlite import Synchronous
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class ZplPrinter(Driver):
         """Opened on first use (by run() or by the price coordinator, whichever comes first)."""
         async with self._queue_lock:
             if self._queue is None:
-                sync = "FULL"
+                sync: Synchronous = "FULL"
                 with contextlib.suppress(KeyError, AttributeError):
                     sync = self.ctx.service("gateway").config.storage.synchronous
                 self._queue = await asyncio.to_thread(LabelQueue, self.queue_path(), sync)

@@ -25,12 +25,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from storelink.config import StorageConfig
+from storelink.system.sqlite import DatabaseSettingsError, open_db, transaction
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +113,6 @@ def kind_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
     return is_match
 
 
-def open_database(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
-    """Open with WAL and the requested fsync level, and check both took (builds differ in defaults)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise OutboxError(f"{path}: SQLite refused WAL mode (got {mode!r})")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    level = conn.execute("PRAGMA synchronous").fetchone()[0]
-    if level != {"NORMAL": 1, "FULL": 2}[synchronous]:
-        raise OutboxError(f"{path}: SQLite refused synchronous={synchronous} (got {level})")
-    return conn
-
-
 class Outbox:
     def __init__(self, config: StorageConfig, *, on_alarm: Callable[[str, str | None], None] | None = None):
         self.config = config
@@ -149,7 +135,10 @@ class Outbox:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def open(self) -> None:
         """Open (blocking: call from a thread or before the loop runs) and start the writer thread."""
-        conn = open_database(self.config.path, self.config.synchronous)
+        try:
+            conn = open_db(self.config.path, synchronous=self.config.synchronous)
+        except DatabaseSettingsError as err:
+            raise OutboxError(str(err)) from None
         db = sqlite_utils.Database(conn)
         db["outbox"].create(  # type: ignore[union-attr]
             {"seq": int, "id": str, "kind": str, "critical": int, "ts": float, "payload": bytes},
@@ -167,7 +156,7 @@ class Outbox:
         ).fetchone()
         self.stats.depth, self.stats.bytes, self.stats.critical = depth, size, crit
         self._conn = conn
-        self._reader = sqlite3.connect(self.config.path, check_same_thread=False, isolation_level=None)
+        self._reader = open_db(self.config.path, synchronous=self.config.synchronous, read_only=True)
         self._thread = threading.Thread(target=self._writer, name="outbox-writer", daemon=True)
         self._thread.start()
         log.info("outbox open: %d events waiting, next seq %d", depth, self._next_seq)
@@ -326,29 +315,26 @@ class Outbox:
         results: list[tuple[Any, list[Accepted] | BaseException]] = []
         evicted = delivered = 0
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            if acks:
-                delivered = self._delete(conn, acks)
-            fast = self._insert_under_cap(conn, puts)
-            if fast is not None:
-                results = fast
-            else:  # near the cap: call by call, each all or nothing, evicting telemetry as it goes
-                for pending, fut, loop in puts:
-                    try:
-                        accepted, ev = self._insert_call(conn, pending)
-                        evicted += ev
-                        results.append(((fut, loop), accepted))
-                    except OutboxFull as err:
-                        results.append(((fut, loop), err))
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES('next_seq', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (self._next_seq,),
-            )
-            conn.execute("COMMIT")
+            with transaction(conn):
+                if acks:
+                    delivered = self._delete(conn, acks)
+                fast = self._insert_under_cap(conn, puts)
+                if fast is not None:
+                    results = fast
+                else:  # near the cap: call by call, each all or nothing, evicting telemetry as it goes
+                    for pending, fut, loop in puts:
+                        try:
+                            accepted, ev = self._insert_call(conn, pending)
+                            evicted += ev
+                            results.append(((fut, loop), accepted))
+                        except OutboxFull as err:
+                            results.append(((fut, loop), err))
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES('next_seq', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (self._next_seq,),
+                )
         except sqlite3.Error as err:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical = snapshot
             full = "full" in str(err).lower()
             reason = "disk full" if full else f"database error: {err}"

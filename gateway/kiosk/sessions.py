@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from storelink.contract import DEVICE_RE
 from storelink.outbox import iso_ts
+from storelink.system.sqlite import Synchronous, open_db, transaction
 
 if TYPE_CHECKING:
     from storelink.app import Gateway
@@ -85,9 +86,10 @@ CREATE TABLE IF NOT EXISTS session_files (kiosk_id TEXT NOT NULL, path TEXT NOT 
 
 
 class KioskSessions:
-    def __init__(self, data_dir: Path, emit: EmitFn):
+    def __init__(self, data_dir: Path, emit: EmitFn, synchronous: Synchronous = "FULL"):
         self.data_dir = data_dir
         self.db_path = data_dir / "kiosk.db"
+        self.synchronous: Synchronous = synchronous
         self._emit = emit
         self._sessions: dict[str, _Session] = {}
         self._listeners: list[Listener] = []
@@ -278,11 +280,8 @@ class KioskSessions:
 
     def _open_db(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
         # Deleted content is overwritten with zeros instead of left in free pages for a forensic tool.
-        conn.execute("PRAGMA secure_delete=ON")
+        conn = open_db(self.db_path, synchronous=self.synchronous, secure_delete="ON")
         conn.executescript(_SCHEMA)
         with self._db_lock:
             self._db = conn
@@ -303,18 +302,18 @@ class KioskSessions:
         with self._db_lock:
             if self._db is None:
                 raise sqlite3.ProgrammingError("kiosk sessions are closed")
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM session_data WHERE kiosk_id=?", (kiosk_id,))
-            self._db.execute("DELETE FROM session_files WHERE kiosk_id=?", (kiosk_id,))
-            self._db.execute("DELETE FROM sessions WHERE kiosk_id=?", (kiosk_id,))
-            self._db.execute("COMMIT")
+            with transaction(self._db) as db:
+                db.execute("DELETE FROM session_data WHERE kiosk_id=?", (kiosk_id,))
+                db.execute("DELETE FROM session_files WHERE kiosk_id=?", (kiosk_id,))
+                db.execute("DELETE FROM sessions WHERE kiosk_id=?", (kiosk_id,))
             # The WAL still holds the pages as they were before the delete: copy the zeroed pages into the
             # database and truncate the WAL so no earlier version of the rows is left in either file.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def install(gateway: Gateway) -> None:
-    sessions = KioskSessions(gateway.config.storage.path.parent / "kiosk", gateway.emit)
+    storage = gateway.config.storage
+    sessions = KioskSessions(storage.path.parent / "kiosk", gateway.emit, storage.synchronous)
     gateway.services["kiosk"] = sessions
     gateway.status_parts["kiosk"] = sessions.status
     gateway.parts.append(("kiosk", sessions.run))

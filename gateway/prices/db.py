@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from storelink.outbox import open_database
+from storelink.system.sqlite import Synchronous, open_db, transaction
 
 T = TypeVar("T")
 
@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS devices(
 
 
 class PriceDb:
-    def __init__(self, path: Path, synchronous: str = "FULL"):
+    def __init__(self, path: Path, synchronous: Synchronous = "FULL"):
         self.path = path
         self.synchronous = synchronous
         self._writer: sqlite3.Connection | None = None
@@ -77,7 +77,7 @@ class PriceDb:
         self._pool.submit(self._open).result()
 
     def _open(self) -> None:
-        conn = open_database(self.path, self.synchronous)
+        conn = open_db(self.path, synchronous=self.synchronous)
         conn.executescript(SCHEMA)
         self._writer = conn
 
@@ -101,17 +101,10 @@ class PriceDb:
 
     # -- writes -------------------------------------------------------------------------------------------
     def _in_txn(self, fn: Callable[..., T], *args: Any) -> T:
-        conn = self._writer
-        if conn is None:
+        if self._writer is None:
             raise RuntimeError("price database is not open")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn, *args)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
+        with transaction(self._writer) as conn:
+            return fn(conn, *args)
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(conn, *args) on the writer thread inside one transaction; returns after COMMIT."""
@@ -126,8 +119,7 @@ class PriceDb:
         """This thread's read connection (WAL readers never wait for the writer)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA query_only=1")
+            conn = open_db(self.path, synchronous=self.synchronous, read_only=True)
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
