@@ -3,11 +3,19 @@
 One writer thread owns the write connection and commits whatever has queued up since its last commit in one
 transaction (group commit): a lone event costs one fsync, a burst of a thousand costs one fsync too. A caller's
 future is resolved only after COMMIT returned, and with WAL + ``synchronous=FULL`` a committed row survives
-``kill -9`` and power loss. Rows are deleted only when the uplink reports the broker's PUBACK for them.
+``kill -9`` and power loss. Rows are deleted only after the uplink reports the broker's PUBACK for them.
 
-``seq`` is per gateway, monotonic and gap-free: the next value lives in a ``meta`` row updated in the same
-transaction as the inserts, so a rolled-back batch (disk full) gives its numbers back. The only gaps head office
-can ever see are telemetry events evicted under the size cap, and those are counted and reported.
+What a commit writes is kept to the event itself, because the appliance lives on an SD card (docs/appliance.md,
+"Flash wear"): a lone event is one 1 KiB page of WAL. There is no secondary index (eviction walks the rowid
+order from a remembered position), ``seq`` needs no counter row of its own, and deletes after PUBACK are lazy:
+they ride along in the next insert commit, or after ``DELETE_DELAY`` / ``DELETE_BATCH`` go in a commit of their
+own that is not fsync'd. A delete lost to a crash or a power cut only re-sends events head office drops by id.
+
+``seq`` is per gateway, monotonic and gap-free. The next value is ``max(seq) + 1`` of the rows on disk, or the
+``meta`` row's ``next_seq`` when the newest rows were deleted; that row is written only by a commit that deletes
+the newest row, in the same transaction, so every state a crash can leave knows the highest seq ever used. A
+rolled-back batch (disk full) gives its numbers back. The only gaps head office can ever see are telemetry
+events evicted under the size cap, and those are counted and reported.
 """
 
 from __future__ import annotations
@@ -27,14 +35,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import sqlite_utils
-
 from storelink.config import StorageConfig
 from storelink.system.sqlite import DatabaseSettingsError, open_db, transaction
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000  # events per transaction; bounds the time one commit holds the writer
+PAGE_SIZE = 1024  # a lone event's commit is one page of WAL (+24 bytes); a 4 KiB page would cost two disk pages
+DELETE_DELAY = 1.0  # seconds a delivered event may wait for its delete when no insert commit comes along
+DELETE_BATCH = 1000  # delivered events that get a delete commit of their own at once
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, kind TEXT NOT NULL,
+    critical INTEGER NOT NULL, ts FLOAT NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);
+DROP INDEX IF EXISTS outbox_by_class;  -- an index page written by every insert; eviction no longer needs it
+"""
+_FLUSH = ("flush", None)  # the writer's own wake-up: delivered events have waited DELETE_DELAY
 
 
 class OutboxError(Exception):
@@ -125,6 +141,10 @@ class Outbox:
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self._next_seq = 1
+        self._meta_seq = 0  # next_seq as the meta row has it on disk
+        self._evict_from = 0  # no telemetry row has a lower seq (eviction's place in the rowid order)
+        self._acked: list[int] = []  # delivered, not yet deleted (writer thread only)
+        self._acked_at = 0.0  # monotonic time the oldest of them arrived
         self._new_event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last_progress = time.monotonic()
@@ -136,21 +156,14 @@ class Outbox:
     def open(self) -> None:
         """Open (blocking: call from a thread or before the loop runs) and start the writer thread."""
         try:
-            conn = open_db(self.config.path, synchronous=self.config.synchronous)
+            conn = open_db(self.config.path, synchronous=self.config.synchronous, page_size=PAGE_SIZE)
         except DatabaseSettingsError as err:
             raise OutboxError(str(err)) from None
-        db = sqlite_utils.Database(conn)
-        db["outbox"].create(  # type: ignore[union-attr]
-            {"seq": int, "id": str, "kind": str, "critical": int, "ts": float, "payload": bytes},
-            pk="seq",
-            not_null={"id", "kind", "critical", "ts", "payload"},
-            if_not_exists=True,
-        )
-        db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)  # type: ignore[union-attr]
-        conn.execute("CREATE INDEX IF NOT EXISTS outbox_by_class ON outbox(critical, seq)")
+        conn.executescript(SCHEMA)
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
-        self._next_seq = max(row[0] if row else 1, top + 1)
+        self._meta_seq = row[0] if row else 0
+        self._next_seq = max(self._meta_seq, top + 1)
         depth, size, crit = conn.execute(
             "SELECT count(*), coalesce(sum(length(payload)),0), coalesce(sum(critical),0) FROM outbox"
         ).fetchone()
@@ -162,7 +175,7 @@ class Outbox:
         log.info("outbox open: %d events waiting, next seq %d", depth, self._next_seq)
 
     def close(self) -> None:
-        """Finish what is queued, then close. Blocking."""
+        """Finish what is queued (deletes included), then close. Blocking."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -204,7 +217,7 @@ class Outbox:
         return await fut
 
     def ack(self, seqs: Sequence[int]) -> None:
-        """The broker acknowledged these; delete them (asynchronously, batched with other work)."""
+        """The broker acknowledged these; delete them (lazily, batched with other work; see the module doc)."""
         if seqs:
             self._queue.put(("ack", list(seqs)))
 
@@ -285,37 +298,79 @@ class Outbox:
     def _writer(self) -> None:
         stop = False
         while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
+            try:
+                item: tuple[str, Any] | None = self._queue.get(timeout=self._delete_wait())
+            except queue.Empty:
+                item = _FLUSH
             self._busy_since = time.monotonic()
-            work = [first]
-            n = len(first[1][0]) if first[0] == "put" else 0
-            while n < MAX_BATCH:
+            puts: list[Any] = []
+            n = 0
+            while True:
+                if item is None:
+                    stop = True
+                    break
+                if item[0] == "put":
+                    puts.append(item[1])
+                    n += len(item[1][0])
+                elif item[0] == "ack":
+                    if not self._acked:
+                        self._acked_at = time.monotonic()
+                    self._acked.extend(item[1])
+                if n >= MAX_BATCH:
+                    break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
-                    stop = True
-                    break
-                work.append(item)
-                if item[0] == "put":
-                    n += len(item[1][0])
-            self._commit(work)
+            if puts:
+                self._commit(puts)  # the waiting deletes go along, in the same fsync
+            elif self._acked and (stop or len(self._acked) >= DELETE_BATCH or self._delete_wait() == 0):
+                self._commit_deletes()
             self.last_progress = time.monotonic()
             self._busy_since = None
 
-    def _commit(self, work: list[tuple[str, Any]]) -> None:
+    def _delete_wait(self) -> float | None:
+        """Seconds the writer may sleep before the delivered events are due for their delete."""
+        if not self._acked:
+            return None
+        return max(0.0, self._acked_at + DELETE_DELAY - time.monotonic())
+
+    def _commit_deletes(self) -> None:
+        """Delete delivered events in a commit of their own, without an fsync (a lost delete only re-sends)."""
         assert self._conn is not None
-        conn = self._conn
-        puts = [w[1] for w in work if w[0] == "put"]
-        acks = [s for w in work if w[0] == "ack" for s in w[1]]
-        snapshot = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical)
+        snapshot = (self.stats.depth, self.stats.bytes, self.stats.critical)
+        try:
+            with transaction(self._conn, durable=False) as conn:
+                delivered = self._delete(conn, self._acked)
+                meta = self._keep_seq_mark(conn)
+        except sqlite3.Error as err:
+            self.stats.depth, self.stats.bytes, self.stats.critical = snapshot
+            self._acked_at = time.monotonic()  # tried again after DELETE_DELAY, not in a tight loop
+            log.error("outbox: cannot delete %d delivered events yet: %s", len(self._acked), err)
+            return
+        self._meta_seq = meta
+        self._acked = []
+        self.stats.commits_total += 1
+        self.stats.delivered_total += delivered
+
+    def _keep_seq_mark(self, conn: sqlite3.Connection) -> int:
+        """After deletes: when the newest row went, the meta row keeps next_seq (same transaction)."""
+        top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
+        if top + 1 < self._next_seq and self._meta_seq != self._next_seq:
+            conn.execute("INSERT INTO meta(key, value) VALUES('next_seq', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self._next_seq,))
+            return self._next_seq
+        return self._meta_seq
+
+    def _commit(self, puts: list[Any]) -> None:
+        assert self._conn is not None
+        acks = self._acked
+        snapshot = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from)
         results: list[tuple[Any, list[Accepted] | BaseException]] = []
         evicted = delivered = 0
+        meta = self._meta_seq
         try:
-            with transaction(conn):
+            with transaction(self._conn) as conn:
                 if acks:
                     delivered = self._delete(conn, acks)
                 fast = self._insert_under_cap(conn, puts)
@@ -329,22 +384,20 @@ class Outbox:
                             results.append(((fut, loop), accepted))
                         except OutboxFull as err:
                             results.append(((fut, loop), err))
-                conn.execute(
-                    "INSERT INTO meta(key, value) VALUES('next_seq', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    (self._next_seq,),
-                )
+                if acks or evicted:
+                    meta = self._keep_seq_mark(conn)
         except sqlite3.Error as err:
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical = snapshot
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from = snapshot
             full = "full" in str(err).lower()
             reason = "disk full" if full else f"database error: {err}"
             self._alarm("storage", f"cannot write the outbox ({reason}); new events are refused")
             failure = OutboxFull(reason) if full else OutboxError(reason)
             results = [((fut, loop), failure) for _p, fut, loop in puts]
             self.stats.refused_total += sum(len(p) for p, _f, _l in puts)
-            if acks:  # deletes are retried with the next batch; the rows are still there
-                self._queue.put(("ack", acks))
+            # the deletes stay waiting for the next commit; the rows are still there
         else:
+            self._meta_seq = meta
+            self._acked = []
             self.stats.commits_total += 1
             self.stats.evicted_total += evicted
             self.stats.delivered_total += delivered
@@ -361,11 +414,6 @@ class Outbox:
             try:
                 loop.call_soon_threadsafe(_set_results, items, self._new_event)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
-        if not results and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._new_event.set)
-            except RuntimeError:
                 pass
 
     def _row(self, p: _Pending) -> tuple[int, str, str, int, float, bytes]:
@@ -406,7 +454,7 @@ class Outbox:
     def _insert_call(self, conn: sqlite3.Connection, pending: list[_Pending]) -> tuple[list[Accepted], int]:
         """Insert one caller's events, all or none (a savepoint), evicting telemetry if the cap needs it."""
         conn.execute("SAVEPOINT call")
-        saved = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical)
+        saved = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from)
         evicted = 0
         try:
             rows = []
@@ -419,7 +467,7 @@ class Outbox:
         except OutboxFull:
             conn.execute("ROLLBACK TO call")
             conn.execute("RELEASE call")
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical = saved
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from = saved
             self.stats.refused_total += len(pending)
             raise
         conn.execute("RELEASE call")
@@ -436,15 +484,20 @@ class Outbox:
             return 0
         evicted = 0
         while self._over_cap(size):
+            # Oldest telemetry first, from where the last search stopped (no index: a rowid range scan).
             victims = conn.execute(
-                "SELECT seq, length(payload) FROM outbox WHERE critical=0 ORDER BY seq LIMIT 256"
+                "SELECT seq, length(payload) FROM outbox WHERE seq >= ? AND critical=0 ORDER BY seq LIMIT 256",
+                (self._evict_from,),
             ).fetchall()
             if not victims:
+                # Rows not inserted yet (later in this call) all have higher seqs than any row in the table.
+                self._evict_from = (conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0) + 1
                 break
             for seq, length in victims:
                 if not self._over_cap(size):
                     break
                 conn.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+                self._evict_from = seq + 1
                 self.stats.depth -= 1
                 self.stats.bytes -= length
                 evicted += 1

@@ -107,3 +107,42 @@ async def test_group_commit_batches_concurrent_callers(tmp_path: Path) -> None:
     assert ob.stats.depth == 2000
     assert ob.stats.commits_total < 200  # many events per fsync, not one each
     ob.close()
+
+
+def _wal_size(tmp_path: Path) -> int:
+    return (tmp_path / "ob.db-wal").stat().st_size
+
+
+async def test_a_lone_event_commit_writes_one_page_of_wal(tmp_path: Path) -> None:
+    # What keeps flash wear at its floor (docs/appliance.md): a lone event, with the delete of the one delivered
+    # before it riding along, appends one 1 KiB page frame to the WAL; no index page, no seq counter row.
+    ob = make(tmp_path)
+    prev = await ob.put("sale", "till-1", {"n": 0})
+    sizes = [_wal_size(tmp_path)]
+    for i in range(1, 21):
+        ob.ack([prev.seq])
+        prev = await ob.put("sale", "till-1", {"n": i, "basket": "x" * 200})
+        sizes.append(_wal_size(tmp_path))
+    assert {b - a for a, b in zip(sizes, sizes[1:], strict=False)} == {24 + 1024}
+    assert ob.stats.depth == 1 and ob.stats.delivered_total == 20
+    ob.close()
+    conn = sqlite3.connect(tmp_path / "ob.db")
+    assert conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 0  # the rows carry the highest seq
+
+
+async def test_deletes_wait_for_company_but_not_forever(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    accepted = [await ob.put("sale", "till-1", {"n": i}) for i in range(5)]
+    commits = ob.stats.commits_total
+    ob.ack([a.seq for a in accepted])
+    await asyncio.sleep(0.2)
+    assert ob.stats.depth == 5 and ob.stats.commits_total == commits  # no commit of its own yet
+    for _ in range(40):
+        if ob.stats.depth == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert ob.stats.depth == 0 and ob.stats.commits_total == commits + 1  # one delete commit after the delay
+    ob.close()
+    ob = make(tmp_path)  # the newest row was deleted: the meta row keeps the next seq
+    assert (await ob.put("sale", "till-1", {})).seq == 6
+    ob.close()
