@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
 from pathlib import Path
@@ -123,7 +124,7 @@ async def test_a_lone_event_commit_writes_one_page_of_wal(tmp_path: Path) -> Non
         ob.ack([prev.seq])
         prev = await ob.put("sale", "till-1", {"n": i, "basket": "x" * 200})
         sizes.append(_wal_size(tmp_path))
-    assert {b - a for a, b in zip(sizes, sizes[1:], strict=False)} == {24 + 1024}
+    assert {b - a for a, b in itertools.pairwise(sizes)} == {24 + 1024}
     assert ob.stats.depth == 1 and ob.stats.delivered_total == 20
     ob.close()
     conn = sqlite3.connect(tmp_path / "ob.db")
