@@ -1,17 +1,18 @@
 """The MQTT uplink: drains the outbox to head office and dispatches downlink messages.
 
-paho-mqtt runs its network loop in its own thread (``loop_start``); everything it reports is handed to the
-asyncio loop with ``call_soon_threadsafe`` and never under a lock of ours (FIELD-NOTES: a lock held around
-``publish()`` that ``on_publish`` also takes deadlocks). The drain keeps its own in-flight window, well below
+paho-mqtt's socket is driven from the asyncio loop (gateway/mqtt_loop.py), so paho's callbacks run on the loop
+and no message crosses a thread; nothing of ours is locked around ``publish()`` (FIELD-NOTES: a lock that
+``on_publish`` also takes deadlocks). Connecting runs in a worker thread; after a lost or refused connection the
+uplink connects again with jittered exponential backoff. The drain keeps its own in-flight window, well below
 paho's 65,535-message ceiling, and deletes an outbox row only on the PUBACK for that exact message. Messages in
 flight when the link drops stay in paho's session and are resent (DUP) first on reconnect, so order holds; after
-a restart the outbox replays from its oldest row, so duplicates can only be events that were in flight.
+a restart the outbox replays from its oldest row, so duplicates can only be events that were in flight (or
+delivered moments before a crash, whose lazy delete was lost: head office drops them by id).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -32,6 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from storelink import __version__
 from storelink.config import MqttConfig
 from storelink.contract import Topics, topic_matches
+from storelink.mqtt_loop import LoopNetwork
 from storelink.outbox import Outbox, StoredEvent, iso_ts
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,7 @@ class Uplink:
         self._connected_evt = asyncio.Event()
         self._window_evt = asyncio.Event()
         self._awaiting_acks = False  # the drain waits for PUBACKs to free the window
-        self._pubacks: collections.deque[tuple[int, bool, str]] = collections.deque()  # from paho's thread
-        self._pubacks_scheduled = False
+        self._pubacks: list[tuple[int, bool, str]] = []  # taken once per burst read from the socket
         # Events the broker refused (an ACL, a quota): seq -> refusals. They stay in the outbox and are sent again
         # on their own with backoff; the cursor is not rewound, which would resend every event in flight after them.
         self._refused: dict[int, int] = {}
@@ -85,7 +86,10 @@ class Uplink:
         self._refused_subs: set[str] = set()  # filters the broker refused on this connection
         self._birth_extra: dict[str, Any] = {}
         self._handler_tasks: set[asyncio.Future[None]] = set()
+        self._stopping = False
         self._client = self._make_client()
+        self._net: LoopNetwork | None = None  # the client's socket on the loop, from run() on
+        self._link: asyncio.Task[None] | None = None  # connects self._client and keeps it connected
 
     # -- setup ----------------------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -96,7 +100,7 @@ class Uplink:
             client_id=cfg.client_id or f"storelink-{self.topics.store_id}",
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else False,
-            reconnect_on_failure=True,
+            reconnect_on_failure=False,  # paho reconnects only in its own loop; _stay_connected() does it here
         )
         if log.isEnabledFor(logging.DEBUG):  # paho logs an ERROR per reconnect attempt; ours says it once
             client.enable_logger(logging.getLogger("paho"))
@@ -115,11 +119,9 @@ class Uplink:
         client.will_set(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_min)  # type: ignore[arg-type]
         client.manual_ack_set(True)  # downlink QoS 1 is acknowledged only after its handler ran
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
@@ -136,54 +138,40 @@ class Uplink:
     def set_birth_fields(self, **fields: Any) -> None:
         self._birth_extra.update(fields)
 
-    # -- paho callbacks (network thread) --------------------------------------------------------------------
-    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _next_delay(self) -> None:
+    # -- paho callbacks (on the loop, from inside loop_read/loop_write/loop_misc) ------------------------------
+    def _next_delay(self) -> float:
         delay = backoff_delay(self._attempt, self.cfg.reconnect_min, self.cfg.reconnect_max)
         self._attempt += 1
-        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]  # paho accepts floats
+        return delay
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
             return  # a client replaced by reconfigure(): its news is stale
         if reason.is_failure:
-            self._next_delay()
-            self._call(self._set_disconnected, f"broker refused connection: {reason}")
-            return
+            self._set_disconnected(f"broker refused connection: {reason}")
+            return  # the broker closes the connection; _stay_connected() tries again after a backoff
         self._attempt = 0
         client.publish(self.topics.status, self._birth_payload(), qos=1, retain=True)
         mids = {client.subscribe(topic_filter, qos)[1]: topic_filter for topic_filter, qos, _h in self._handlers}
-        self._call(self._set_connected, bool(getattr(flags, "session_present", False)), mids)
+        self._set_connected(bool(getattr(flags, "session_present", False)), mids)
 
     def _on_subscribe(self, client: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any) -> None:
         if client is self._client:
-            self._call(self._subscribed, mid, [str(c) for c in codes if c.is_failure])
+            self._subscribed(mid, [str(c) for c in codes if c.is_failure])
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
-        if client is not self._client:
-            return
-        self._next_delay()
-        self._call(self._set_disconnected, f"disconnected: {reason}")
+        if client is self._client and not self._stopping:
+            self._set_disconnected(f"disconnected: {reason}")
 
-    def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
-        if client is not self._client:
-            return
-        self._next_delay()
-        self._call(self._set_disconnected, f"cannot reach broker {self.cfg.host}:{self.cfg.port}")
+    def _connect_failed(self, client: mqtt.Client, _err: OSError) -> None:
+        if client is self._client and not self._stopping:
+            self._set_disconnected(f"cannot reach broker {self.cfg.host}:{self.cfg.port}")
 
     def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
             return  # its mids mean nothing to the new client; reconfigure() rewound those events
         failed = reason.is_failure
-        self._pubacks.append((mid, failed, str(reason) if failed else ""))
-        # One wake-up of the loop per burst of PUBACKs, not one each. The flag is cleared by the loop before it
-        # empties the deque, so a PUBACK appended meanwhile is either taken by that pass or schedules the next.
-        if not self._pubacks_scheduled:
-            self._pubacks_scheduled = True
-            self._call(self._take_pubacks)
+        self._pubacks.append((mid, failed, str(reason) if failed else ""))  # taken after the read, in one go
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if client is not self._client:
@@ -196,7 +184,7 @@ class Uplink:
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
         )
-        self._call(self._dispatch, down, msg.mid, msg.qos, client)
+        self._dispatch(down, msg.mid, msg.qos, client)
 
     # -- loop side ------------------------------------------------------------------------------------------
     def _birth_payload(self) -> str:
@@ -246,11 +234,13 @@ class Uplink:
             log.error("uplink %s", self.last_error)
 
     def _take_pubacks(self) -> None:
-        self._pubacks_scheduled = False
+        """After each read from the socket: one outbox ack and one wake-up of the drain per burst of PUBACKs."""
+        if not self._pubacks:
+            return
+        pubacks, self._pubacks = self._pubacks, []
         delivered: list[int] = []
         refused = False
-        while self._pubacks:
-            mid, failed, reason = self._pubacks.popleft()
+        for mid, failed, reason in pubacks:
             seq = self._inflight.pop(mid, None)
             if seq is None:
                 continue  # a birth/state message, not an outbox event
@@ -360,6 +350,7 @@ class Uplink:
         await self._drain()
 
     def _start_client(self) -> None:
+        assert self._loop is not None
         props = None
         if self.cfg.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -369,7 +360,24 @@ class Uplink:
             clean_start=False if self.cfg.protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
         )
-        self._client.loop_start()  # stop() ends the network thread, after saying goodbye
+        self._net = LoopNetwork(self._client, self._loop, self._take_pubacks)
+        self._link = asyncio.create_task(self._stay_connected(self._client, self._net), name="uplink-link")
+
+    async def _stay_connected(self, client: mqtt.Client, net: LoopNetwork) -> None:
+        """Connect now; whenever the connection fails or is lost, connect again after a jittered backoff."""
+        while client is self._client and not self._stopping:
+            try:
+                await net.connect()
+            except OSError as err:
+                self._connect_failed(client, err)
+            else:
+                if client is not self._client:  # reconfigured while connecting: this one is not wanted
+                    client.disconnect()
+                    return
+                await net.closed.wait()
+            if client is not self._client or self._stopping:
+                return
+            await asyncio.sleep(self._next_delay())
 
     async def reconfigure(self, cfg: MqttConfig) -> None:
         """Switch to new broker settings while running (remote config): say goodbye on the old connection,
@@ -378,7 +386,7 @@ class Uplink:
         """
         if cfg.topic_prefix != self.cfg.topic_prefix:
             raise ValueError("mqtt.topic_prefix cannot change while running (every topic would move)")
-        old, was_connected = self._client, self.connected
+        old, old_net, old_link, was_connected = self._client, self._net, self._link, self.connected
         self.cfg = cfg
         if self._inflight:
             self._cursor = min(self._cursor, min(self._inflight.values()) - 1)
@@ -390,18 +398,23 @@ class Uplink:
         self._window_evt.set()
         if self._loop is not None:
             self._start_client()
+        if old_link is not None:
+            old_link.cancel()
+        if was_connected:
+            old.publish(self.topics.status, json.dumps({"state": "offline"}), qos=0, retain=True)
+        await self._hang_up(old, old_net)
 
-        def retire() -> None:
-            if was_connected:
-                old.publish(self.topics.status, json.dumps({"state": "offline"}), qos=0, retain=True)
-            old.disconnect()
-            old.loop_stop()
-
-        await asyncio.to_thread(retire)
+    async def _hang_up(self, client: mqtt.Client, net: LoopNetwork | None, grace: float = 2.0) -> None:
+        """DISCONNECT (after what is queued, the offline status included) and wait for the socket to close."""
+        client.disconnect()
+        if net is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(net.closed.wait(), grace)
+            net.close()
 
     async def _drain(self) -> None:
-        # paho keeps at most max_inflight unacknowledged on the wire; we hand it twice that, so its network thread
-        # refills the wire from its own queue on each PUBACK instead of waiting for a round trip through the loop.
+        # paho keeps at most max_inflight unacknowledged on the wire; we hand it twice that, so it refills the wire
+        # from its own queue on each PUBACK (inside loop_read) instead of waiting for the drain's next turn.
         window = 2 * self.cfg.max_inflight
         while True:
             if not self.connected:
@@ -456,11 +469,12 @@ class Uplink:
             drain_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await drain_task
+        self._stopping = True
+        if self._link is not None:
+            self._link.cancel()
         if self.connected:
             info = self._client.publish(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
-            try:
-                await asyncio.wait_for(asyncio.to_thread(info.wait_for_publish, 2.0), 2.5)
-            except (TimeoutError, RuntimeError, ValueError):
-                pass
-        self._client.disconnect()
-        self._client.loop_stop()
+            deadline = time.monotonic() + 2.0
+            while not info.is_published() and self.connected and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        await self._hang_up(self._client, self._net)
