@@ -95,7 +95,7 @@ class LoopNetwork:
         fd = sock.fileno()
         if fd < 0:
             return  # closed again before the loop got here
-        self._unwatch()
+        self._forget()
         self._fd, self._sock = fd, sock
         self._loop.add_reader(fd, self._readable)
         self.closed.clear()
@@ -105,12 +105,15 @@ class LoopNetwork:
             self._misc = self._loop.create_task(self._misc_loop(), name="mqtt-keepalive")
 
     def _unwatch(self) -> None:
+        self._forget()
+        self.closed.set()
+
+    def _forget(self) -> None:
         if self._fd is not None:
             self._loop.remove_reader(self._fd)
             if self._writing:
                 self._loop.remove_writer(self._fd)
         self._fd, self._sock, self._writing = None, None, False
-        self.closed.set()
 
     def _want_write(self, sock: Any) -> None:
         if self._fd is not None and not self._writing and sock is self._sock:
