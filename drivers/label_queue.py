@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from storelink.system.sqlite import Synchronous, open_db, transaction
@@ -94,8 +95,9 @@ class LabelQueue:
         return n
 
     # the price change's phases ---------------------------------------------------------------------------
-    def prepare(self, version: int, labels: list[NewLabel]) -> int:
-        """Queue `labels` for `version` (idempotent: a repeated prepare adds nothing). Returns jobs added.
+    def prepare(self, version: int, labels: Iterable[NewLabel]) -> int:
+        """Queue `labels` for `version` (idempotent: a repeated prepare adds nothing), all in one transaction,
+        taking them one at a time (a generator keeps 100,000 rendered labels out of memory). Returns jobs added.
         Raises ValueError for a version that was already aborted here."""
         now = time.time()
         with self._lock:
@@ -103,10 +105,9 @@ class LabelQueue:
                 row = db.execute("SELECT state FROM versions WHERE version=?", (version,)).fetchone()
                 if row and row[0] == "aborted":
                     raise ValueError(f"price version {version} was aborted on this printer")
-                db.execute("INSERT OR IGNORE INTO versions (version, state, items, updated) "
-                           "VALUES (?, 'prepared', ?, ?)", (version, len(labels), now))
-                added = 0
+                added = items = 0
                 for label in labels:
+                    items += 1
                     prev = db.execute("SELECT payload, version FROM shown WHERE sku=?", (label.sku,)).fetchone()
                     added += db.execute(
                         "INSERT OR IGNORE INTO jobs (version, sku, kind, payload, previous, previous_version, "
@@ -114,6 +115,8 @@ class LabelQueue:
                         (version, label.sku, label.payload, prev[0] if prev else None, prev[1] if prev else None,
                          now, now, label.note),
                     ).rowcount
+                db.execute("INSERT OR IGNORE INTO versions (version, state, items, updated) "
+                           "VALUES (?, 'prepared', ?, ?)", (version, items, now))
         return added
 
     def commit(self, version: int) -> None:

@@ -308,13 +308,13 @@ class TillTcpDriver(Driver):
         return reply
 
     async def price_prepare(self, change: PriceChange) -> None:
-        items = [tp.item_to_wire(i) for i in change.changed]
         n = self.cfg.prepare_chunk
-        parts = [items[i:i + n] for i in range(0, len(items), n)] or [[]]
+        parts = max(1, -(-len(change.changed) // n))
         try:
-            for k, chunk in enumerate(parts, 1):
+            for k in range(parts):  # each part's wire form built when it is sent: one part in memory, not the book
+                chunk = [tp.item_to_wire(i) for i in change.changed[k * n:(k + 1) * n]]
                 await self._request({"type": "PREPARE", "version": change.version, "batch_id": change.batch_id,
-                                     "currency": change.currency, "part": k, "parts": len(parts), "items": chunk})
+                                     "currency": change.currency, "part": k + 1, "parts": parts, "items": chunk})
         except TillRejected as err:
             raise PrepareFailed(f"till {self.till_id} refused version {change.version}: {err}") from None
         except (TimeoutError, ConnectionError) as err:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -264,15 +265,19 @@ class ZplPrinter(Driver):
 
     # PriceTarget --------------------------------------------------------------------------------------------
     async def price_prepare(self, change: PriceChange) -> None:
-        labels: list[NewLabel] = []
         problems: list[str] = []
-        for item in change.changed:
-            payload, item_problems = render_label(item, change.currency, change.version, self.cfg.layout)
-            problems += item_problems
-            labels.append(NewLabel(item.sku, payload, "; ".join(item_problems) or None))
+
+        def labels() -> Iterator[NewLabel]:
+            # Rendered one at a time in the worker thread as the queue stores them: 100,000 labels (v1 of a big
+            # book) never sit in memory together, and the loop does not render.
+            for item in change.changed:
+                payload, item_problems = render_label(item, change.currency, change.version, self.cfg.layout)
+                problems.extend(item_problems)
+                yield NewLabel(item.sku, payload, "; ".join(item_problems) or None)
+
         queue = await self.queue()
         try:
-            added = await asyncio.to_thread(queue.prepare, change.version, labels)
+            added = await asyncio.to_thread(queue.prepare, change.version, labels())
         except (ValueError, sqlite3.Error) as err:
             raise PrepareFailed(f"{self.cfg.id}: cannot queue labels for version {change.version}: {err}") from err
         if problems:
