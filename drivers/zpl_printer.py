@@ -265,14 +265,17 @@ class ZplPrinter(Driver):
 
     # PriceTarget --------------------------------------------------------------------------------------------
     async def price_prepare(self, change: PriceChange) -> None:
-        problems: list[str] = []
+        problems: list[str] = []  # the first 50 (reported); each label keeps its own in its note
+        count = 0
 
         def labels() -> Iterator[NewLabel]:
             # Rendered one at a time in the worker thread as the queue stores them: 100,000 labels (v1 of a big
             # book) never sit in memory together, and the loop does not render.
+            nonlocal count
             for item in change.changed:
                 payload, item_problems = render_label(item, change.currency, change.version, self.cfg.layout)
-                problems.extend(item_problems)
+                count += len(item_problems)
+                problems.extend(item_problems[:50 - len(problems)])
                 yield NewLabel(item.sku, payload, "; ".join(item_problems) or None)
 
         queue = await self.queue()
@@ -283,7 +286,7 @@ class ZplPrinter(Driver):
         if problems:
             log.warning("version %d: %s", change.version, "; ".join(problems[:10]), extra={"device": self.cfg.id})
             await self.ctx.emit("label", {"event": "render_problems", "version": change.version,
-                                          "problems": problems[:50], "count": len(problems)})
+                                          "problems": problems, "count": count})
         log.info("version %d: %d label(s) queued", change.version, added, extra={"device": self.cfg.id})
         self._wake.set()
 

@@ -235,6 +235,7 @@ class Coordinator:
     async def _prepare_all(self, b: BatchRow) -> str | None:
         """None when every taking-part target prepared before the deadline, else the reason to abort."""
         rows = await self._targets_of(b.batch_id, ("preparing", "prepared"))
+        await asyncio.to_thread(release_memory)  # what staging a big batch left behind, before the Change is built
         change = await self._change(b)
         started = b.prepare_started or time.time()
         deadline_wall = started + self.cfg.prepare_deadline
