@@ -26,12 +26,13 @@ import time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from storelink.drivers.base import DeviceContext, Health
+from storelink.validation import StrictModel
 
-# biip costs about 20 MB of RSS: it is imported when the first scan is interpreted (or a scanner's config names an
-# RCN region), not when the driver registry imports this module to validate a config without scanners.
+# biip costs about 20 MB of RSS: it is imported when a scanner warms up or interprets its first scan (or a scanner's
+# config names an RCN region), not when check-config imports a scanner driver to validate its table.
 if TYPE_CHECKING:
     from biip.gtin import Gtin
     from biip.symbology import GS1Symbology, ISOSymbology
@@ -44,15 +45,13 @@ Reason = Literal["garbled", "overlong", "unterminated", "bad_check_digit", "inva
                  "bad_measure_check_digit", "unrecognised", "missing_prefix", "unmapped_key"]
 
 
-class RcnLayout(BaseModel):
+class RcnLayout(StrictModel):
     """How a store's scales print variable-measure codes (GS1 prefixes 20-29) into a GTIN-13.
 
     ``pattern`` covers the first 12 digits of the GTIN-13 (the 13th is the GTIN check digit): ``P`` is the
     prefix and item reference, ``C`` the price/weight check digit (optional), ``V`` the value. For example
     ``"PPPPPPPCVVVV"`` is a 2-digit prefix, 5-digit item, a check digit and a 4-digit price.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     prefixes: list[str] = Field(min_length=1, description='two-digit GS1 prefixes, "20".."29"')
     pattern: str = Field(pattern=r"^P{3,}C?V{2,}$", min_length=12, max_length=12)
@@ -75,10 +74,8 @@ class RcnLayout(BaseModel):
         return v
 
 
-class BarcodeConfig(BaseModel):
+class BarcodeConfig(StrictModel):
     """Barcode interpretation settings every scanner driver shares (mixed into its config model)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     rcn_region: str | None = Field(
         None, description="country whose variable-measure rules biip applies (dk, de, gb, no, se, ...)"

@@ -3,28 +3,53 @@
 A driver is a class with a pydantic ``config_model`` and an async ``run()`` that works until it is cancelled.
 When ``run()`` raises, the supervisor records the error, marks the device offline and starts it again with
 backoff; a driver never has to keep itself alive and can never take the gateway down.
+
+``Driver`` is the extension point: a retailer's driver subclasses it and is found through the
+``storelink.drivers`` entry-point group (storelink.devices.registry). What the gateway lends a running driver is
+the typed ``DeviceContext``: its data directory, the storage sync mode, a view of the price book and of the
+kiosk sessions, the watchdog; never the gateway itself.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-DEVICE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+from storelink.validation import Identifier, StrictModel
 
 
-class DeviceConfig(BaseModel):
+class DeviceConfig(StrictModel):
     """Fields every `[[devices]]` table has; a driver's model subclasses this and adds its own."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str = Field(pattern=DEVICE_ID_RE, description="stable device id, used in topics")
+    id: Identifier = Field(description="stable device id, used in topics")
     driver: str
     enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A library a driver needs that an optional extra of a distribution installs (pyproject.toml).
+
+    Checked with ``importlib.util.find_spec(module)`` when a config is validated, without importing the library:
+    a store that uses the driver without the extra gets one line naming the extra and the pip command."""
+
+    module: str  # the top-level import name: "evdev", "gpiozero", "escpos", "serial"
+    extra: str  # "hid" for pip install 'storelink[hid]'
+    distribution: str = "storelink"
+
+    @property
+    def pip_name(self) -> str:
+        return f"{self.distribution}[{self.extra}]"
+
+
+PYSERIAL = Requirement("serial", "scanners")  # serial scanners, and printers on a serial connection
 
 
 class Health(enum.StrEnum):
@@ -40,11 +65,66 @@ class EventRef(Protocol):
     def seq(self) -> int: ...
 
 
-class DeviceContext(Protocol):
-    """What the gateway offers a running driver."""
+class PriceBookView(Protocol):
+    """What drivers read from the store's price book (gateway/prices/book.py PriceBook)."""
 
-    store_id: str
-    device_id: str
+    @property
+    def active_version(self) -> int: ...  # 0 while no price list is in force
+
+    def is_stale(self, device_id: str) -> bool:
+        """True while a till is behind the active version (it must be brought up to date before it sells)."""
+        ...
+
+    async def alookup(self, code: str) -> dict[str, Any] | None:
+        """The price to charge for a SKU or GTIN (min(old, new) during a transition), or None."""
+        ...
+
+    def iter_items(self) -> Iterable[PriceItem]:
+        """Every item in force (blocking: call it from a thread)."""
+        ...
+
+
+class KioskView(Protocol):
+    """What a kiosk device drives in the kiosk sessions (gateway/kiosk/sessions.py KioskSessions)."""
+
+    def active(self, kiosk_id: str) -> bool: ...
+
+    async def session_started(self, kiosk_id: str) -> str: ...
+
+    async def session_ended(self, kiosk_id: str, reason: str = "stepped_off") -> None: ...
+
+
+SyncMode = Literal["FULL", "NORMAL"]
+
+
+class DeviceContext(Protocol):
+    """What the gateway offers a running driver: typed fields, nothing else of the gateway."""
+
+    @property
+    def store_id(self) -> str: ...
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def data_dir(self) -> Path:
+        """Where a driver keeps its own files (queues, state databases): beside the outbox."""
+        ...
+
+    @property
+    def storage_sync(self) -> SyncMode:
+        """The store's ``[storage] synchronous``: a driver's own SQLite files use the same durability."""
+        ...
+
+    @property
+    def prices(self) -> PriceBookView | None:
+        """The price book, or None on a gateway without one (read at each use: it may come and go)."""
+        ...
+
+    @property
+    def kiosk(self) -> KioskView | None:
+        """The kiosk sessions, or None when this gateway runs none (no kiosk device and no [cart])."""
+        ...
 
     async def emit(self, kind: str, data: dict[str, Any]) -> EventRef:
         """Put an event in the durable outbox; returns once it is on disk."""
@@ -54,10 +134,6 @@ class DeviceContext(Protocol):
 
     def seen(self) -> None:
         """The device showed a sign of life (a scan, a status answer)."""
-        ...
-
-    def service(self, name: str) -> Any:
-        """A gateway service by name (for example "prices" for the price book), or KeyError."""
         ...
 
     def watch_thread(self, name: str, max_silence: float) -> Callable[[], None]:
@@ -75,11 +151,18 @@ class DeviceContext(Protocol):
 
 class Driver(abc.ABC):
     config_model: ClassVar[type[DeviceConfig]]
-    capabilities: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[tuple[Requirement, ...]] = ()  # libraries from an extra; see requirements()
+    price_role: ClassVar[Literal["till", "label"] | None] = None  # set by drivers that implement PriceTarget
+    uses_kiosk_sessions: ClassVar[bool] = False  # the gateway runs kiosk sessions only when a device needs them
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
         self.config = config
         self.ctx = ctx
+
+    @classmethod
+    def requirements(cls, config: DeviceConfig) -> tuple[Requirement, ...]:
+        """The libraries this device needs; a driver whose needs depend on its config (a connection) overrides it."""
+        return cls.requires
 
     @abc.abstractmethod
     async def run(self) -> None:
@@ -123,7 +206,7 @@ class PriceChange(Protocol):
     @property
     def currency(self) -> str: ...
     @property
-    def changed(self) -> list[PriceItem]: ...  # items whose shown/charged price differs from the active version
+    def changed(self) -> Sequence[PriceItem]: ...  # items whose shown/charged price differs from the active version
 
 
 class PrepareFailed(Exception):
@@ -131,7 +214,8 @@ class PrepareFailed(Exception):
 
 
 class PriceTarget(Protocol):
-    price_role: str  # "till" (charges prices) or "label" (shows prices: ESL, printed shelf labels)
+    @property
+    def price_role(self) -> Literal["till", "label"] | None: ...  # "till" charges prices, "label" shows them
 
     async def price_prepare(self, change: PriceChange) -> None:
         """Stage (tills) or render and push/print (labels) the change; raise PrepareFailed when impossible."""
@@ -152,3 +236,34 @@ class PriceTarget(Protocol):
     async def price_reported_version(self) -> int | None:
         """The version the device itself reports (for reconciliation); None when it cannot tell."""
         ...
+
+
+PRICE_TARGET_METHODS = ("price_prepare", "price_commit", "price_abort", "price_confirmed", "price_reported_version")
+
+
+def price_target_problem(cls: type[Driver]) -> str | None:
+    """Why a driver class that declares a ``price_role`` does not implement PriceTarget, or None when it does.
+
+    Checked when the driver is loaded, so the price coordinator can rely on the protocol instead of probing."""
+    if cls.price_role is None:
+        return None
+    if cls.price_role not in ("till", "label"):
+        return f"price_role must be 'till' or 'label', not {cls.price_role!r}"
+    missing = [m for m in PRICE_TARGET_METHODS if not inspect.iscoroutinefunction(getattr(cls, m, None))]
+    if missing:
+        return f"declares price_role {cls.price_role!r} but has no async {', '.join(missing)} (PriceTarget)"
+    return None
+
+
+@runtime_checkable
+class RestoreConfirming(Protocol):
+    """A label target that can tell when its old content is back after an abort (ESL: the tags checked in)."""
+
+    async def price_restored(self, version: int) -> bool: ...
+
+
+@runtime_checkable
+class TagStateReporting(Protocol):
+    """A label target that reports each tag's confirmed content (the reconciliation audit compares them)."""
+
+    async def tag_states(self) -> list[dict[str, Any]]: ...

@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.base import PYSERIAL, DeviceConfig, DeviceContext, Driver, Health, Requirement
 
 if TYPE_CHECKING:
     from escpos.escpos import Escpos
 
 
 def _import_escpos() -> None:
-    """Import python-escpos on first use: it costs ~9 MB, which a gateway without a receipt printer should not
-    pay (every driver module is imported to validate config). It also installs a stderr handler on the root
+    """Import python-escpos on first use: it costs ~9 MB, and this module must import without the [escpos] extra
+    (validating a config imports it, and names the missing extra). It also installs a stderr handler on the root
     logger, which doubled every log line and bypassed the journal handler's redaction: take that back out."""
     root = logging.getLogger()
     before = list(root.handlers)
@@ -129,7 +129,12 @@ def render_slip(title: str, lines: list[tuple[str, str]], barcode: str | None, f
 
 class EscposPrinter(Driver):
     config_model: ClassVar[type[DeviceConfig]] = EscposPrinterConfig
-    capabilities: ClassVar[frozenset[str]] = frozenset({"receipts"})
+    requires: ClassVar[tuple[Requirement, ...]] = (Requirement("escpos", "escpos"),)
+
+    @classmethod
+    def requirements(cls, config: DeviceConfig) -> tuple[Requirement, ...]:
+        assert isinstance(config, EscposPrinterConfig)
+        return cls.requires + ((PYSERIAL,) if config.connection == "serial" else ())
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
         super().__init__(config, ctx)

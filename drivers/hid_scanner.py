@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 from pydantic import Field, field_validator, model_validator
 
 from storelink.drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid, warm_up
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, Requirement
 
-# evdev is imported when a HID scanner is configured or runs, not when the registry imports every driver module.
+# evdev is imported when a HID scanner runs: this module must import without the [hid] extra, so that validating a
+# config can name the missing extra instead of failing on the import.
 if TYPE_CHECKING:
     from evdev import InputEvent
 
@@ -241,7 +242,7 @@ def open_input_device(config: HidScannerConfig) -> InputSource:
 
 class HidScanner(Driver):
     config_model: ClassVar[type[DeviceConfig]] = HidScannerConfig
-    capabilities: ClassVar[frozenset[str]] = frozenset({"scan"})
+    requires: ClassVar[tuple[Requirement, ...]] = (Requirement("evdev", "hid"),)
     config: HidScannerConfig
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:

@@ -15,11 +15,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import DEVICE_ID_RE, DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, KioskView, Requirement
+from storelink.validation import Identifier
 
 if TYPE_CHECKING:
     from gpiozero import DigitalInputDevice
@@ -34,7 +35,7 @@ class KioskMatConfig(DeviceConfig):
     pin: int | str = Field(description='GPIO pin as gpiozero names it: 17, "GPIO17", "BOARD11"')
     pull_up: bool = Field(True, description="mat switch wired to ground (internal pull-up); false: to 3.3 V")
     normally_closed: bool = Field(False, description="the mat opens its contact when stepped on")
-    kiosk_id: str | None = Field(None, pattern=DEVICE_ID_RE, description="the kiosk this mat guards (default: id)")
+    kiosk_id: Identifier | None = Field(None, description="the kiosk this mat guards (default: id)")
     debounce_s: float = Field(0.05, ge=0, le=5, description="a level must hold this long to count")
     leave_after_s: float = Field(5.0, gt=0, le=3600, description="off the mat this long ends the session")
     max_session_s: float = Field(1800, ge=0, description="end a session this old even if the mat stays pressed "
@@ -99,7 +100,8 @@ class MatLogic:
 
 class KioskMat(Driver):
     config_model: ClassVar[type[DeviceConfig]] = KioskMatConfig
-    capabilities: ClassVar[frozenset[str]] = frozenset({"kiosk_session"})
+    requires: ClassVar[tuple[Requirement, ...]] = (Requirement("gpiozero", "gpio"),)
+    uses_kiosk_sessions = True
     config: KioskMatConfig
     clock: ClassVar[Callable[[], float]] = time.monotonic
 
@@ -114,10 +116,9 @@ class KioskMat(Driver):
         return DigitalInputDevice(self.config.pin, pull_up=self.config.pull_up, bounce_time=None)
 
     async def run(self) -> None:
-        try:
-            kiosk = self.ctx.service("kiosk")
-        except KeyError:
-            raise RuntimeError("the kiosk service is not installed (storelink.kiosk.sessions)") from None
+        kiosk = self.ctx.kiosk
+        if kiosk is None:  # the gateway starts kiosk sessions when a device needs them: a restart is due
+            raise RuntimeError("this gateway runs no kiosk sessions (restart it to start them for this device)")
         kiosk_id = self.config.kiosk
         loop = asyncio.get_running_loop()
         edges: asyncio.Queue[tuple[bool, float]] = asyncio.Queue()
@@ -153,7 +154,7 @@ class KioskMat(Driver):
             device.when_activated = device.when_deactivated = None
             await asyncio.to_thread(device.close)
 
-    async def _act(self, kiosk: Any, kiosk_id: str, action: str, reason: str) -> None:
+    async def _act(self, kiosk: KioskView, kiosk_id: str, action: str, reason: str) -> None:
         if action == "start":
             await kiosk.session_started(kiosk_id)
         else:

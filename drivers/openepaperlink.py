@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, PriceItem
 from storelink.drivers.esl_state import EslState, Push
 from storelink.drivers.price_text import format_money, unit_price_text
-from storelink.system.sqlite import Synchronous
+from storelink.validation import StrictModel
 
 log = logging.getLogger(__name__)
 _MAC = re.compile(r"^(?:[0-9A-F]{12}|[0-9A-F]{16})$")
@@ -60,10 +60,8 @@ def read_tags_file(path: Path) -> dict[str, str]:
     return out
 
 
-class TagLayout(BaseModel):
+class TagLayout(StrictModel):
     """Where the texts go on the tag (pixels) and which of the AP's fonts they use."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     width: int = Field(296, ge=64, le=1600)
     height: int = Field(128, ge=32, le=1200)
@@ -134,7 +132,6 @@ class AccessPointError(ConnectionError):
 
 class OpenEPaperLink(Driver):
     config_model: ClassVar[type[DeviceConfig]] = OpenEPaperLinkConfig
-    capabilities: ClassVar[frozenset[str]] = frozenset({"labels", "price_target", "esl"})
     price_role = "label"
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
@@ -157,15 +154,8 @@ class OpenEPaperLink(Driver):
             return self._state
 
     async def _open_state(self) -> EslState:
-        path = self.cfg.state_path
-        sync: Synchronous = "FULL"
-        with contextlib.suppress(KeyError, AttributeError):
-            storage = self.ctx.service("gateway").config.storage
-            sync = storage.synchronous
-            path = path or Path(storage.path).parent / f"esl-{self.cfg.id}.db"
-        if path is None:
-            raise RuntimeError("no state_path and no gateway storage path to put the ESL state beside")
-        return await asyncio.to_thread(EslState, path, sync)
+        path = self.cfg.state_path or self.ctx.data_dir / f"esl-{self.cfg.id}.db"
+        return await asyncio.to_thread(EslState, path, self.ctx.storage_sync)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

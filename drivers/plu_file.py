@@ -20,7 +20,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
+from storelink.drivers.base import (
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    PrepareFailed,
+    PriceBookView,
+    PriceChange,
+)
 from storelink.system.files import fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
@@ -90,7 +98,7 @@ def format_amount(value: int | None, cfg: PluFileConfig) -> str:
     return f"{'-' if value < 0 else ''}{whole}{cfg.decimal_separator}{frac:0{cfg.decimals}d}"
 
 
-def full_list(book: Any, change: PriceChange) -> list[Any]:
+def full_list(book: PriceBookView, change: PriceChange) -> list[Any]:
     """Every item of the price book with this change applied, in SKU order (reads SQLite: call in a thread)."""
     changed = {i.sku: i for i in change.changed}
     items = [changed.pop(i.sku, i) for i in book.iter_items()]
@@ -121,7 +129,6 @@ def render(change: PriceChange, cfg: PluFileConfig, items: list[Any] | None = No
 
 class PluFileDriver(Driver):
     config_model = PluFileConfig
-    capabilities = frozenset({"prices"})
     price_role = "till"
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
@@ -168,10 +175,9 @@ class PluFileDriver(Driver):
     async def price_prepare(self, change: PriceChange) -> None:
         items = None
         if self.cfg.contents == "full":
-            try:
-                book = self.ctx.service("prices")
-            except KeyError:
-                raise PrepareFailed(f"{self.cfg.id}: contents = 'full' needs the price book (no 'prices')") from None
+            book = self.ctx.prices
+            if book is None:
+                raise PrepareFailed(f"{self.cfg.id}: contents = 'full' needs the price book (no 'prices')")
             items = await asyncio.to_thread(full_list, book, change)
         data, lossy = await asyncio.to_thread(render, change, self.cfg, items)
         if lossy:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from storelink.drivers.barcodes import BarcodeConfig, ScanReporter, interpret, invalid, warm_up
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health
+from storelink.drivers.base import PYSERIAL, DeviceConfig, DeviceContext, Driver, Health, Requirement
 
 if TYPE_CHECKING:
     import serial
@@ -157,7 +157,7 @@ def decode_frame(frame: Frame, config: SerialScannerConfig) -> dict[str, Any] | 
 
 class SerialScanner(Driver):
     config_model: ClassVar[type[DeviceConfig]] = SerialScannerConfig
-    capabilities: ClassVar[frozenset[str]] = frozenset({"scan"})
+    requires: ClassVar[tuple[Requirement, ...]] = (PYSERIAL,)
     config: SerialScannerConfig
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
@@ -166,7 +166,7 @@ class SerialScanner(Driver):
         self.reporter = ScanReporter(ctx, log)
 
     def _open(self) -> serial.Serial:
-        import serial  # here, not at import time: the registry imports every driver module to validate configs
+        import serial  # here: this module must import without pyserial, so config validation can name the extra
 
         c = self.config
         return serial.Serial(

@@ -13,7 +13,9 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from storelink.validation import StrictModel
 
 PROTOCOL_VERSION = 1
 DEFAULT_PORT = 7700
@@ -125,11 +127,7 @@ def parse_address(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
 # -- what a till sends ------------------------------------------------------------------------------------------
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SaleLine(Strict):
+class SaleLine(StrictModel):
     sku: str = Field(min_length=1, max_length=64)
     gtin: str | None = Field(None, pattern=r"^\d{8,14}$")
     description: str | None = Field(None, max_length=200)
@@ -138,7 +136,7 @@ class SaleLine(Strict):
     amount: int | None = Field(None, description="line total charged, minor units (after line discounts)")
 
 
-class Sale(Strict):
+class Sale(StrictModel):
     """The ``sale`` of a SALE request; becomes the ``data`` of a ``sale`` event (plus ``till_id``)."""
 
     sale_id: str = Field(min_length=1, max_length=64, description="unique per till; head office's dedup key")

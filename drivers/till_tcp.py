@@ -13,7 +13,6 @@ import hmac
 import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
-from inspect import isawaitable
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
@@ -49,7 +48,6 @@ class TillTcpConfig(DeviceConfig):
 
 class TillTcpDriver(Driver):
     config_model = TillTcpConfig
-    capabilities = frozenset({"sale", "lookup", "prices"})
     price_role = "till"
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
@@ -224,13 +222,10 @@ class TillTcpDriver(Driver):
         sku = msg.get("sku")
         if not isinstance(sku, str) or not 1 <= len(sku) <= 64:
             raise tp.ProtocolError(tp.BAD_REQUEST, "LOOKUP needs a string 'sku' of 1..64 characters", rid)
-        try:
-            book = self.ctx.service("prices")
-        except KeyError:
-            raise tp.ProtocolError(tp.NO_PRICE_BOOK, "no price book", rid) from None
-        # alookup reads SQLite off the event loop; a plain lookup() must be in-memory fast (or a coroutine).
-        result = book.alookup(sku) if hasattr(book, "alookup") else book.lookup(sku)
-        item = await result if isawaitable(result) else result
+        book = self.ctx.prices
+        if book is None:
+            raise tp.ProtocolError(tp.NO_PRICE_BOOK, "no price book", rid)
+        item = await book.alookup(sku)  # reads SQLite off the event loop
         self.counts["lookups"] += 1
         if item is None:
             raise tp.ProtocolError(tp.NOT_FOUND, f"no price for sku {sku!r}", rid)
@@ -243,15 +238,12 @@ class TillTcpDriver(Driver):
     def _stale(self) -> bool | None:
         """Behind the active price version, so the till must not sell yet; None without a price book that knows.
         A till that reports an older version than the book is stale from its HELLO on, before the audit notices."""
-        try:
-            book = self.ctx.service("prices")
-        except KeyError:
+        book = self.ctx.prices
+        if book is None:
             return None
-        if not hasattr(book, "is_stale"):
-            return None
-        active = getattr(book, "active_version", 0)
-        behind = isinstance(active, int) and active > 0 and (self.reported_version or 0) < active
-        return bool(book.is_stale(self.device_id)) or behind
+        active = book.active_version
+        behind = active > 0 and (self.reported_version or 0) < active
+        return book.is_stale(self.device_id) or behind
 
     def _note_versions(self, msg: dict[str, Any], rid: Any) -> None:
         for key in ("version", "staged"):

@@ -12,10 +12,11 @@ import re
 
 from biip import ParseError
 from biip.gtin import Gtin, GtinFormat
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from storelink.drivers.base import PriceItem
 from storelink.drivers.price_text import format_money, unit_price_text
+from storelink.validation import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,8 @@ STX, ETX = b"\x02", b"\x03"
 HOST_STATUS_QUERY = b"~HS\r\n"
 
 
-class LabelLayout(BaseModel):
+class LabelLayout(StrictModel):
     """Label geometry. Sizes in millimetres so a layout survives a change of printer resolution."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     dpi: int = Field(203, description="printer resolution: 152, 203, 300 or 600 dots per inch")
     width_mm: float = Field(58.0, gt=10, le=220)

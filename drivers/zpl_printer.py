@@ -27,7 +27,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
+from storelink.drivers.base import (
+    PYSERIAL,
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    PrepareFailed,
+    PriceChange,
+    Requirement,
+)
 from storelink.drivers.label_queue import LabelQueue, NewLabel
 from storelink.drivers.zpl_label import (
     HOST_STATUS_QUERY,
@@ -38,7 +47,6 @@ from storelink.drivers.zpl_label import (
     parse_host_status,
     render_label,
 )
-from storelink.system.sqlite import Synchronous
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +153,12 @@ class _SerialLink:
 
 class ZplPrinter(Driver):
     config_model: ClassVar[type[DeviceConfig]] = ZplPrinterConfig
-    capabilities: ClassVar[frozenset[str]] = frozenset({"labels", "price_target"})
     price_role = "label"
+
+    @classmethod
+    def requirements(cls, config: DeviceConfig) -> tuple[Requirement, ...]:
+        assert isinstance(config, ZplPrinterConfig)
+        return (PYSERIAL,) if config.connection == "serial" else ()
 
     def __init__(self, config: DeviceConfig, ctx: DeviceContext) -> None:
         super().__init__(config, ctx)
@@ -165,17 +177,13 @@ class ZplPrinter(Driver):
     def queue_path(self) -> Path:
         if self.cfg.queue_path is not None:
             return self.cfg.queue_path
-        storage = self.ctx.service("gateway").config.storage
-        return Path(storage.path).parent / f"zpl-{self.cfg.id}.db"
+        return self.ctx.data_dir / f"zpl-{self.cfg.id}.db"
 
     async def queue(self) -> LabelQueue:
         """Opened on first use (by run() or by the price coordinator, whichever comes first)."""
         async with self._queue_lock:
             if self._queue is None:
-                sync: Synchronous = "FULL"
-                with contextlib.suppress(KeyError, AttributeError):
-                    sync = self.ctx.service("gateway").config.storage.synchronous
-                self._queue = await asyncio.to_thread(LabelQueue, self.queue_path(), sync)
+                self._queue = await asyncio.to_thread(LabelQueue, self.queue_path(), self.ctx.storage_sync)
                 resent = await asyncio.to_thread(self._queue.recover)
                 if resent:
                     log.warning("%d label(s) whose printing was not confirmed before a restart will print again",

@@ -75,10 +75,12 @@ def _subcommands() -> list[Subcommand]:
         ("run", "run the gateway until SIGTERM/SIGINT", _args_run, cmd_run),
     ]
     from storelink.drivers.sim.demo import SUBCOMMAND as demo
-    from storelink.hq.prices import SUBCOMMAND as hq
+    from storelink.hq import SUBCOMMAND as hq
+    from storelink.update.cli import SUBCOMMAND as update
 
     subs.append(demo)
     subs.append(hq)
+    subs.append(update)
     return subs
 
 

@@ -1,7 +1,7 @@
 """The gateway's configuration: one TOML file, validated by pydantic.
 
-Unknown keys are errors everywhere (``extra="forbid"``) because a misspelt key that is silently ignored is how a
-store ends up running with a default nobody chose. Errors name the file and the dotted key path.
+Unknown keys are errors everywhere (storelink.validation.StrictModel) because a misspelt key that is silently
+ignored is how a store ends up running with a default nobody chose. Errors name the file and the dotted key path.
 """
 
 from __future__ import annotations
@@ -10,29 +10,19 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from storelink.devices.registry import validate_device_tables
+from storelink.drivers.base import DeviceConfig
 from storelink.prices.models import PricesConfig
 from storelink.remote.models import CartSettings, RemoteConfigSettings
-
-STORE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from storelink.update.models import UpdateSettings
+from storelink.validation import Identifier, StrictModel, describe_validation_error
 
 
-class TlsConfig(Strict):
+class TlsConfig(StrictModel):
     ca: Path | None = Field(None, description="CA bundle that signed the broker's certificate")
     cert: Path | None = Field(None, description="client certificate (PEM)")
     key: Path | None = Field(None, description="client private key (PEM)")
@@ -45,7 +35,7 @@ class TlsConfig(Strict):
         return self
 
 
-class MqttConfig(Strict):
+class MqttConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
@@ -66,7 +56,7 @@ class MqttConfig(Strict):
         return str(v) if isinstance(v, int | float) else v
 
 
-class StorageConfig(Strict):
+class StorageConfig(StrictModel):
     path: Path = Path("/var/lib/storelink/storelink.db")
     max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024, description="outbox cap (payload bytes)")
     max_events: int = Field(1_000_000, ge=100, description="outbox cap (events)")
@@ -94,7 +84,7 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
-class HttpConfig(Strict):
+class HttpConfig(StrictModel):
     listen: str = "127.0.0.1:8080"
     token: str | None = Field(None, repr=False, min_length=16, description="bearer token for actions")
     max_body: int = Field(256 * 1024, ge=1024)
@@ -110,20 +100,20 @@ class HttpConfig(Strict):
         return _parse_listen(self.listen)
 
 
-class TrustConfig(Strict):
+class TrustConfig(StrictModel):
     """Head-office Ed25519 public keys (base64 of the 32 raw bytes, or a PEM file path)."""
 
     public_keys: list[str] = Field(default_factory=list)
 
 
-class LoggingConfig(Strict):
+class LoggingConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     journal: bool = Field(True, description="structured fields to the systemd journal when it is there")
 
 
-class GatewayConfig(Strict):
-    store_id: Annotated[str, Field(pattern=STORE_ID_RE)]
-    groups: list[Annotated[str, Field(pattern=STORE_ID_RE)]] = Field(default_factory=list)
+class GatewayConfig(StrictModel):
+    store_id: Identifier
+    groups: list[Identifier] = Field(default_factory=list)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]
     storage: StorageConfig = Field(default_factory=StorageConfig)  # type: ignore[arg-type]
     http: HttpConfig = Field(default_factory=HttpConfig)  # type: ignore[arg-type]
@@ -132,17 +122,26 @@ class GatewayConfig(Strict):
     prices: PricesConfig = Field(default_factory=PricesConfig)  # type: ignore[arg-type]
     remote: RemoteConfigSettings = Field(default_factory=RemoteConfigSettings)  # type: ignore[arg-type]
     cart: CartSettings = Field(default_factory=CartSettings)  # type: ignore[arg-type]
-    # Raw device tables; each is validated by its driver's own model (see gateway.drivers_registry), so that a
+    update: UpdateSettings = Field(default_factory=UpdateSettings)  # type: ignore[arg-type]
+    # Raw device tables; each is validated by its driver's own model (storelink.devices.registry), so that a
     # retailer's driver found through an entry point is validated exactly like ours.
     devices: list[dict[str, Any]] = Field(default_factory=list)
-    # Sections owned by later parts (prices, remote config, kiosk) live in their own models and are merged here.
     config_version: int = Field(0, ge=0, description="version of this config (remote config bumps it)")
-    _device_configs: list[Any] = PrivateAttr(default_factory=list)
+    _device_configs: list[DeviceConfig] = PrivateAttr(default_factory=list)
 
     @property
-    def device_configs(self) -> list[Any]:
+    def device_configs(self) -> list[DeviceConfig]:
         """The `devices` tables, each validated by its driver's model (set by parse_config)."""
         return self._device_configs
+
+
+class RunningConfig:
+    """The config in force and the file it came from. Remote config swaps ``current`` while the gateway runs; a
+    part that honours such a change reads ``current`` at each use instead of keeping a copy."""
+
+    def __init__(self, config: GatewayConfig, path: Path | None = None):
+        self.current = config
+        self.path = path
 
 
 class ConfigError(Exception):
@@ -159,32 +158,7 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def describe_validation_error(err: ValidationError) -> list[str]:
-    problems = []
-    for e in err.errors():
-        key = _loc(tuple(e["loc"]))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        problems.append(f"{key}: {msg}")
-    return problems
-
-
 def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfig:
-    from storelink.devices.registry import validate_device_tables
-
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as err:

@@ -1,20 +1,33 @@
 """The MQTT contract with head office: every topic and payload shape, in one place.
 
-docs/mqtt.md is the integrators' copy of this module; change both together. Topics are built from a prefix
-(default ``storelink``) and the store id. Uplink events are QoS 1 and carry ``id`` (unique) and ``seq``
-(per gateway, monotonic, gap-free across restarts) so head office can drop duplicates and see gaps.
+docs/mqtt.md is the integrators' copy of this module; change both together (its JSON Schemas are generated from
+the models below by ``python -m storelink.contract``, and tests/test_contract.py fails when they drift). Topics
+are built from a prefix (default ``storelink``) and the store id. Uplink events are QoS 1 and carry ``id``
+(unique) and ``seq`` (per gateway, monotonic, gap-free across restarts) so head office can drop duplicates and
+see gaps. Everything the gateway publishes is built from these models; the test suite validates every message a
+test subscriber receives against them (tests/contract_check.py).
 """
 
 from __future__ import annotations
 
-import re
+import json
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _str
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-KIND_RE = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
-DEVICE_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+from storelink.remote.models import (
+    CommandRequest,
+    CommandResponse,
+    ConfigDesired,
+    ConfigReported,
+    SignedCommand,
+)
+from storelink.update.models import UpdateState
+from storelink.validation import Identifier, StrictModel
+
+KIND_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,11 @@ class Topics:
     @property
     def config_reported(self) -> str:
         return f"{self.base}/config/reported"
+
+    @property
+    def update_state(self) -> str:
+        """Retained: the release this store runs and where its last software update stands (UpdateState)."""
+        return f"{self.base}/update/state"
 
     # downlink --------------------------------------------------------------------------------------------
     @property
@@ -86,63 +104,209 @@ class Topics:
         return f"{self.base}/cart/response"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# -- uplink payloads --------------------------------------------------------------------------------------------
+class StatusPayload(StrictModel):
+    """Retained on ``{base}/status``: the birth message (every field) and the Last Will (``state`` only)."""
 
-
-class IngestEvent(Strict):
-    """What an in-store system posts to ``POST /api/v1/events``."""
-
-    kind: str = Field(pattern=KIND_RE, max_length=64)
-    device: str = Field(pattern=DEVICE_RE)
-    data: dict[str, Any] = Field(default_factory=dict)
-
-
-class EventPayload(Strict):
-    """Published on ``{base}/events/{kind}``, QoS 1, not retained."""
-
-    id: str
-    seq: int
-    ts: str = Field(description="acceptance time, ISO 8601 UTC")
-    kind: str
-    device: str
-    data: dict[str, Any]
-
-
-class StatusPayload(BaseModel):
-    """Retained on ``{base}/status``."""
-
-    model_config = ConfigDict(extra="allow")
     state: Literal["online", "offline"]
     store_id: str | None = None
     version: str | None = None
-    started_at: str | None = None
+    started_at: str | None = Field(default=None, description="when the gateway started, ISO 8601 UTC")
+    protocol: Literal["5", "3.1.1"] | None = None
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
 
 
-DeviceHealthState = Literal["ok", "degraded", "offline"]
+OFFLINE = StatusPayload(state="offline").encode()  # the Last Will, and what a clean stop publishes itself
 
 
-class DeviceStatePayload(Strict):
-    """Retained on ``{base}/devices/{device_id}/state``."""
+class EventPayload(StrictModel):
+    """Published on ``{base}/events/{kind}``, QoS 1, not retained."""
 
-    device: str
+    id: str = Field(description="unique per event; a re-sent event has the same id")
+    seq: int = Field(ge=1, description="per gateway, monotonic and gap-free across restarts")
+    ts: str = Field(description="acceptance time, ISO 8601 UTC")
+    kind: str = Field(pattern=KIND_PATTERN, max_length=64)
+    device: Identifier
+    data: dict[str, Any]
+
+    @staticmethod
+    def encode(event_id: str, seq: int, ts: str, kind: str, device: str, data_json: str) -> bytes:
+        """The wire form of one event from its already-encoded ``data`` (the outbox encodes data once, when it
+        accepts the event, and takes seq when it commits). The fields are this model's, in its order (checked
+        below); building a model instance per event would cost the outbox a quarter of its throughput."""
+        return (f'{{"id":{_str(event_id)},"seq":{seq:d},"ts":{_str(ts)},"kind":{_str(kind)},'
+                f'"device":{_str(device)},"data":{data_json}}}').encode()
+
+
+assert tuple(EventPayload.model_fields) == ("id", "seq", "ts", "kind", "device", "data")
+
+
+class DeviceStatePayload(StrictModel):
+    """Retained on ``{base}/devices/{device_id}/state``; an empty retained message clears a removed device."""
+
+    device: Identifier
     driver: str
-    state: DeviceHealthState
+    state: Literal["ok", "degraded", "offline"]
     last_error: str | None = None
     last_seen: str | None = None
     since: str
 
 
-def topic_matches(filter_: str, topic: str) -> bool:
-    """MQTT wildcard match (+ one level, # the rest)."""
-    f_parts, t_parts = filter_.split("/"), topic.split("/")
-    for i, f in enumerate(f_parts):
-        if f == "#":
-            return True
-        if i >= len(t_parts) or (f != "+" and f != t_parts[i]):
-            return False
-    return len(f_parts) == len(t_parts)
+class PendingBatch(StrictModel):
+    batch_id: str
+    version: int | None
+    phase: str
+    effective_at: str | None
+    chunks_done: int | None
+    chunks_total: int | None
+    items: int | None
+    changed: int | None
+    received_at: str | None
+    running: bool = Field(description="the coordinator is driving this batch now")
 
 
-def is_valid_kind(kind: str) -> bool:
-    return re.fullmatch(KIND_RE, kind) is not None
+class TransitionState(StrictModel):
+    batch_id: str
+    outcome: str
+    skus: int = Field(description="SKUs whose lookups answer min(old, new) until the labels confirm")
+
+
+class LastBatch(StrictModel):
+    batch_id: str
+    version: int | None
+    outcome: str
+    reason: str | None
+    at: str | None
+
+
+class PriceDeviceState(StrictModel):
+    role: Literal["till", "label"]
+    version: int | None
+    state: Literal["current", "stale", "pending", "unknown"]
+    batch_state: str | None
+    drift: str | None
+
+
+class PricesStatePayload(StrictModel):
+    """Retained on ``{base}/prices/state`` (also the "prices" section of ``GET /api/v1/status``)."""
+
+    store_id: str
+    active_version: int
+    active_batch: str | None
+    currency: str | None
+    active_since: str | None
+    items: int
+    pending: PendingBatch | None
+    transition: list[TransitionState]
+    last: LastBatch | None
+    devices: dict[str, PriceDeviceState]
+    drift: int
+    updated_at: str
+
+
+class CartRequest(StrictModel):
+    """Published on ``{base}/cart/request`` (QoS 1, not retained, never stored): a kiosk asks for a cart."""
+
+    kiosk: Identifier
+    session: str
+    customer: str = Field(description="opaque sign-in token; head office resolves it")
+    list: Literal["cart", "wishlist"]
+    correlation_id: str
+    reply_to: str
+    ts: str
+
+
+# -- downlink payloads ------------------------------------------------------------------------------------------
+class CartItem(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)  # what we don't know we don't keep
+    sku: str = Field(min_length=1, max_length=64)
+    description: str = Field("", max_length=120)
+    qty: int = Field(1, ge=1, le=999)
+    price: int | None = Field(None, ge=0, description="minor units")
+
+
+class CartAnswer(BaseModel):
+    """Head office's answer on ``{base}/cart/response`` (unknown fields are dropped, not kept)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    correlation_id: str | None = None
+    ok: bool
+    error: str | None = Field(None, max_length=200)
+    items: list[CartItem] = Field(default_factory=list, max_length=500)
+    currency: str | None = Field(None, max_length=8)
+
+
+# -- HTTP --------------------------------------------------------------------------------------------------------
+class IngestEvent(StrictModel):
+    """What an in-store system posts to ``POST /api/v1/events``."""
+
+    kind: str = Field(pattern=KIND_PATTERN, max_length=64)
+    device: Identifier
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+def uplink_payloads(topics: Topics, kind: str = "+", device: str = "+", name: str = "+"
+                    ) -> list[tuple[str, type[BaseModel]]]:
+    """(topic filter, model) for every message the gateway publishes. Command replies also go to the response
+    topic a request named; they are CommandResponse there too."""
+    return [
+        (topics.status, StatusPayload),
+        (topics.event(kind), EventPayload),
+        (topics.device_state(device), DeviceStatePayload),
+        (topics.prices_state, PricesStatePayload),
+        (topics.config_reported, ConfigReported),
+        (topics.update_state, UpdateState),
+        (topics.command_reply(name), CommandResponse),
+        (topics.cart_request, CartRequest),
+    ]
+
+
+def downlink_payloads(topics: Topics, name: str = "+") -> list[tuple[str, type[BaseModel]]]:
+    """(topic, model) of what head office sends, other than price batches (gateway/prices/models.py). Signed
+    messages travel in storelink.remote.signing's envelope; the model is the envelope's payload."""
+    return [
+        (topics.config_desired, ConfigDesired),
+        (topics.command(name), CommandRequest),
+        (topics.command(name), SignedCommand),
+        (topics.cart_response, CartAnswer),
+    ]
+
+
+def json_schemas() -> list[tuple[str, type[BaseModel], dict[str, Any]]]:
+    """(topic, model, JSON Schema) of every payload, in the order docs/mqtt.md lists them."""
+    topics = Topics("{store_id}", "{prefix}")
+    rows: list[tuple[str, type[BaseModel]]] = [*uplink_payloads(topics, "{kind}", "{device_id}", "{name}"),
+                                               *downlink_payloads(topics, "{name}"),
+                                               ("POST /api/v1/events", IngestEvent)]
+    return [(topic, model, model.model_json_schema()) for topic, model in rows]
+
+
+def _untitled(value: Any) -> Any:
+    """A schema without pydantic's generated titles ("Store Id" for store_id): noise for a reader."""
+    if isinstance(value, dict):
+        return {k: _untitled(v) for k, v in value.items() if not (k == "title" and isinstance(v, str))}
+    if isinstance(value, list):
+        return [_untitled(v) for v in value]
+    return value
+
+
+def _dump(value: Any, indent: int = 0, width: int = 116) -> str:
+    """JSON with every object or list that fits in one line written on one line."""
+    flat = json.dumps(value, ensure_ascii=False)
+    if indent + len(flat) <= width or not isinstance(value, dict | list) or not value:
+        return flat
+    pad = " " * (indent + 2)
+    if isinstance(value, dict):
+        inner = [f"{pad}{json.dumps(k)}: {_dump(v, indent + 2, width)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(inner) + "\n" + " " * indent + "}"
+    return "[\n" + ",\n".join(pad + _dump(v, indent + 2, width) for v in value) + "\n" + " " * indent + "]"
+
+
+def render_schemas() -> str:
+    """The generated section of docs/mqtt.md."""
+    out = []
+    for topic, model, schema in json_schemas():
+        out += [f"### `{topic}`: {model.__name__}", "", "```json", _dump(_untitled(schema)), "```", ""]
+    return "\n".join(out)

@@ -36,6 +36,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from storelink.config import StorageConfig
+from storelink.contract import EventPayload
+from storelink.system.schema import ensure_schema
 from storelink.system.sqlite import DatabaseSettingsError, open_db, transaction
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, kind TEXT NOT NULL,
     critical INTEGER NOT NULL, ts FLOAT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);
-DROP INDEX IF EXISTS outbox_by_class;  -- an index page written by every insert; eviction no longer needs it
+-- An index page written by every insert, which eviction no longer needs. Dropped at every open, not by a schema
+-- migration: the previous release (same schema version, it reads this file as it is) creates it again.
+DROP INDEX IF EXISTS outbox_by_class;
 """
 _FLUSH = ("flush", None)  # the writer's own wake-up: delivered events have waited DELETE_DELAY
 
@@ -65,6 +69,19 @@ class OutboxFull(OutboxError):
 class Accepted:
     id: str
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedEvent:
+    """What a listener hears about an accepted event (never its data: listeners show and count, they don't keep)."""
+
+    kind: str
+    device: str
+    seq: int
+    ts: float
+
+
+Listener = Callable[[Sequence[AcceptedEvent]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +131,6 @@ def iso_ts(ts: float) -> str:
 _encode_data = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
-@functools.lru_cache(maxsize=1024)
-def _json_str(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
 def kind_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
     exact = {p for p in patterns if not p.endswith(".*")}
     prefixes = tuple(p[:-1] for p in patterns if p.endswith(".*"))
@@ -151,6 +163,7 @@ class Outbox:
         self._busy_since: float | None = None  # set while the writer holds a batch; the watchdog reads it
         self._id_prefix = os.urandom(10).hex()
         self._id_counter = itertools.count()
+        self._listeners: list[Listener] = []
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -159,7 +172,8 @@ class Outbox:
             conn = open_db(self.config.path, synchronous=self.config.synchronous, page_size=PAGE_SIZE)
         except DatabaseSettingsError as err:
             raise OutboxError(str(err)) from None
-        conn.executescript(SCHEMA)
+        # Versioned (storelink.system.schema): a release rolled back after an update still reads this file.
+        ensure_schema(conn, "outbox", lambda c: c.executescript(SCHEMA))
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
         self._meta_seq = row[0] if row else 0
@@ -185,8 +199,15 @@ class Outbox:
                 conn.close()
         self._conn = self._reader = None
 
-    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    @property
+    def writer_alive(self) -> bool:
+        """The writer thread runs (False before open(), after close(), or when it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(events)`` on the event loop after each committed put (the status page's recent events,
+        metrics). It must be quick and must not raise; an exception is logged and the put still succeeds."""
+        self._listeners.append(listener)
 
     # -- accepting ------------------------------------------------------------------------------------------
     def is_critical(self, kind: str) -> bool:
@@ -214,7 +235,17 @@ class Outbox:
         pending = [self._pending(k, d, data) for k, d, data in items]
         fut: asyncio.Future[list[Accepted]] = loop.create_future()
         self._queue.put(("put", (pending, fut, loop)))
-        return await fut
+        accepted = await fut
+        if self._listeners:
+            self._tell([AcceptedEvent(p.kind, p.device, a.seq, p.ts) for p, a in zip(pending, accepted, strict=True)])
+        return accepted
+
+    def _tell(self, events: list[AcceptedEvent]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(events)
+            except Exception:
+                log.exception("outbox listener %r failed", listener)
 
     def ack(self, seqs: Sequence[int]) -> None:
         """The broker acknowledged these; delete them (lazily, batched with other work; see the module doc)."""
@@ -251,7 +282,7 @@ class Outbox:
     def progress_probe(self) -> float:
         """For the watchdog: "now" while the writer is idle or between batches, else when its batch began.
         A writer thread that died never makes progress again."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self.writer_alive:
             return self.last_progress
         return self._busy_since or time.monotonic()
 
@@ -419,10 +450,7 @@ class Outbox:
     def _row(self, p: _Pending) -> tuple[int, str, str, int, float, bytes]:
         """The row for p under the next seq (taken here; callers that do not keep the row restore it)."""
         seq = self._next_seq
-        payload = (
-            f'{{"id":"{p.id}","seq":{seq},"ts":"{iso_ts(p.ts)}","kind":{_json_str(p.kind)},'
-            f'"device":{_json_str(p.device)},"data":{p.data_json}}}'
-        ).encode()
+        payload = EventPayload.encode(p.id, seq, iso_ts(p.ts), p.kind, p.device, p.data_json)
         self._next_seq += 1
         return (seq, p.id, p.kind, int(p.critical), p.ts, payload)
 

@@ -29,10 +29,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel
 
 from storelink import __version__
 from storelink.config import MqttConfig
-from storelink.contract import Topics, topic_matches
+from storelink.contract import OFFLINE, StatusPayload, Topics
 from storelink.mqtt_loop import LoopNetwork
 from storelink.outbox import Outbox, StoredEvent, iso_ts
 
@@ -49,6 +50,7 @@ class Downlink:
 
 
 Handler = Callable[[Downlink], Awaitable[None]]
+StatePayload = BaseModel | dict[str, Any] | bytes  # a contract model (storelink.contract); bytes b"" clears
 
 
 def backoff_delay(attempt: int, low: float, high: float) -> float:
@@ -84,7 +86,6 @@ class Uplink:
         self._retained_state: dict[str, bytes] = {}
         self._unacked_subs: dict[int, str] = {}  # SUBSCRIBE mid -> filter, sent on this connection, not answered
         self._refused_subs: set[str] = set()  # filters the broker refused on this connection
-        self._birth_extra: dict[str, Any] = {}
         self._handler_tasks: set[asyncio.Future[None]] = set()
         self._stopping = False
         self._client = self._make_client()
@@ -116,7 +117,7 @@ class Uplink:
             )
             if t.insecure_skip_verify:
                 client.tls_insecure_set(True)
-        client.will_set(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
+        client.will_set(self.topics.status, OFFLINE, qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
         client.manual_ack_set(True)  # downlink QoS 1 is acknowledged only after its handler ran
@@ -134,9 +135,6 @@ class Uplink:
             mid = self._client.subscribe(topic_filter, qos)[1]
             if mid is not None:
                 self._unacked_subs[mid] = topic_filter
-
-    def set_birth_fields(self, **fields: Any) -> None:
-        self._birth_extra.update(fields)
 
     # -- paho callbacks (on the loop, from inside loop_read/loop_write/loop_misc) ------------------------------
     def _next_delay(self) -> float:
@@ -187,16 +185,9 @@ class Uplink:
         self._dispatch(down, msg.mid, msg.qos, client)
 
     # -- loop side ------------------------------------------------------------------------------------------
-    def _birth_payload(self) -> str:
-        body = {
-            "state": "online",
-            "store_id": self.topics.store_id,
-            "version": __version__,
-            "started_at": iso_ts(self.started_at),
-            "protocol": self.cfg.protocol,
-            **self._birth_extra,
-        }
-        return json.dumps(body)
+    def _birth_payload(self) -> bytes:
+        return StatusPayload(state="online", store_id=self.topics.store_id, version=__version__,
+                             started_at=iso_ts(self.started_at), protocol=self.cfg.protocol).encode()
 
     def _set_connected(self, session_present: bool, subscribe_mids: dict[int | None, str]) -> None:
         # Republished here on the loop, not in paho's on_connect: publish_state() runs on the loop too, so a state
@@ -289,7 +280,7 @@ class Uplink:
         return True
 
     def _dispatch(self, down: Downlink, mid: int, qos: int, client: mqtt.Client) -> None:
-        handlers = [h for f, _q, h in self._handlers if topic_matches(f, down.topic)]
+        handlers = [h for f, _q, h in self._handlers if mqtt.topic_matches_sub(f, down.topic)]
         task = asyncio.ensure_future(self._run_handlers(down, handlers, mid, qos, client))
         self._handler_tasks.add(task)
         task.add_done_callback(self._handler_tasks.discard)
@@ -306,9 +297,15 @@ class Uplink:
             client.ack(mid, qos)  # the client that received it: a mid belongs to one connection
 
     # -- public API -----------------------------------------------------------------------------------------
-    def publish_state(self, topic: str, payload: dict[str, Any] | bytes) -> None:
-        """Retained latest-state message; remembered and republished on every reconnect."""
-        data = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+    def publish_state(self, topic: str, payload: StatePayload) -> None:
+        """Retained latest-state message; remembered and republished on every reconnect. Build it from a model of
+        storelink.contract (b"" clears a retained state)."""
+        if isinstance(payload, BaseModel):
+            data = payload.model_dump_json().encode()
+        elif isinstance(payload, bytes):
+            data = payload
+        else:
+            data = json.dumps(payload, separators=(",", ":")).encode()
         if self._retained_state.get(topic) == data:
             return
         self._retained_state[topic] = data
@@ -401,7 +398,7 @@ class Uplink:
         if old_link is not None:
             old_link.cancel()
         if was_connected:
-            old.publish(self.topics.status, json.dumps({"state": "offline"}), qos=0, retain=True)
+            old.publish(self.topics.status, OFFLINE, qos=0, retain=True)
         await self._hang_up(old, old_net)
 
     async def _hang_up(self, client: mqtt.Client, net: LoopNetwork | None, grace: float = 2.0) -> None:
@@ -473,7 +470,7 @@ class Uplink:
         if self._link is not None:
             self._link.cancel()
         if self.connected:
-            info = self._client.publish(self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True)
+            info = self._client.publish(self.topics.status, OFFLINE, qos=1, retain=True)
             deadline = time.monotonic() + 2.0
             while not info.is_published() and self.connected and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)

@@ -6,7 +6,12 @@
 # to the Raspberry Pi and Debian archives and PyPI. Takes 30-60 minutes. The admin account's password must
 # come from the environment (FIRST_USER_PASS); it is never committed.
 #
-#   FIRST_USER_PASS=... image/build.sh out/
+#   FIRST_USER_PASS=... RAUC_KEYRING=pki/ca.pem [RAUC_CERT=pki/signing.pem RAUC_KEY=pki/signing.key] \
+#       image/build.sh out/
+#
+# RAUC_KEYRING (required): the OS-signing CA every appliance trusts for OS updates (image/rauc/make-keys.sh).
+# With RAUC_CERT and RAUC_KEY the build also writes the OS update bundle of the same image
+# (out/storelink-os-<version>.raucb: the image's root partition, signed; image/rauc/build-bundle.sh).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -19,6 +24,8 @@ PI_GEN_REF=${PI_GEN_REF:-2024-11-19-raspios-bookworm-arm64}
 PI_GEN_COMMIT=${PI_GEN_COMMIT:-}
 
 : "${FIRST_USER_PASS:?set FIRST_USER_PASS (the storelink-admin console password) in the environment}"
+: "${RAUC_KEYRING:?set RAUC_KEYRING to the OS-signing CA certificate (image/rauc/make-keys.sh)}"
+RAUC_KEYRING=$(realpath "$RAUC_KEYRING")
 
 mkdir -p "$WORK" "$OUT"
 if [[ ! -d $WORK/pi-gen/.git ]]; then
@@ -38,6 +45,7 @@ rm -rf "$WORK/pi-gen/stage-storelink"
 cp -r "$HERE/stage-storelink" "$WORK/pi-gen/stage-storelink"
 mkdir -p "$WORK/pi-gen/stage-storelink/00-storelink/files"
 git -C "$REPO" archive --format=tar.gz -o "$WORK/pi-gen/stage-storelink/00-storelink/files/storelink-src.tar.gz" HEAD
+cp "$RAUC_KEYRING" "$WORK/pi-gen/stage-storelink/00-storelink/files/rauc-keyring.pem"
 # Only the StoreLink image is wanted, not the plain Lite image stage2 would also export.
 touch "$WORK/pi-gen/stage2/SKIP_IMAGES"
 
@@ -63,5 +71,18 @@ cp deploy/*storelink*.img.xz "$OUT"/
     echo "pi_gen_ref=$PI_GEN_REF"
     echo "pi_gen_commit=$commit"
 } >"$OUT/storelink-image.manifest"
-(cd "$OUT" && sha256sum ./*.img.xz >SHA256SUMS)
+if [[ -n ${RAUC_CERT:-} && -n ${RAUC_KEY:-} ]]; then
+    # The OS update bundle: the image's root partition (partition 2) as an ext4 image, signed for RAUC.
+    img=$(find deploy -maxdepth 1 -name '*storelink*.img.xz' | sort | tail -1)
+    raw=$WORK/storelink.img
+    xz -dc "$img" >"$raw"
+    read -r start sectors < <(sfdisk -J "$raw" | python3 -c 'import json,sys
+p = json.load(sys.stdin)["partitiontable"]["partitions"][1]; print(p["start"], p["size"])')
+    dd if="$raw" of="$WORK/rootfs.ext4" bs=512 skip="$start" count="$sectors" status=none
+    version=$(date -u -d "@$(git -C "$REPO" log -1 --format=%ct)" +%Y.%m.%d)-$(git -C "$REPO" rev-parse --short HEAD)
+    RAUC_KEYRING=$RAUC_KEYRING VERSION=$version "$HERE/rauc/build-bundle.sh" "$WORK/rootfs.ext4" \
+        "$OUT/storelink-os-$version.raucb"
+    rm -f "$raw" "$WORK/rootfs.ext4"
+fi
+(cd "$OUT" && shopt -s nullglob && sha256sum ./*.img.xz ./*.raucb >SHA256SUMS)
 echo "image and manifest in $OUT"

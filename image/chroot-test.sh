@@ -81,9 +81,9 @@ if [[ -n $BOOT_FILES ]]; then
 fi
 
 step "storelink inside the root"
-chroot "$WORK/root" /usr/bin/env -i /opt/storelink/venv/bin/storelink --version
+chroot "$WORK/root" /usr/bin/env -i /opt/storelink/current/bin/storelink --version
 if [[ -e $WORK/root/etc/storelink/storelink.toml ]]; then
     chroot "$WORK/root" /usr/bin/env -i PATH=/usr/bin:/bin setpriv --reuid=storelink --regid=storelink --init-groups -- \
-        /opt/storelink/venv/bin/storelink check-config /etc/storelink/storelink.toml
+        /opt/storelink/current/bin/storelink check-config /etc/storelink/storelink.toml
 fi
 step "done"

@@ -20,6 +20,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests import contract_check
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 STORELINK = str(Path(sys.executable).parent / "storelink")
 
@@ -87,7 +89,7 @@ class Mosquitto:
 
 
 class Subscriber:
-    """Plays head office: collects every message on a topic filter."""
+    """Plays head office: collects every message on a topic filter, each checked against the MQTT contract."""
 
     def __init__(self, port: int, topic: str = "storelink/#", client_id: str | None = None):
         self.messages: list[tuple[str, bytes, bool]] = []
@@ -104,6 +106,7 @@ class Subscriber:
         assert self._subscribed.wait(10), "subscriber did not subscribe"
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        contract_check.check(msg.topic, bytes(msg.payload))
         with self.lock:
             self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
 

@@ -15,6 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from storelink.remote.signing import KeyPair, sign
+from tests import contract_check
 from tests.helpers import GatewayProcess, free_port, wait_for, write_config
 
 STORE = "store-0042"
@@ -77,6 +78,7 @@ class HeadOffice:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         corr = getattr(props, "CorrelationData", None)
+        contract_check.check_reply(msg.topic, bytes(msg.payload))
         with self.lock:
             self.replies.append((msg.topic, corr, json.loads(msg.payload)))
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,9 +46,10 @@ class RecordingContext:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.health: list[tuple[Health, str | None]] = []
         self.last_seen: float | None = None
-        storage = types.SimpleNamespace(path=storage_dir / "storelink.db", synchronous=synchronous)
-        self._services: dict[str, Any] = {"gateway": types.SimpleNamespace(
-            config=types.SimpleNamespace(storage=storage))}
+        self.data_dir = storage_dir
+        self.storage_sync = synchronous
+        self.prices = None
+        self.kiosk = None
 
     async def emit(self, kind: str, data: dict[str, Any]) -> Ref:
         self.events.append((kind, data))
@@ -62,8 +62,11 @@ class RecordingContext:
     def seen(self) -> None:
         self.last_seen = time.time()
 
-    def service(self, name: str) -> Any:
-        return self._services[name]
+    def watch_thread(self, name: str, max_silence: float) -> Callable[[], None]:
+        return lambda: None
+
+    def unwatch_thread(self, name: str) -> None:
+        pass
 
     @property
     def state(self) -> Health | None:

@@ -6,6 +6,7 @@ check what the SD card would hold: files, owners, modes, enabled units, and no s
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 import stat
@@ -129,10 +130,10 @@ def mode_owner(path: Path) -> tuple[int, int, int]:
 
 
 def test_storelink_runs_inside_the_root(image: Image) -> None:
-    version = image.chroot("/opt/storelink/venv/bin/storelink", "--version")
+    version = image.chroot("/opt/storelink/current/bin/storelink", "--version")
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == f"storelink {__version__}"
-    check = image.chroot("/opt/storelink/venv/bin/storelink", "check-config", "/etc/storelink/storelink.toml",
+    check = image.chroot("/opt/storelink/current/bin/storelink", "check-config", "/etc/storelink/storelink.toml",
                          user="storelink")
     assert check.returncode == 0, check.stderr
     assert "ok" in check.stdout
@@ -141,20 +142,31 @@ def test_storelink_runs_inside_the_root(image: Image) -> None:
 def test_installed_files_owners_and_modes(image: Image) -> None:
     r = image.root
     uid, gid = image.ids("storelink", "passwd"), image.ids("storelink", "group")
-    assert os.access(r / "opt/storelink/venv/bin/storelink", os.X_OK)  # what storelink.service's ExecStart runs
+    assert os.access(r / "opt/storelink/current/bin/storelink", os.X_OK)  # what storelink.service's ExecStart runs
+    # The release layout application updates switch: a versioned venv, releases/current, and the fixed link.
+    assert os.readlink(r / "opt/storelink/current") == "releases/current"
+    assert os.readlink(r / "opt/storelink/releases/current") == __version__
+    marker = json.loads((r / f"opt/storelink/releases/{__version__}/.storelink-release.json").read_text())
+    assert marker["version"] == __version__ and marker["schemas"]["outbox"]["version"] >= 1
+    assert mode_owner(r / "opt/storelink/releases" / __version__) == (0o755, 0, 0)
     assert mode_owner(r / "opt/storelink/bin/storelink-provision") == (0o755, 0, 0)
     for unit in ("storelink.service", "storelink-provision.service", "storelink-recover.service",
-                 "storelink-recover.timer"):
+                 "storelink-recover.timer", "storelink-update.path", "storelink-update.service",
+                 "storelink-mark-good.service"):
         assert mode_owner(r / "usr/lib/systemd/system" / unit) == (0o644, 0, 0)
         assert (r / "usr/lib/systemd/system" / unit).read_bytes() == (REPO / "systemd" / unit).read_bytes()
     wants = r / "etc/systemd/system/multi-user.target.wants"
     assert (wants / "storelink.service").is_symlink() and (wants / "storelink-provision.service").is_symlink()
+    assert (wants / "storelink-update.path").is_symlink() and (wants / "storelink-mark-good.service").is_symlink()
+    assert (r / "etc/rauc/system.conf").read_bytes() == (REPO / "image/rauc/system.conf").read_bytes()
     assert (r / "usr/lib/udev/rules.d/99-storelink.rules").is_file()
     assert "RuntimeWatchdogSec=15s" in (r / "etc/systemd/system.conf.d/storelink-watchdog.conf").read_text()
     assert "RequiresMountsFor=/var/lib/storelink" in (
         r / "etc/systemd/system/storelink.service.d/data-partition.conf").read_text()
     fstab = (r / "etc/fstab").read_text()
-    assert fstab.count("LABEL=storelink-data /var/lib/storelink ext4") == 1
+    assert fstab.count("LABEL=storelink-data /data ext4") == 1
+    assert "/data/storelink /var/lib/storelink none bind" in fstab
+    assert "/data/releases /opt/storelink/releases none bind" in fstab
     assert "STORELINK_VERSION=" + __version__ in (r / "etc/storelink-image").read_text()
 
     shell = (r / "etc/passwd").read_text().split("storelink:", 1)[1].splitlines()[0]
@@ -164,6 +176,7 @@ def test_installed_files_owners_and_modes(image: Image) -> None:
 
     assert mode_owner(r / "etc/storelink") == (0o750, 0, gid)
     assert mode_owner(r / "var/lib/storelink") == (0o750, uid, gid)
+    assert mode_owner(r / "var/lib/storelink/update") == (0o770, uid, gid)
     for rel in ("storelink.toml", "tls/ca.pem", "tls/client.pem", "tls/client.key", "trust/head-office-2026.pub"):
         path = r / "etc/storelink" / rel
         assert mode_owner(path) == (0o640, 0, gid), rel

@@ -87,7 +87,8 @@ async def test_stepping_off_purges_every_piece_of_customer_data(
     own_db.execute("CREATE TABLE carts (kiosk TEXT, email TEXT)")
 
     async with running_gateway(mat_config(tmp_path, mosquitto.port)) as gw:
-        kiosk: KioskSessions = gw.services["kiosk"]
+        kiosk = gw.kiosk
+        assert kiosk is not None
 
         async def listener(ev: KioskEvent) -> None:
             heard.append(ev)
@@ -152,7 +153,8 @@ async def test_stopping_the_gateway_mid_session_purges_too(
 ) -> None:
     pin = mock_pins.pin(17)
     async with running_gateway(mat_config(tmp_path, mosquitto.port)) as gw:
-        kiosk: KioskSessions = gw.services["kiosk"]
+        kiosk = gw.kiosk
+        assert kiosk is not None
         await until(lambda: gw.supervisor.devices["mat-1"].state == Health.OK, what="mat online")
         pin.drive_low()
         await until(lambda: kiosk.active("kiosk-1"), what="session started")

@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from storelink.drivers.base import Health
+from tests import contract_check
 from tests.helpers import Mosquitto, Subscriber
 from tests.input_helpers import STORE, base_config, running_gateway, until
 
@@ -48,6 +49,7 @@ class HeadOfficeCarts:
         assert ready.wait(10)
 
     def _on_request(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        contract_check.check_cart_request(msg.topic, bytes(msg.payload))
         req = json.loads(msg.payload)
         self.requests.append(req)
         if req["customer"] == "silent":
@@ -108,14 +110,14 @@ async def test_cart_fetched_printed_and_purged_on_step_off(tmp_path: Path, mosqu
                 assert r.status == 409 and "step on the mat" in (await r.json())["error"]
 
             pin.drive_low()  # a customer steps on
-            await until(lambda: gw.services["kiosk"].active("kiosk-1"), what="session")
+            await until(lambda: gw.kiosk.active("kiosk-1"), what="session")
             async with http.post(base + "/cart", json={"customer": "nobody"}) as r:
                 assert r.status == 404 and (await r.json())["error"] == "unknown customer"
             async with http.post(base + "/cart", json={"customer": CUSTOMER, "list": "cart"}) as r:
                 body = await r.json()
                 assert r.status == 200, body
             assert [i["sku"] for i in body["items"]] == ["4006381333931", "SKU-77"]
-            assert "customer_name" not in json.dumps(gw.services["kiosk"].get("kiosk-1", "online_cart"))
+            assert "customer_name" not in json.dumps(gw.kiosk.get("kiosk-1", "online_cart"))
             async with http.post(base + "/cart", json={"customer": "silent"}) as r:
                 assert r.status == 504 and "did not answer" in (await r.json())["error"]
             async with http.post(base + "/cart", json={"list": "basket"}) as r:
@@ -134,18 +136,18 @@ async def test_cart_fetched_printed_and_purged_on_step_off(tmp_path: Path, mosqu
             pending = asyncio.create_task(http.post(base + "/cart", json={"customer": CUSTOMER}))
             await until(lambda: len(hq.requests) == 4, what="fourth request")
             pin.drive_high()
-            await until(lambda: not gw.services["kiosk"].active("kiosk-1"), 5, what="session ended")
+            await until(lambda: not gw.kiosk.active("kiosk-1"), 5, what="session ended")
             async with await pending as r:
                 assert r.status == 409 and "left" in (await r.json())["error"]
             await asyncio.sleep(0.8)  # the late answer arrives and finds nobody
             await until(lambda: "clear" in screen, what="the kiosk told to clear its screen")
-            assert gw.services["kiosk"].get("kiosk-1", "online_cart") is None
+            assert gw.kiosk.get("kiosk-1", "online_cart") is None
             async with http.post(base + "/print") as r:
                 assert r.status == 409
 
             # Offline: a clear answer at once, not a hang.
             pin.drive_low()
-            await until(lambda: gw.services["kiosk"].active("kiosk-1"), what="second session")
+            await until(lambda: gw.kiosk.active("kiosk-1"), what="second session")
             mosquitto.stop()
             await until(lambda: not gw.uplink.connected, what="offline")
             started = time.monotonic()

@@ -6,8 +6,6 @@ import ast
 import tomllib
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"storelink": ROOT / "gateway", "storelink.drivers": ROOT / "drivers"}
 
@@ -67,7 +65,6 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in out if m in known and m != name}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: cycles the namespace move kept; removed with the Part protocol")
 def test_no_import_cycles() -> None:
     """Deferred and TYPE_CHECKING imports count: a cycle hidden behind one is still a cycle in the design.
 

@@ -13,7 +13,7 @@ from storelink.app import Gateway
 from storelink.drivers.base import PrepareFailed
 from storelink.drivers.plu_file import PluFileDriver
 from tests.helpers import Mosquitto
-from tests.till_fixtures import Change, Item, device_status, gateway_config, running, until
+from tests.till_fixtures import Change, FakeBook, Item, device_status, gateway_config, running, until
 
 ITEMS = [Item("1001", 499, "Äpfel Boskoop", "4006381333931", 249, "kg"), Item("1002", 1299, "Café crème 1kg")]
 
@@ -72,19 +72,19 @@ async def test_minor_units_and_a_full_export_from_the_price_book(tmp_path: Path,
                columns=["sku", "price", "version"])
 
     @dataclass
-    class Book:  # the price book's documented interface: iter_items() of the version in force
+    class Book(FakeBook):  # the price book's documented interface: iter_items() of the version in force
         items: list[Item]
 
         def iter_items(self) -> list[Item]:
             return self.items
 
     async with running(gateway_config(tmp_path, mosquitto.port, [dev])) as gw:
-        gw.services["prices"] = Book([Item("0999", 100), Item("1001", 450)])
+        gw.device_services.prices = Book([Item("0999", 100), Item("1001", 450)])
         await until(lambda: device_status(gw, "pos")["state"] == "ok", what="ok")
         await _driver(gw).price_prepare(Change(4, ITEMS))
         await _driver(gw).price_commit(4)
         assert (pos / "prices_4.csv").read_text() == "0999,100,4\n1001,499,4\n1002,1299,4\n"
-        gw.services.pop("prices")
+        gw.device_services.prices = None
         with pytest.raises(PrepareFailed, match="needs the price book"):
             await _driver(gw).price_prepare(Change(5, ITEMS))
 

@@ -14,6 +14,7 @@ from storelink.app import Gateway
 from storelink.config import parse_config
 from storelink.drivers.sim.openepaperlink import FakeAccessPoint
 from storelink.drivers.sim.zpl_printer import FakeZplPrinter
+from storelink.prices.part import PricesPart
 from storelink.system.sqlite import DatabaseSettingsError, open_databases, open_db, settings, transaction
 from tests.helpers import Mosquitto, free_port
 
@@ -47,6 +48,7 @@ async def test_every_database_the_gateway_opens_is_wal_with_the_configured_synch
         "mqtt": {"port": mosquitto.port, "reconnect_min": 0.2, "reconnect_max": 0.5},
         "storage": {"path": str(tmp_path / "data/gw.db"), "synchronous": sync},
         "http": {"listen": f"127.0.0.1:{free_port()}"},
+        "cart": {"enabled": True},  # the kiosk journal too
         "devices": [
             {"id": "labels-1", "driver": "zpl_printer", "host": "127.0.0.1", "port": zpl.port},
             {"id": "esl-ap", "driver": "openepaperlink", "url": ap.url, "tags": {"1001": "0B57A1B2C3D4"}},
@@ -61,7 +63,8 @@ async def test_every_database_the_gateway_opens_is_wal_with_the_configured_synch
             assert asyncio.get_running_loop().time() < deadline, sorted((tmp_path / "data").rglob("*.db"))
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)  # the drivers' first round: their connections are open
-        await asyncio.to_thread(gw.services["prices"].db.reader)  # a reader thread's connection too
+        prices = next(p for p in gw.parts.parts if isinstance(p, PricesPart))
+        await asyncio.to_thread(prices.db.reader)  # a reader thread's connection too
         mine = [c for c in open_databases() if tmp_path in c.path.parents]
         assert {c.path.name for c in mine} == expected, [str(c.path) for c in mine]
         for conn in mine:

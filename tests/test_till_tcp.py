@@ -14,7 +14,7 @@ from storelink.drivers.sim.till import TillError, TillSimulator, make_sale
 from storelink.drivers.till_listener import TillRejected
 from storelink.drivers.till_tcp import TillTcpDriver
 from tests.helpers import Mosquitto, Subscriber, free_port
-from tests.till_fixtures import STORE, Change, Item, device_status, gateway_config, running, until
+from tests.till_fixtures import STORE, Change, FakeBook, Item, device_status, gateway_config, running, until
 
 
 def _till(port: int, dev: str = "till-1", till_id: str = "1", **extra: Any) -> dict[str, Any]:
@@ -68,15 +68,15 @@ async def test_lookup_answers_from_the_price_book_or_says_there_is_none(tmp_path
     port = free_port()
     async with running(gateway_config(tmp_path, mosquitto.port, [_till(port)])) as gw:
         sim = await _connected(gw, port)
-        gw.services.pop("prices", None)  # a gateway without a price book
+        gw.device_services.prices = None  # a gateway without a price book
         reply = await sim.lookup("4006381333931")
         assert (reply["type"], reply["code"], reply["error"]) == ("ERROR", "no_price_book", "no price book")
 
-        class Book:
-            async def lookup(self, sku: str) -> dict[str, Any] | None:
+        class Book(FakeBook):
+            async def alookup(self, sku: str) -> dict[str, Any] | None:
                 return {"sku": sku, "price": 249, "version": 4} if sku == "4006381333931" else None
 
-        gw.services["prices"] = Book()
+        gw.device_services.prices = Book()
         reply = await sim.lookup("4006381333931")
         assert reply["type"] == "OK" and reply["item"] == {"sku": "4006381333931", "price": 249, "version": 4}
         assert (await sim.lookup("nope"))["code"] == "not_found"
@@ -87,18 +87,15 @@ async def test_lookup_answers_from_the_price_book_or_says_there_is_none(tmp_path
 async def test_a_till_behind_the_book_is_told_stale_and_its_sales_are_flagged(
     tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber
 ) -> None:
-    class Book:  # the store runs version 5; the audit has not looked at this till yet
+    class Book(FakeBook):  # the store runs version 5; the audit has not looked at this till yet
         active_version = 5
 
-        def lookup(self, sku: str) -> dict[str, Any]:
+        async def alookup(self, sku: str) -> dict[str, Any]:
             return {"sku": sku, "price": 249, "version": 5}
-
-        def is_stale(self, _device: str) -> bool:
-            return False
 
     port = free_port()
     async with running(gateway_config(tmp_path, mosquitto.port, [_till(port)])) as gw:
-        gw.services["prices"] = Book()
+        gw.device_services.prices = Book()
         sim = await _connected(gw, port, version=3)  # it was switched off during version 4 and 5
         assert sim.hello_reply is not None and sim.hello_reply["stale"] is True
         assert (await sim.lookup("1001"))["stale"] is True

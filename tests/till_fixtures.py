@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storelink.app import Gateway
+from storelink.app import Gateway, PartsFactory, standard_parts
 from storelink.config import parse_config
 from tests.helpers import free_port
 
@@ -34,6 +34,21 @@ class Change:
     currency: str = "EUR"
 
 
+class FakeBook:
+    """A price book for driver tests (storelink.drivers.base.PriceBookView); tests override what they need."""
+
+    active_version = 0
+
+    def is_stale(self, _device: str) -> bool:
+        return False
+
+    async def alookup(self, _code: str) -> dict[str, Any] | None:
+        return None
+
+    def iter_items(self) -> list[Item]:
+        return []
+
+
 def gateway_config(tmp_path: Path, broker_port: int, devices: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "store_id": STORE,
@@ -45,8 +60,8 @@ def gateway_config(tmp_path: Path, broker_port: int, devices: list[dict[str, Any
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: dict[str, Any]) -> AsyncIterator[Gateway]:
-    gw = Gateway(parse_config(cfg, "<test>"))
+async def running(cfg: dict[str, Any], parts: PartsFactory = standard_parts) -> AsyncIterator[Gateway]:
+    gw = Gateway(parse_config(cfg, "<test>"), parts=parts)
     stop = asyncio.Event()
     task = asyncio.create_task(gw.run(stop))
     await until(lambda: gw.ready.is_set() or task.done(), what="the gateway to start")

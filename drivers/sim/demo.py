@@ -2,7 +2,7 @@
 
 An embedded broker (amqtt, demo only: it speaks MQTT 3.1.1, so the demo also shows the 3.1.1 fallback), a
 gateway with simulated devices, an in-store system posting events to the ingest API, and a "head office"
-subscriber that prints what arrives. Other parts add their simulated devices through ``DEMO_EXTENSIONS``.
+subscriber that prints what arrives. The simulated devices come from the modules ``demo_extensions()`` lists.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import random
@@ -29,10 +28,14 @@ log = logging.getLogger("storelink.demo")
 # (prepare, run): prepare(config_dict, workdir) adds devices/sections before the gateway starts; run(gateway)
 # runs beside it (fake peers, simulated customers) until cancelled.
 DemoExtension = tuple[Callable[[dict[str, Any], Path], None], Callable[[Any], Coroutine[Any, Any, None]]]
-DEMO_EXTENSIONS: list[DemoExtension] = []
-# Modules that append their DemoExtension when imported; one line each.
-DEMO_MODULES: list[str] = ["storelink.drivers.sim.labels_demo", "storelink.drivers.sim.till_demo",
-                            "storelink.drivers.sim.prices_demo", "storelink.drivers.sim.input_demo"]
+
+
+def demo_extensions() -> list[DemoExtension]:
+    """The demo's simulated parts, in order; imported here because they pull in the device libraries."""
+    from storelink.drivers.sim import input_demo, labels_demo, prices_demo, till_demo
+
+    return [(labels_demo.prepare, labels_demo.run), (till_demo.prepare, till_demo.run),
+            (prices_demo.prepare, prices_demo.run), (input_demo.prepare, input_demo.run)]
 
 
 def free_port() -> int:
@@ -99,9 +102,8 @@ async def run_demo(args: argparse.Namespace) -> int:
             "http": {"listen": args.listen},
             "devices": [],
         }
-        for module in DEMO_MODULES:
-            importlib.import_module(module)
-        for prepare, _run in DEMO_EXTENSIONS:
+        extensions = demo_extensions()
+        for prepare, _run in extensions:
             prepare(cfg, work)
         gateway = Gateway(parse_config(cfg, "<demo>"))
         stop = asyncio.Event()
@@ -118,7 +120,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             print(f"\nStoreLink demo: broker 127.0.0.1:{port}, status page http://{host}:{http_port}/", flush=True)
             print("Ctrl-C to stop.\n", flush=True)
             extras = [tg.create_task(kiosk_app(f"http://{host}:{http_port}", stop))]
-            extras += [tg.create_task(run(gateway)) for _p, run in DEMO_EXTENSIONS]
+            extras += [tg.create_task(run(gateway)) for _p, run in extensions]
             if args.seconds:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), args.seconds)

@@ -19,8 +19,6 @@ from typing import Any
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
-
 MAT_PIN = 17
 SCANS: list[tuple[str, bytes]] = [
     ("EAN-13", b"]E04006381333931\r"),
@@ -65,7 +63,7 @@ async def _scanner(gateway: Any) -> None:
 
 
 async def _customer(gateway: Any) -> None:
-    kiosk = gateway.services["kiosk"]
+    kiosk = gateway.kiosk
     pin = Device.pin_factory.pin(MAT_PIN)
     await _wait_ok(gateway, "mat-1")
     while True:
@@ -98,5 +96,3 @@ async def run(gateway: Any) -> None:
         with contextlib.suppress(OSError):
             os.close(_state.pop("master"))
 
-
-DEMO_EXTENSIONS.append((prepare, run))

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
 from storelink.drivers.sim.escpos_printer import FakeEscposPrinter
 from storelink.drivers.sim.openepaperlink import FakeAccessPoint, FakeTag
 from storelink.drivers.sim.zpl_printer import FakeZplPrinter
@@ -70,5 +69,3 @@ async def run(gateway: Any) -> None:
             await ap.close()
             await escpos.stop()
 
-
-DEMO_EXTENSIONS.append((prepare, run))

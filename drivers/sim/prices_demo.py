@@ -15,8 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
-
 _state: dict[str, Any] = {}
 DEMO_ITEMS = [
     {"sku": "1001", "gtin": "4006381333931", "price": 199, "unit_price": 199, "unit_basis": "l",
@@ -51,7 +49,7 @@ async def run(gateway: Any) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-hq-prices", protocol=mqtt.MQTTv311)
     await asyncio.to_thread(client.connect, "127.0.0.1", gateway.config.mqtt.port)
     client.loop_start()
-    book = gateway.services["prices"]
+    book = gateway.device_services.prices
 
     async def publish(version: int, rows: list[dict[str, Any]]) -> None:
         b = build_batch(rows, version=version, batch_id=f"demo-v{version}", store=store, key=_state["key"])
@@ -90,5 +88,3 @@ async def run(gateway: Any) -> None:
             client.loop_stop()
             client.disconnect()
 
-
-DEMO_EXTENSIONS.append((prepare, run))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from storelink.drivers import till_protocol as tp
-from storelink.drivers.sim.demo import DEMO_EXTENSIONS
 from storelink.drivers.sim.till import TillSimulator, run_till
 
 DEMO_SKUS = ["1001", "1002", "1003", "4006381333931"]
@@ -40,5 +39,3 @@ async def run(gateway: Any) -> None:
         await asyncio.sleep(0.1)
     await run_till(TillSimulator(host, port, "1", version=0), 4.0, DEMO_SKUS, lambda line: print(line, flush=True))
 
-
-DEMO_EXTENSIONS.append((prepare, run))

@@ -11,19 +11,35 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from storelink.contract import DeviceStatePayload
 from storelink.devices.registry import load_driver
-from storelink.drivers.base import DeviceConfig, Driver, EventRef, Health
+from storelink.drivers.base import DeviceConfig, Driver, EventRef, Health, KioskView, PriceBookView, SyncMode
 from storelink.outbox import iso_ts
-from storelink.uplink import backoff_delay
+from storelink.system.watchdog import ProgressWatchdog
+from storelink.uplink import StatePayload, backoff_delay
 
 log = logging.getLogger(__name__)
 # last_seen moves with every scan; the retained state carries it, refreshed at most this often.
 SEEN_REPUBLISH_S = 60.0
 
 EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
-StateFn = Callable[[str, dict[str, Any] | bytes], None]
+StateFn = Callable[[str, StatePayload], None]
+
+
+@dataclass
+class DeviceServices:
+    """What the gateway lends every driver through its DeviceContext: typed, and never the gateway itself.
+    The parts that own a view put it here when they are installed (app.standard_parts)."""
+
+    data_dir: Path
+    storage_sync: SyncMode
+    watchdog: ProgressWatchdog
+    prices: PriceBookView | None = None
+    kiosk: KioskView | None = None
 
 
 class DeviceHandle:
@@ -32,6 +48,7 @@ class DeviceHandle:
     def __init__(self, supervisor: DeviceSupervisor, config: DeviceConfig, store_id: str):
         self._sup = supervisor
         self.config = config
+        self.driver_class = load_driver(config.driver)  # validated with this same (cached) class
         self.store_id = store_id
         self.device_id = config.id
         self.state = Health.OFFLINE
@@ -40,7 +57,7 @@ class DeviceHandle:
         self.since = time.time()
         self.restarts = 0
         self.next_start: float | None = None  # when a failed driver is started again (backoff)
-        self._seen_published: float | None = None
+        self.state_published_at: float | None = None
         self.driver: Driver | None = None
         self.task: asyncio.Task[None] | None = None
         self.run_task: asyncio.Task[None] | None = None
@@ -65,37 +82,49 @@ class DeviceHandle:
 
     def seen(self) -> None:
         self.last_seen = now = time.time()
-        if self._seen_published is None or now - self._seen_published >= SEEN_REPUBLISH_S:
+        if self.state_published_at is None or now - self.state_published_at >= SEEN_REPUBLISH_S:
             self._sup.publish_state(self)
 
-    def service(self, name: str) -> Any:
-        return self._sup.services[name]
+    @property
+    def data_dir(self) -> Path:
+        return self._sup.services.data_dir
+
+    @property
+    def storage_sync(self) -> SyncMode:
+        return self._sup.services.storage_sync
+
+    @property
+    def prices(self) -> PriceBookView | None:
+        return self._sup.services.prices
+
+    @property
+    def kiosk(self) -> KioskView | None:
+        return self._sup.services.kiosk
 
     def watch_thread(self, name: str, max_silence: float) -> Callable[[], None]:
-        watchdog = self._sup.services["watchdog"]
+        watchdog = self._sup.services.watchdog
         part = f"device {self.device_id} {name}"
         watchdog.unregister(part)  # a restarted driver registers its new thread under the same name
-        beat: Callable[[], None] = watchdog.register(part, max_silence)
-        return beat
+        return watchdog.register(part, max_silence)
 
     def unwatch_thread(self, name: str) -> None:
-        self._sup.services["watchdog"].unregister(f"device {self.device_id} {name}")
+        self._sup.services.watchdog.unregister(f"device {self.device_id} {name}")
 
     # reporting -------------------------------------------------------------------------------------------
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "device": self.device_id,
-            "driver": self.config.driver,
-            "state": self.state.value,
-            "last_error": self.last_error,
-            "last_seen": iso_ts(self.last_seen) if self.last_seen else None,
-            "since": iso_ts(self.since),
-        }
+    def state_payload(self) -> DeviceStatePayload:
+        return DeviceStatePayload(
+            device=self.device_id,
+            driver=self.config.driver,
+            state=self.state.value,
+            last_error=self.last_error,
+            last_seen=iso_ts(self.last_seen) if self.last_seen else None,
+            since=iso_ts(self.since),
+        )
 
 
 class DeviceSupervisor:
     def __init__(self, configs: list[DeviceConfig], store_id: str, emit: EmitFn, publish: StateFn,
-                 state_topic: Callable[[str], str], services: dict[str, Any],
+                 state_topic: Callable[[str], str], services: DeviceServices,
                  backoff: tuple[float, float] = (1.0, 60.0)):
         self.emit = emit
         self._publish = publish
@@ -107,15 +136,15 @@ class DeviceSupervisor:
         self._tg: asyncio.TaskGroup | None = None
 
     def publish_state(self, handle: DeviceHandle) -> None:
-        handle._seen_published = time.time()
-        self._publish(self._state_topic(handle.device_id), handle.as_dict())
+        handle.state_published_at = time.time()
+        self._publish(self._state_topic(handle.device_id), handle.state_payload())
 
     def status(self) -> list[dict[str, Any]]:
         return [self._status_of(h) for h in self.devices.values()]
 
     @staticmethod
     def _status_of(handle: DeviceHandle) -> dict[str, Any]:
-        out = handle.as_dict() | {"restarts": handle.restarts,
+        out = handle.state_payload().model_dump() | {"restarts": handle.restarts,
                                   "next_start": iso_ts(handle.next_start) if handle.next_start else None}
         if handle.driver is not None:
             try:
@@ -132,7 +161,7 @@ class DeviceSupervisor:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             for handle in self.devices.values():
-                handle.task = tg.create_task(self._keep_running(handle, self._driver_class(handle)))
+                handle.task = tg.create_task(self._keep_running(handle))
                 self.publish_state(handle)
             # Devices added later by replace() join this TaskGroup, so it must outlive the initial set.
             await asyncio.Event().wait()
@@ -153,18 +182,11 @@ class DeviceSupervisor:
         for dev in changed + added:
             handle = self.devices[dev] = DeviceHandle(self, wanted[dev], self.store_id)
             if self._tg is not None:
-                handle.task = self._tg.create_task(self._keep_running(handle, self._driver_class(handle)))
+                handle.task = self._tg.create_task(self._keep_running(handle))
             self.publish_state(handle)
         for dev in removed:
             self._publish(self._state_topic(dev), b"")  # clears the retained state of a device that is gone
         return {"added": added, "changed": changed, "removed": removed}
-
-    @staticmethod
-    def _driver_class(handle: DeviceHandle) -> type[Driver]:
-        cls = load_driver(handle.config.driver)
-        # The config was validated with this same (cached) class, so it is there.
-        assert cls is not None, handle.config.driver
-        return cls
 
     def restart(self, device_id: str) -> None:
         """Restart one device's driver now (an operator's command). KeyError for an unknown device."""
@@ -173,7 +195,8 @@ class DeviceSupervisor:
         if handle.run_task is not None:
             handle.run_task.cancel()
 
-    async def _keep_running(self, handle: DeviceHandle, cls: type[Driver]) -> None:
+    async def _keep_running(self, handle: DeviceHandle) -> None:
+        cls = handle.driver_class
         attempt = 0
         while True:
             started = time.monotonic()

@@ -221,8 +221,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # -- argparse -------------------------------------------------------------------------------------------------
-def _add_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="hq_command", required=True)
+def add_price_subcommands(sub: Any) -> None:
+    """keygen, publish-prices and status in the `storelink hq` subparsers (storelink.hq assembles the group)."""
     k = sub.add_parser("keygen", help="create a head-office Ed25519 signing key")
     k.add_argument("--out", type=Path, default=Path("hq-prices.key"))
     k.add_argument("--force", action="store_true")
@@ -248,13 +248,3 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     st.add_argument("--listen", type=float, default=1.5, help="seconds to collect retained messages")
     st.add_argument("--json", action="store_true")
     st.set_defaults(hq_handler=cmd_status)
-    from storelink.hq.remote import add_hq_subcommands  # push-config, cmd (remote config and commands)
-
-    add_hq_subcommands(sub)
-
-
-def _run(args: argparse.Namespace) -> int:
-    return int(args.hq_handler(args))
-
-
-SUBCOMMAND = ("hq", "head-office tools: keygen, publish-prices, status, push-config, cmd", _add_args, _run)

@@ -6,7 +6,7 @@
 push-config validates the file with the gateway's own models, signs it, publishes it retained on
 ``storelink/{store}/config/desired`` and follows ``config/reported`` until the store answers. cmd sends one command
 with an MQTT 5 response topic and correlation data and prints the reply; commands that change something are
-signed when --key is given (they are refused otherwise). Registered in gateway/hq/prices.py's `hq` group.
+signed when --key is given (they are refused otherwise). storelink.hq puts them in the `hq` group.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def cmd_command(args: argparse.Namespace) -> int:
 
 
 def add_hq_subcommands(sub: Any) -> None:
-    """Adds push-config and cmd to the `storelink hq` subparsers (called from gateway/hq/prices.py)."""
+    """Adds push-config and cmd to the `storelink hq` subparsers (storelink.hq assembles the group)."""
     p = sub.add_parser("push-config", help="validate, sign and publish a store's whole config; follow the report")
     p.add_argument("file", type=Path, help="the store's config (TOML), as the gateway reads it")
     p.add_argument("--key", required=True, help="private key file from `storelink hq keygen`")

@@ -20,54 +20,44 @@ items and a pick number, not the customer's name. Head office hears only the ano
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import re
 import secrets
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from storelink.contract import DEVICE_RE
+from storelink.config import RunningConfig
+from storelink.contract import CartAnswer, CartRequest
+from storelink.devices.supervisor import DeviceSupervisor
+from storelink.kiosk.sessions import KioskEvent, KioskSessions
 from storelink.outbox import iso_ts
-from storelink.uplink import Downlink
+from storelink.parts import BasePart, Subscription
+from storelink.uplink import Downlink, Uplink
+from storelink.validation import StrictModel, is_identifier
+from storelink.web import sse
 from storelink.web.server import error
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
 
 log = logging.getLogger(__name__)
 CART_KEY = "online_cart"
 
 
-class CartQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CartQuery(StrictModel):
     customer: str = Field(min_length=1, max_length=512, description="opaque sign-in token; head office resolves it")
     list: Literal["cart", "wishlist"] = "cart"
 
 
-class CartItem(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # what we don't know we don't keep
-    sku: str = Field(min_length=1, max_length=64)
-    description: str = Field("", max_length=120)
-    qty: int = Field(1, ge=1, le=999)
-    price: int | None = Field(None, ge=0, description="minor units")
+@runtime_checkable
+class SlipPrinter(Protocol):
+    """A receipt printer driver that prints kiosk slips (escpos_printer)."""
 
-
-class CartAnswer(BaseModel):
-    """Head office's answer on ``{base}/cart/response``."""
-
-    model_config = ConfigDict(extra="ignore")
-    correlation_id: str | None = None
-    ok: bool
-    error: str | None = Field(None, max_length=200)
-    items: list[CartItem] = Field(default_factory=list, max_length=500)
-    currency: str | None = Field(None, max_length=8)
+    async def print_slip(self, title: str, lines: list[tuple[str, str]], barcode: str | None = None,
+                         footer: str = "") -> None: ...
 
 
 class CartFailed(Exception):
@@ -83,19 +73,19 @@ class _Pending:
     future: asyncio.Future[CartAnswer]
 
 
-class KioskCart:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-        self._pending: dict[str, _Pending] = {}  # correlation id (hex) -> waiting request
-        self._screens: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
-        self.counts = {"requests": 0, "answered": 0, "timeouts": 0, "offline": 0, "printed": 0, "cleared": 0}
+class KioskCart(BasePart):
+    name = "cart"
 
-    @property
-    def sessions(self) -> Any:
-        kiosk = self.gateway.services.get("kiosk")
-        if kiosk is None:
-            raise CartFailed(503, "kiosk sessions are not available on this gateway")
-        return kiosk
+    def __init__(self, config: RunningConfig, uplink: Uplink, sessions: KioskSessions, devices: DeviceSupervisor):
+        self.config = config
+        self.uplink = uplink
+        self.topics = uplink.topics
+        self.sessions = sessions
+        self.devices = devices
+        sessions.add_listener(self.on_session)
+        self._pending: dict[str, _Pending] = {}  # correlation id (hex) -> waiting request
+        self._screens: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]] | None]]] = {}  # None: stream ends
+        self.counts = {"requests": 0, "answered": 0, "timeouts": 0, "offline": 0, "printed": 0, "cleared": 0}
 
     # -- head office round trip --------------------------------------------------------------------------------
     async def fetch(self, kiosk_id: str, query: CartQuery) -> CartAnswer:
@@ -103,24 +93,25 @@ class KioskCart:
         if not sessions.active(kiosk_id):
             raise CartFailed(409, "no customer at this kiosk: step on the mat first")
         session_id = sessions.session_id(kiosk_id)
-        gw = self.gateway
+        assert session_id is not None  # active
         self.counts["requests"] += 1
-        if not gw.uplink.connected:
+        if not self.uplink.connected:
             self.counts["offline"] += 1
             raise CartFailed(503, "head office cannot be reached right now; online carts are unavailable")
         corr = uuid.uuid4().hex
         fut: asyncio.Future[CartAnswer] = asyncio.get_running_loop().create_future()
         self._pending[corr] = _Pending(kiosk_id, fut)
-        request = {"kiosk": kiosk_id, "session": session_id, "customer": query.customer, "list": query.list,
-                   "correlation_id": corr, "reply_to": gw.topics.cart_response, "ts": iso_ts(time.time())}
+        request = CartRequest(kiosk=kiosk_id, session=session_id, customer=query.customer, list=query.list,
+                              correlation_id=corr, reply_to=self.topics.cart_response, ts=iso_ts(time.time()))
+        timeout = self.config.current.cart.timeout
         try:
-            gw.uplink.publish_direct(gw.topics.cart_request, json.dumps(request).encode(), qos=1,
-                                     correlation_data=bytes.fromhex(corr), response_topic=gw.topics.cart_response)
+            self.uplink.publish_direct(self.topics.cart_request, request.model_dump_json().encode(), qos=1,
+                                       correlation_data=bytes.fromhex(corr), response_topic=self.topics.cart_response)
             try:
-                answer = await asyncio.wait_for(fut, gw.config.cart.timeout)
+                answer = await asyncio.wait_for(fut, timeout)
             except TimeoutError:
                 self.counts["timeouts"] += 1
-                raise CartFailed(504, f"head office did not answer within {gw.config.cart.timeout:g}s") from None
+                raise CartFailed(504, f"head office did not answer within {timeout:g}s") from None
         finally:
             self._pending.pop(corr, None)
         self.counts["answered"] += 1
@@ -155,11 +146,11 @@ class KioskCart:
         cart = sessions.get(kiosk_id, CART_KEY) if sessions.active(kiosk_id) else None
         if not cart:
             raise CartFailed(409, "no cart loaded for the customer at this kiosk")
-        printer_id = self.gateway.config.cart.printer
+        printer_id = self.config.current.cart.printer
         if printer_id is None:
             raise CartFailed(503, "no receipt printer configured ([cart] printer)")
-        driver = self.gateway.supervisor.driver(printer_id)
-        if driver is None or not hasattr(driver, "print_slip"):
+        driver = self.devices.driver(printer_id)
+        if not isinstance(driver, SlipPrinter):
             raise CartFailed(503, f"receipt printer {printer_id!r} is not running")
         pick = f"{secrets.randbelow(10**6):06d}"
         lines = [(f"{it['qty']} x {it['description'] or it['sku']}"[:40], it["sku"]) for it in cart["items"]]
@@ -173,7 +164,7 @@ class KioskCart:
         return {"printed": True, "pick": pick, "lines": len(cart["items"])}
 
     # -- the kiosk screen --------------------------------------------------------------------------------------
-    async def on_session(self, event: Any) -> None:
+    async def on_session(self, event: KioskEvent) -> None:
         if event.kind == "ended":
             for corr, pending in list(self._pending.items()):
                 if pending.kiosk_id == event.kiosk_id and not pending.future.done():
@@ -188,20 +179,29 @@ class KioskCart:
         for queue in self._screens.get(kiosk_id, set()):
             queue.put_nowait((name, data))
 
+    async def stop(self) -> None:
+        """The part stops (the gateway is stopping): end the kiosk screens' streams."""
+        for queues in self._screens.values():
+            for queue in queues:
+                queue.put_nowait(None)
+
     def status(self) -> dict[str, Any]:
         return {"waiting": len(self._pending), "screens": sum(len(s) for s in self._screens.values()),
                 **self.counts}
 
-    # -- HTTP --------------------------------------------------------------------------------------------------
-    def routes(self, app: web.Application) -> None:
-        app.router.add_post("/api/v1/kiosk/{kiosk}/cart", self._post_cart)
-        app.router.add_post("/api/v1/kiosk/{kiosk}/print", self._post_print)
-        app.router.add_get("/api/v1/kiosk/{kiosk}/events", self._get_events)
+    # -- what the part adds ------------------------------------------------------------------------------------
+    def subscriptions(self) -> list[Subscription]:
+        return [Subscription(self.topics.cart_response, self.on_response)]
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/api/v1/kiosk/{kiosk}/cart", self._post_cart),
+                web.post("/api/v1/kiosk/{kiosk}/print", self._post_print),
+                web.get("/api/v1/kiosk/{kiosk}/events", self._get_events)]
 
     @staticmethod
     def _kiosk(request: web.Request) -> str:
         kiosk_id = request.match_info["kiosk"]
-        if not re.fullmatch(DEVICE_RE, kiosk_id):
+        if not is_identifier(kiosk_id):
             raise CartFailed(400, "not a valid kiosk id")
         return kiosk_id
 
@@ -229,35 +229,16 @@ class KioskCart:
             kiosk_id = self._kiosk(request)
         except CartFailed as err:
             return error(err.status, err.message)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        return await sse.stream(request, self._screen(kiosk_id))
+
+    async def _screen(self, kiosk_id: str) -> AsyncGenerator[tuple[str, str], None]:
+        """What the kiosk's screen hears: its state now, then each session start and end."""
+        queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
         self._screens.setdefault(kiosk_id, set()).add(queue)
         try:
-            kiosk = self.gateway.services.get("kiosk")
-            state = "started" if kiosk is not None and kiosk.active(kiosk_id) else "idle"
-            await resp.write(f"event: session\ndata: {json.dumps({'state': state})}\n\n".encode())
-            with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-                while True:
-                    try:
-                        name, data = await asyncio.wait_for(queue.get(), 15)
-                    except TimeoutError:
-                        await resp.write(b": keep-alive\n\n")
-                        continue
-                    await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+            yield "session", json.dumps({"state": "started" if self.sessions.active(kiosk_id) else "idle"})
+            while (item := await queue.get()) is not None:
+                yield item[0], json.dumps(item[1])
         finally:
             self._screens[kiosk_id].discard(queue)
-        return resp
 
-
-def install(gateway: Gateway) -> None:
-    if not gateway.config.cart.enabled:
-        return
-    cart = KioskCart(gateway)
-    gateway.services["kiosk_cart"] = cart
-    gateway.status_parts["cart"] = cart.status
-    gateway.uplink.subscribe(gateway.topics.cart_response, cart.on_response)
-    gateway.http_extensions.append(cart.routes)
-    kiosk = gateway.services.get("kiosk")
-    if kiosk is not None:
-        kiosk.add_listener(cart.on_session)

@@ -23,7 +23,6 @@ import asyncio
 import inspect
 import json
 import logging
-import re
 import shutil
 import sqlite3
 import threading
@@ -32,14 +31,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from storelink.contract import DEVICE_RE
 from storelink.outbox import iso_ts
+from storelink.parts import BasePart
+from storelink.system.schema import ensure_schema
 from storelink.system.sqlite import Synchronous, open_db, transaction
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.validation import is_identifier
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +83,12 @@ CREATE TABLE IF NOT EXISTS session_files (kiosk_id TEXT NOT NULL, path TEXT NOT 
 """
 
 
-class KioskSessions:
+class KioskSessions(BasePart):
+    """The kiosk part (installed when a device needs kiosk sessions, or the config has a [cart]); devices see it
+    as their DeviceContext.kiosk."""
+
+    name = "kiosk"
+
     def __init__(self, data_dir: Path, emit: EmitFn, synchronous: Synchronous = "FULL"):
         self.data_dir = data_dir
         self.db_path = data_dir / "kiosk.db"
@@ -100,6 +103,12 @@ class KioskSessions:
         self.ended_total = 0
 
     # -- life cycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.open()
+
+    async def stop(self) -> None:
+        await self.close()
+
     async def open(self) -> None:
         """Open the journal and purge whatever a previous process left behind (it died mid-session)."""
         await asyncio.to_thread(self._open_db)
@@ -126,13 +135,6 @@ class KioskSessions:
                 self._db.close()
                 self._db = None
 
-    async def run(self) -> None:
-        await self.open()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.close()
-
     # -- sessions -------------------------------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> None:
         """``await listener(KioskEvent)`` on every start and end (after the purge, for ends)."""
@@ -150,7 +152,7 @@ class KioskSessions:
 
     async def session_started(self, kiosk_id: str) -> str:
         """Start a session at ``kiosk_id`` (idempotent: an open session is kept). Returns the session id."""
-        if not re.fullmatch(DEVICE_RE, kiosk_id):
+        if not is_identifier(kiosk_id):
             raise ValueError(f"kiosk id {kiosk_id!r} is not a valid device id")
         await asyncio.wait_for(self._ready.wait(), 60)
         async with self._lock(kiosk_id):
@@ -282,7 +284,7 @@ class KioskSessions:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Deleted content is overwritten with zeros instead of left in free pages for a forensic tool.
         conn = open_db(self.db_path, synchronous=self.synchronous, secure_delete="ON")
-        conn.executescript(_SCHEMA)
+        ensure_schema(conn, "kiosk", lambda c: c.executescript(_SCHEMA))  # versioned: see storelink.system.schema
         with self._db_lock:
             self._db = conn
 
@@ -310,10 +312,3 @@ class KioskSessions:
             # database and truncate the WAL so no earlier version of the rows is left in either file.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-
-def install(gateway: Gateway) -> None:
-    storage = gateway.config.storage
-    sessions = KioskSessions(storage.path.parent / "kiosk", gateway.emit, storage.synchronous)
-    gateway.services["kiosk"] = sessions
-    gateway.status_parts["kiosk"] = sessions.status
-    gateway.parts.append(("kiosk", sessions.run))

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from storelink.drivers.base import TagStateReporting
 from storelink.prices.book import PriceBook
 from storelink.prices.coordinator import Coordinator
 from storelink.prices.db import PriceDb, get_meta
@@ -142,7 +143,7 @@ class Auditor:
             expected = active if t.role == "till" else took_part.get(t.device)
             if expected and reported != expected and not (t.role == "label" and in_transition):
                 drift[t.device] = f"reports version {reported}, expected {expected}"
-            if t.role == "label" and hasattr(drv, "tag_states"):
+            if t.role == "label" and isinstance(drv, TagStateReporting):
                 try:
                     tags = await drv.tag_states()
                 except Exception as err:

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from storelink.drivers.base import PrepareFailed
+from storelink.drivers.base import PrepareFailed, RestoreConfirming
 from storelink.prices import book as bk
 from storelink.prices.crashpoints import crash_point
 from storelink.prices.db import PriceDb, set_meta
@@ -311,7 +311,10 @@ class Coordinator:
                 if drv is None:
                     return False
                 try:
-                    await getattr(drv, f"price_{action}")(b.version)
+                    if action == "commit":
+                        await drv.price_commit(b.version)
+                    else:
+                        await drv.price_abort(b.version)
                 except Exception as err:
                     log.info("batch %s: %s to %s failed (%s); retrying", b.batch_id, action.upper(), device, err)
                     return False
@@ -400,7 +403,7 @@ class Coordinator:
                 try:
                     if committed:
                         ok = drv is not None and bool(await drv.price_confirmed(version))
-                    elif drv is not None and hasattr(drv, "price_restored"):
+                    elif isinstance(drv, RestoreConfirming):
                         ok = bool(await drv.price_restored(version))
                     else:
                         ok = time.monotonic() - since >= self.cfg.abort_hold

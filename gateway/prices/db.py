@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from storelink.system.schema import ensure_schema
 from storelink.system.sqlite import Synchronous, open_db, transaction
 
 T = TypeVar("T")
@@ -78,7 +79,7 @@ class PriceDb:
 
     def _open(self) -> None:
         conn = open_db(self.path, synchronous=self.synchronous)
-        conn.executescript(SCHEMA)
+        ensure_schema(conn, "prices", lambda c: c.executescript(SCHEMA))  # versioned: see storelink.system.schema
         self._writer = conn
 
     @property
@@ -110,9 +111,6 @@ class PriceDb:
         """Run fn(conn, *args) on the writer thread inside one transaction; returns after COMMIT."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._in_txn, fn, *args)
-
-    def write_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        return self._pool.submit(self._in_txn, fn, *args).result()
 
     # -- reads --------------------------------------------------------------------------------------------
     def reader(self) -> sqlite3.Connection:

@@ -6,38 +6,28 @@ exactly as a till's LOOKUP would (min(old, new) during a transition), for price-
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from storelink.prices.part import PricesPart
+from storelink.prices.book import PriceBook
+from storelink.prices.state import StatePublisher
 
 
-def routes(part: PricesPart) -> web.RouteTableDef:
-    table = web.RouteTableDef()
-
-    @table.get("/api/v1/prices/state")
+def routes(book: PriceBook, state_report: StatePublisher, ready: asyncio.Event) -> list[web.RouteDef]:
     async def state(_request: web.Request) -> web.Response:
-        return web.json_response(await part.state.refresh() if part.ready.is_set() else {"state": "starting"})
+        return web.json_response(await state_report.refresh() if ready.is_set() else {"state": "starting"})
 
-    @table.get("/api/v1/prices/{code}")
     async def lookup(request: web.Request) -> web.Response:
         code = request.match_info["code"]
-        if not part.ready.is_set():
+        if not ready.is_set():
             return web.json_response({"error": "the price book is starting"}, status=503)
         if not 1 <= len(code) <= 64:
             return web.json_response({"error": "a SKU or GTIN is 1..64 characters"}, status=400)
-        item = await part.book.alookup(code)
+        item = await book.alookup(code)
         if item is None:
             return web.json_response({"error": f"no price for {code!r}"}, status=404)
         return web.json_response(item)
 
-    return table
-
-
-def install_routes(part: PricesPart) -> None:
-    def extend(app: web.Application) -> None:
-        app.add_routes(routes(part))
-
-    part.gateway.http_extensions.append(extend)
+    # the part's routes answer 503 while it is not running (storelink.parts); `ready` covers its start-up
+    return [web.get("/api/v1/prices/state", state), web.get("/api/v1/prices/{code}", lookup)]

@@ -16,18 +16,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from storelink.validation import Sku, StrictModel
+
 FORMAT = 1
 BATCH_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
-SKU_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
 MAX_CHUNKS = 10_000
 MAX_CHUNK_BYTES = 8 * 1024 * 1024  # decoded and decompressed, per chunk
 
 
-class StrictFrozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PricesConfig(StrictFrozen):
+class PricesConfig(StrictModel):
     """The `[prices]` section."""
 
     path: Path | None = Field(None, description="price book database; default: prices.db beside storage.path")
@@ -58,7 +55,7 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "too_large"
 
 
-class Promotion(StrictFrozen):
+class Promotion(StrictModel):
     """Display metadata for labels. The till charges `price`; a promotion's end is a new batch from head office,
     because the gateway never changes a price on its own clock (labels could not follow atomically)."""
 
@@ -67,8 +64,8 @@ class Promotion(StrictFrozen):
     regular_price: int | None = Field(None, ge=0, description="the struck-through price, minor units")
 
 
-class ItemIn(StrictFrozen):
-    sku: str = Field(pattern=SKU_RE)
+class ItemIn(StrictModel):
+    sku: Sku
     gtin: str | None = Field(None, pattern=r"^[0-9]{8,14}$")
     price: int = Field(ge=0, le=10**9, description="minor units (cents)")
     unit_price: int | None = Field(None, ge=0, le=10**9)
@@ -77,7 +74,7 @@ class ItemIn(StrictFrozen):
     promotion: Promotion | None = None
 
 
-class Target(StrictFrozen):
+class Target(StrictModel):
     store: str | None = None
     group: str | None = None
 
@@ -88,12 +85,12 @@ class Target(StrictFrozen):
         return self
 
 
-class ChunkRef(StrictFrozen):
+class ChunkRef(StrictModel):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     items: int = Field(ge=0)
 
 
-class Manifest(StrictFrozen):
+class Manifest(StrictModel):
     """The signed payload of a batch (canonical JSON, storelink.remote.signing). Lists every chunk's SHA-256."""
 
     kind: Literal["prices.manifest"] = Field(description="what the signature is for (never valid as a config)")
@@ -124,7 +121,7 @@ class Manifest(StrictFrozen):
         return v
 
 
-class ManifestMessage(StrictFrozen):
+class ManifestMessage(StrictModel):
     """``{"type": "manifest", "envelope": {"payload": <Manifest>, "key_id": ..., "sig": ...}}``: the envelope is
     storelink.remote.signing's (sig over the canonical JSON of payload); the payload is validated after the
     signature."""
@@ -133,7 +130,7 @@ class ManifestMessage(StrictFrozen):
     envelope: dict[str, Any]
 
 
-class ChunkMessage(StrictFrozen):
+class ChunkMessage(StrictModel):
     type: Literal["chunk"]
     batch_id: str = Field(pattern=BATCH_ID_RE)
     index: int = Field(ge=0, lt=MAX_CHUNKS)
@@ -168,19 +165,6 @@ class Change:
     changed: list[BookItem]
     removed: list[str] = field(default_factory=list)
     full: bool = False  # True: `changed` is the whole price book (a stale device catching up)
-
-
-class Phase(enum.StrEnum):
-    """A batch's phase in the journal. Decision points: COMMIT_DECIDED and ABORTING are durable decisions."""
-
-    STAGED = "staged"  # verified and reassembled; nothing sent to devices
-    PREPARING = "preparing"
-    COMMIT_DECIDED = "commit_decided"  # every target prepared; waiting for effective_at
-    COMMITTED = "committed"  # price book switched; COMMIT being delivered to targets
-    DONE = "done"  # every target committed
-    ABORTING = "aborting"
-    ABORTED = "aborted"
-    SUPERSEDED = "superseded"  # a newer batch arrived before this one started
 
 
 BURNED = ("staged", "preparing", "commit_decided", "committed", "done", "aborting", "aborted")

@@ -12,8 +12,9 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
+from storelink.contract import LastBatch, PendingBatch, PriceDeviceState, PricesStatePayload, TransitionState
 from storelink.outbox import iso_ts
 from storelink.prices.db import PriceDb, get_meta
 from storelink.prices.models import IN_PROGRESS
@@ -21,12 +22,15 @@ from storelink.prices.models import IN_PROGRESS
 log = logging.getLogger(__name__)
 
 
+Role = Literal["till", "label"]
+
+
 def _ts(value: float | None) -> str | None:
     return iso_ts(value) if value else None
 
 
-def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str, str]], stale: set[str],
-                drift: dict[str, str], current: str | None) -> dict[str, Any]:
+def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str, Role]], stale: set[str],
+                drift: dict[str, str], current: str | None) -> PricesStatePayload:
     active = int(get_meta(conn, "active_version", "0") or 0)
     pending = conn.execute(
         "SELECT batch_id, version, phase, effective_at, chunks_done, chunks_total, item_count, changed, received_at "
@@ -41,7 +45,8 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
     in_batch: dict[str, str] = {}
     if pending is not None:
         in_batch = dict(conn.execute("SELECT device, state FROM targets WHERE batch_id=?", (pending[0],)).fetchall())
-    out_devices: dict[str, Any] = {}
+    out_devices: dict[str, PriceDeviceState] = {}
+    standing: Literal["current", "stale", "pending", "unknown"]
     for device, role in devices:
         version, was_stale = known.get(device, (None, 0))
         if device in in_batch and in_batch[device] not in ("excluded",):
@@ -54,33 +59,33 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
             standing = "current" if version == active else "stale"
         else:
             standing = "current"
-        out_devices[device] = {"role": role, "version": version, "state": standing,
-                               "batch_state": in_batch.get(device), "drift": drift.get(device)}
-    return {
-        "store_id": store_id,
-        "active_version": active,
-        "active_batch": get_meta(conn, "active_batch"),
-        "currency": get_meta(conn, "currency"),
-        "active_since": _ts(float(get_meta(conn, "active_since", "0") or 0)),
-        "items": conn.execute("SELECT COUNT(*) FROM book").fetchone()[0],
-        "pending": None if pending is None else {
-            "batch_id": pending[0], "version": pending[1], "phase": pending[2],
-            "effective_at": _ts(pending[3]), "chunks_done": pending[4], "chunks_total": pending[5],
-            "items": pending[6], "changed": pending[7], "received_at": _ts(pending[8]),
-            "running": current == pending[0],
-        },
-        "transition": [{"batch_id": b, "outcome": o, "skus": n} for b, o, n in transition],
-        "last": None if last is None else {"batch_id": last[0], "version": last[1], "outcome": last[2],
-                                           "reason": last[3], "at": _ts(last[4])},
-        "devices": out_devices,
-        "drift": len(drift),
-        "updated_at": iso_ts(time.time()),
-    }
+        out_devices[device] = PriceDeviceState(role=role, version=version, state=standing,
+                                               batch_state=in_batch.get(device), drift=drift.get(device))
+    return PricesStatePayload(
+        store_id=store_id,
+        active_version=active,
+        active_batch=get_meta(conn, "active_batch"),
+        currency=get_meta(conn, "currency"),
+        active_since=_ts(float(get_meta(conn, "active_since", "0") or 0)),
+        items=conn.execute("SELECT COUNT(*) FROM book").fetchone()[0],
+        pending=None if pending is None else PendingBatch(
+            batch_id=pending[0], version=pending[1], phase=pending[2],
+            effective_at=_ts(pending[3]), chunks_done=pending[4], chunks_total=pending[5],
+            items=pending[6], changed=pending[7], received_at=_ts(pending[8]),
+            running=current == pending[0],
+        ),
+        transition=[TransitionState(batch_id=b, outcome=o, skus=n) for b, o, n in transition],
+        last=None if last is None else LastBatch(batch_id=last[0], version=last[1], outcome=last[2],
+                                                 reason=last[3], at=_ts(last[4])),
+        devices=out_devices,
+        drift=len(drift),
+        updated_at=iso_ts(time.time()),
+    )
 
 
 class StatePublisher:
-    def __init__(self, db: PriceDb, build: Callable[[sqlite3.Connection], dict[str, Any]],
-                 publish: Callable[[dict[str, Any]], None]):
+    def __init__(self, db: PriceDb, build: Callable[[sqlite3.Connection], PricesStatePayload],
+                 publish: Callable[[PricesStatePayload], None]):
         self.db = db
         self.build = build
         self.publish = publish
@@ -91,8 +96,9 @@ class StatePublisher:
         self._dirty.set()
 
     async def refresh(self) -> dict[str, Any]:
-        self.latest = await self.db.read(self.build)
-        self.publish(self.latest)
+        report = await self.db.read(self.build)
+        self.publish(report)
+        self.latest = report.model_dump()
         return self.latest
 
     async def run(self) -> None:

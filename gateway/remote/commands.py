@@ -5,7 +5,7 @@ request may carry ``reply_to`` and ``correlation_id`` in its JSON; without any r
 ``{base}/cmd-reply/{name}`` so that no error is ever silent. Read-only commands (``ping``, ``status``) may be
 sent unsigned; commands that change something must be a signed envelope (storelink.remote.signing) whose payload names
 this store and this command, carries a unique id and is recent (``[remote] command_max_age``): a recorded
-command cannot be replayed. The status page calls ``Commands.run`` directly behind the ``http.token``.
+command cannot be replayed. The status page calls ``Commands.execute`` directly behind the ``http.token``.
 """
 
 from __future__ import annotations
@@ -14,23 +14,24 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from storelink.config import describe_validation_error
+from storelink import __version__
+from storelink.config import RunningConfig
+from storelink.devices.supervisor import DeviceSupervisor
 from storelink.outbox import iso_ts
-from storelink.remote.models import DEVICE_ID_RE, CommandRequest, CommandResponse, SignedCommand
+from storelink.parts import BasePart, Subscription
+from storelink.prices.part import PricesPart
+from storelink.remote.models import CommandRequest, CommandResponse, SignedCommand
 from storelink.remote.signing import SignatureError, verify
-from storelink.uplink import Downlink
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.uplink import Downlink, Uplink
+from storelink.validation import Identifier, Sku, StrictModel, describe_validation_error
 
 log = logging.getLogger(__name__)
-SKU_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
 
 
 class CommandError(Exception):
@@ -40,8 +41,8 @@ class CommandError(Exception):
         super().__init__(message)
 
 
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Args(StrictModel):
+    """A command's arguments."""
 
 
 class NoArgs(_Args):
@@ -49,7 +50,7 @@ class NoArgs(_Args):
 
 
 class ReprintArgs(_Args):
-    skus: list[str] | None = Field(None, min_length=1, max_length=10_000)
+    skus: list[Sku] | None = Field(None, min_length=1, max_length=10_000)
     all: bool = False
 
     @model_validator(mode="after")
@@ -60,12 +61,12 @@ class ReprintArgs(_Args):
 
 
 class RestartArgs(_Args):
-    device: str = Field(pattern=DEVICE_ID_RE)
+    device: Identifier
 
 
 @dataclass(frozen=True)
 class Command:
-    args: type[_Args]
+    args: type[StrictModel]  # the arguments model; unknown keys are refused
     changes_something: bool
     run: Callable[[Any], Awaitable[Any]]
     help: str
@@ -81,9 +82,18 @@ class _ReprintChange:
     changed: list[Any]
 
 
-class Commands:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
+class Commands(BasePart):
+    name = "commands"
+
+    def __init__(self, config: RunningConfig, uplink: Uplink, devices: DeviceSupervisor, prices: PricesPart | None,
+                 status: Callable[[], dict[str, Any]], more: Mapping[str, Command] | None = None):
+        """``more``: commands other parts run (the update agent's ``update``), by name."""
+        self.config = config
+        self.uplink = uplink
+        self.topics = uplink.topics
+        self.devices = devices
+        self.prices = prices
+        self.gateway_status = status
         self._seen_ids: dict[str, float] = {}  # signed command id -> when it may be forgotten
         self.counts: dict[tuple[str, str], int] = {}  # (command, outcome) -> n, for /metrics
         self.table: dict[str, Command] = {
@@ -92,10 +102,14 @@ class Commands:
             "reprint-labels": Command(ReprintArgs, True, self._reprint, "print/push labels again: skus or all"),
             "resync-prices": Command(NoArgs, True, self._resync, "re-check devices and ask for a resend if behind"),
             "restart-device": Command(RestartArgs, True, self._restart, "restart one device's driver"),
+            **(more or {}),
         }
 
+    def subscriptions(self) -> list[Subscription]:
+        return [Subscription(self.topics.command_filter, self.on_command)]
+
     # -- shared by MQTT and HTTP -------------------------------------------------------------------------------
-    async def run(self, name: str, raw_args: Any) -> Any:
+    async def execute(self, name: str, raw_args: Any) -> Any:
         cmd = self.table.get(name)
         if cmd is None:
             raise CommandError("unknown_command", f"unknown command {name!r} (known: {', '.join(self.table)})")
@@ -134,7 +148,7 @@ class Commands:
             cmd = self.table.get(name)
             if cmd is not None and cmd.changes_something and not signed:
                 raise CommandError("unauthorized", f"{name} changes something: it must be signed")
-            result = await self.run(name, req.args)
+            result = await self.execute(name, req.args)
             response = CommandResponse(ok=True, command=name, result=result, correlation_id=corr_id,
                                        ts=iso_ts(time.time()))
             self._count(name, "ok")
@@ -148,27 +162,27 @@ class Commands:
             response = CommandResponse(ok=False, command=name, error=f"{type(err).__name__}: {err}", code="failed",
                                        correlation_id=corr_id, ts=iso_ts(time.time()))
             self._count(name, "failed")
-        topic = reply_to or self.gateway.topics.command_reply(name)
+        topic = reply_to or self.topics.command_reply(name)
         if "+" in topic or "#" in topic:
-            topic = self.gateway.topics.command_reply(name)  # a wildcard is no place to publish
-        self.gateway.uplink.publish_direct(topic, response.model_dump_json(exclude_none=True).encode(),
+            topic = self.topics.command_reply(name)  # a wildcard is no place to publish
+        self.uplink.publish_direct(topic, response.model_dump_json(exclude_none=True).encode(),
                                            correlation_data=down.correlation_data)
 
     def _verify_signed(self, name: str, body: dict[str, Any]) -> SignedCommand:
-        gw = self.gateway
+        config = self.config.current
         try:
-            payload = verify(body, gw.config.trust.public_keys)
+            payload = verify(body, config.trust.public_keys)
         except SignatureError as err:
             raise CommandError("unauthorized", f"signature: {err.reason}") from None
         try:
             cmd = SignedCommand.model_validate(payload)
         except ValidationError as err:
             raise CommandError("bad_request", "; ".join(describe_validation_error(err))) from None
-        if cmd.store_id != gw.config.store_id:
+        if cmd.store_id != config.store_id:
             raise CommandError("unauthorized", f"signed for store {cmd.store_id!r}, not this one")
         if cmd.command != name:
             raise CommandError("unauthorized", f"signed for command {cmd.command!r}, sent as {name!r}")
-        now, max_age = time.time(), gw.config.remote.command_max_age
+        now, max_age = time.time(), config.remote.command_max_age
         if not -60 <= now - cmd.issued_at <= max_age:  # a minute of clock skew either way
             raise CommandError("unauthorized", f"issued_at is outside the last {max_age:g}s: refused as a replay")
         self._seen_ids = {k: v for k, v in self._seen_ids.items() if v > now}
@@ -179,30 +193,27 @@ class Commands:
 
     # -- the commands ------------------------------------------------------------------------------------------
     async def _ping(self, _args: NoArgs) -> dict[str, Any]:
-        from storelink import __version__
-
-        return {"pong": True, "version": __version__, "config_version": self.gateway.config.config_version}
+        return {"pong": True, "version": __version__, "config_version": self.config.current.config_version}
 
     async def _status(self, _args: NoArgs) -> dict[str, Any]:
-        return self.gateway.status()
+        return self.gateway_status()
 
     async def _restart(self, args: RestartArgs) -> dict[str, Any]:
         try:
-            self.gateway.supervisor.restart(args.device)
+            self.devices.restart(args.device)
         except KeyError:
-            known = ", ".join(self.gateway.supervisor.devices) or "none"
+            known = ", ".join(self.devices.devices) or "none"
             raise CommandError("bad_args", f"no device {args.device!r} (devices: {known})") from None
         return {"restarting": args.device}
 
-    def _prices(self) -> Any:
-        part = self.gateway.services.get("price_coordinator")
-        if part is None or self.gateway.services.get("prices") is None:
-            raise CommandError("unavailable", "this gateway runs no price book (the prices part is not installed)")
-        return part
+    def _prices(self) -> PricesPart:
+        if self.prices is None or not self.prices.ready.is_set():
+            raise CommandError("unavailable", "this gateway runs no price book (the prices part is not running)")
+        return self.prices
 
     async def _reprint(self, args: ReprintArgs) -> dict[str, Any]:
         part = self._prices()
-        book = self.gateway.services["prices"]
+        book = part.book
         if book.active_version <= 0:
             raise CommandError("unavailable", "no active price list yet: nothing to print")
         wanted = None if args.all else set(args.skus or [])
@@ -241,8 +252,3 @@ class Commands:
         return {"active_version": part.book.active_version,
                 "desired_version": desired.version if desired is not None else None, "drift": drift}
 
-
-def install(gateway: Gateway) -> None:
-    commands = Commands(gateway)
-    gateway.services["commands"] = commands
-    gateway.uplink.subscribe(gateway.topics.command_filter, commands.on_command)

@@ -18,30 +18,31 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
-from storelink.config import ConfigError, GatewayConfig, describe_validation_error, parse_config
+from storelink.config import ConfigError, GatewayConfig, RunningConfig, parse_config
+from storelink.devices.supervisor import DeviceSupervisor
+from storelink.drivers.base import EventRef
 from storelink.outbox import iso_ts
+from storelink.parts import BasePart, Subscription
 from storelink.remote.config_store import RemoteState, render_toml
 from storelink.remote.models import ConfigDesired, ConfigReported, ConfigStatus
 from storelink.remote.signing import SignatureError, canonical_json, load_public_key, verify
 from storelink.system.files import write_atomically
-from storelink.uplink import Downlink
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.uplink import Downlink, Uplink
+from storelink.validation import describe_validation_error
+from storelink.web.server import HttpServer
 
 log = logging.getLogger(__name__)
 
-# Sections applied by swapping gateway.config (they are read at each use) or by the code below.
-SWAP_ONLY = {"trust", "config_version", "remote"}
-RESTART_ONLY = {"store_id", "storage", "groups"}
+# Sections applied by swapping the running config (they are read at each use) or by the code below.
+SWAP_ONLY = {"trust", "config_version", "remote", "update"}
 # Secrets head office may leave out of the desired config: the store keeps its own (see docs/operations.md).
 LOCAL_SECRETS = (("mqtt", "password"), ("http", "token"))
 
-LiveHook = Callable[[GatewayConfig, GatewayConfig], Awaitable[None]]
+EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
 
 
 class Rejection(Exception):
@@ -64,21 +65,30 @@ def changed_sections(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-class RemoteConfig:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-        self.state = RemoteState(gateway.config.storage.path.parent / "remote-config.json")
-        self.live_hooks: dict[str, LiveHook] = {}  # other parts apply their own section live by registering here
+class RemoteConfig(BasePart):
+    name = "config"
+
+    def __init__(self, config: RunningConfig, uplink: Uplink, devices: DeviceSupervisor, http: HttpServer,
+                 emit: EmitFn):
+        self.config = config
+        self.uplink = uplink
+        self.devices = devices
+        self.http = http
+        self.emit = emit
+        self.state = RemoteState(config.current.storage.path.parent / "remote-config.json")
         self.last_report: dict[str, Any] | None = None
         self.trial: dict[str, Any] | None = None  # {"version", "deadline"} while a new [mqtt] is on trial
         self._lock = asyncio.Lock()
 
+    def subscriptions(self) -> list[Subscription]:
+        return [Subscription(self.uplink.topics.config_desired, self.on_desired)]
+
     # -- start-up ----------------------------------------------------------------------------------------------
-    def load(self) -> None:
-        """Blocking (small file). Restores the last report; a trial interrupted by a restart counts as failed."""
-        self.state.load()
+    async def start(self) -> None:
+        """Restores the last report; a trial interrupted by a restart counts as failed."""
+        await asyncio.to_thread(self.state.load)
         trial = self.state.data.get("trial")
-        running = self.gateway.config.config_version
+        running = self.config.current.config_version
         if isinstance(trial, dict) and isinstance(trial.get("version"), int):
             version = int(trial["version"])
             log.warning("config version %d was on trial when the gateway stopped: rolled back to %d", version,
@@ -88,12 +98,17 @@ class RemoteConfig:
             self._report("rolled_back", version, {"mqtt": "the gateway restarted before the new [mqtt] settings "
                                                           "were confirmed; running the last-known-good config"})
             try:
-                self.state.save()
+                await asyncio.to_thread(self.state.save)
             except OSError as err:
                 log.error("cannot save remote config state: %s", err)
         elif isinstance(self.state.data.get("last_report"), dict):
-            self.last_report = self.state.data["last_report"]
-            self.gateway.uplink.publish_state(self.gateway.topics.config_reported, self.last_report)
+            try:
+                report = ConfigReported.model_validate(self.state.data["last_report"])
+            except ValidationError:
+                log.warning("the saved remote config report does not match its model; not republished")
+            else:
+                self.last_report = report.model_dump()
+                self.uplink.publish_state(self.uplink.topics.config_reported, report)
 
     # -- the downlink handler ----------------------------------------------------------------------------------
     async def on_desired(self, down: Downlink) -> None:
@@ -107,8 +122,7 @@ class RemoteConfig:
                 await self._settle("rejected", rej.version, rej.errors)
 
     async def _handle(self, raw: bytes) -> None:
-        gw = self.gateway
-        running = gw.config
+        running = self.config.current
         try:
             payload = verify(raw, running.trust.public_keys)
         except SignatureError as err:
@@ -131,7 +145,7 @@ class RemoteConfig:
         if version <= running.config_version:
             raise Rejection({"version": f"{version} is not newer than the running version "
                                         f"{running.config_version}"}, version)
-        if gw.config_path is None:
+        if self.config.path is None:
             raise Rejection({"config": "this gateway was started without a config file; nothing to update"},
                             version)
         data = self._merge_local_secrets(dict(desired.config), running)
@@ -171,7 +185,8 @@ class RemoteConfig:
 
     # -- applying ----------------------------------------------------------------------------------------------
     async def _apply(self, old: GatewayConfig, new: GatewayConfig, version: int, digest: str, toml: str) -> None:
-        gw = self.gateway
+        path = self.config.path
+        assert path is not None  # checked by _handle
         changed = changed_sections(old, new)
         if "mqtt" in changed and old.mqtt.topic_prefix != new.mqtt.topic_prefix:
             raise Rejection({"mqtt.topic_prefix": "cannot change remotely (every topic would move)"}, version)
@@ -192,52 +207,52 @@ class RemoteConfig:
                 await self._apply_live(new, old, changed)
                 self.state.data["trial"] = None
                 self.state.add_rolled_back(version)
-                err = gw.uplink.last_error or "no connection"
+                err = self.uplink.last_error or "no connection"
                 await self._settle("rolled_back", version, {
                     "mqtt": f"no broker connection within {new.remote.rollback_after:g}s ({err}); "
                             f"rolled back to version {old.config_version}"})
                 return
         try:
-            await asyncio.to_thread(write_atomically, gw.config_path, toml.encode(), 0o640)  # type: ignore[arg-type]
+            await asyncio.to_thread(write_atomically, path, toml.encode(), 0o640)
         except OSError as err:
             log.error("cannot save config version %d: %s; reverting", version, err)
             await self._apply_live(new, old, changed)
             self.state.data["trial"] = None
-            raise Rejection({"file": f"cannot write {gw.config_path}: {err.strerror or err}"}, version) from None
+            raise Rejection({"file": f"cannot write {path}: {err.strerror or err}"}, version) from None
         self.state.data["trial"] = None
         self.state.data["applied_hash"] = digest
         await self._settle("accepted" if restart_required else "applied", version, {}, changed, restart_required)
 
     async def _apply_live(self, old: GatewayConfig, new: GatewayConfig, changed: list[str]) -> list[str]:
         """Bring the running gateway from `old` to `new`; returns the sections that need a restart."""
-        gw = self.gateway
-        gw.config = new
+        self.config.current = new
         restart: list[str] = []
         for section in changed:
             if section in SWAP_ONLY:
                 continue
             if section == "mqtt":
-                await gw.uplink.reconfigure(new.mqtt)
+                await self.uplink.reconfigure(new.mqtt)
             elif section == "devices":
-                result = await gw.supervisor.replace(new.device_configs)
+                result = await self.devices.replace(new.device_configs)
                 log.info("devices: %s", {k: v for k, v in result.items() if v})
+                if self.devices.services.kiosk is None and any(
+                        h.driver_class.uses_kiosk_sessions for h in self.devices.devices.values()):
+                    restart.append("devices")  # the kiosk sessions a new kiosk device needs start at the next start
             elif section == "logging":
                 logging.getLogger().setLevel(new.logging.level)
                 if new.logging.journal != old.logging.journal:
                     restart.append("logging.journal")
             elif section == "http":
                 if (new.http.listen, new.http.max_body) != (old.http.listen, old.http.max_body):
-                    await gw.http.stop()
-                    await gw.http.start()
-            elif section in self.live_hooks:
-                await self.live_hooks[section](old, new)
+                    await self.http.stop()
+                    await self.http.start()
             else:
                 restart.append(section)  # storage, groups, and parts that apply their section at start-up
         return restart
 
     async def _trial(self, new: GatewayConfig, version: int) -> bool:
         """Wait for the new [mqtt] settings to reach a broker."""
-        uplink = self.gateway.uplink
+        uplink = self.uplink
         deadline = time.monotonic() + new.remote.rollback_after
         try:
             while time.monotonic() < deadline:
@@ -254,14 +269,13 @@ class RemoteConfig:
     def _report(self, status: ConfigStatus, version: int | None, errors: dict[str, str],
                 changed: list[str] | None = None, restart_required: list[str] | None = None) -> dict[str, Any]:
         report = ConfigReported(
-            status=status, version=version, running_version=self.gateway.config.config_version, errors=errors,
+            status=status, version=version, running_version=self.config.current.config_version, errors=errors,
             changed=changed or [], restart_required=restart_required or [], ts=iso_ts(time.time()),
-        ).model_dump()
-        self.last_report = report
-        self.state.data["last_report"] = report
+        )
+        self.last_report = self.state.data["last_report"] = report.model_dump()
         # Retained, and republished by the uplink on every reconnect: a rollback is reported once connected.
-        self.gateway.uplink.publish_state(self.gateway.topics.config_reported, report)
-        return report
+        self.uplink.publish_state(self.uplink.topics.config_reported, report)
+        return self.last_report
 
     async def _settle(self, status: ConfigStatus, version: int | None, errors: dict[str, str],
                       changed: list[str] | None = None, restart_required: list[str] | None = None) -> None:
@@ -271,21 +285,14 @@ class RemoteConfig:
         except OSError as err:
             log.error("cannot save remote config state: %s", err)
         try:
-            await self.gateway.emit(f"config.{status}", "gateway", report)
+            await self.emit(f"config.{status}", "gateway", report)
         except Exception as err:  # the retained report is the record that matters; the event is an audit copy
             log.error("cannot record config.%s event: %s", status, err)
 
     def status(self) -> dict[str, Any]:
         return {
-            "version": self.gateway.config.config_version,
+            "version": self.config.current.config_version,
             "last_result": self.last_report,
             "trial": self.trial,
         }
 
-
-def install(gateway: Gateway) -> None:
-    remote = RemoteConfig(gateway)
-    remote.load()
-    gateway.services["remote_config"] = remote
-    gateway.status_parts["config"] = remote.status
-    gateway.uplink.subscribe(gateway.topics.config_desired, remote.on_desired)

@@ -1,22 +1,16 @@
-"""Config sections and payloads of remote config, commands and the kiosk cart (imported by gateway.config).
-
-Kept free of gateway imports so that gateway.config can import it without a cycle.
-"""
+"""Config sections and payloads of remote config, commands and the kiosk cart (imported by storelink.config and
+storelink.contract, so it imports nothing of StoreLink but the validation base)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-DEVICE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from storelink.validation import Identifier, StrictModel
 
 
-class RemoteConfigSettings(_Strict):
+class RemoteConfigSettings(StrictModel):
     """``[remote]``: how remote config and commands behave."""
 
     rollback_after: float = Field(
@@ -27,19 +21,18 @@ class RemoteConfigSettings(_Strict):
     )
 
 
-class CartSettings(_Strict):
+class CartSettings(StrictModel):
     """``[cart]``: the kiosk's online cart (gateway/kiosk/cart.py)."""
 
     enabled: bool = True
-    printer: str | None = Field(None, pattern=DEVICE_ID_RE, description="device id of the kiosk's receipt printer")
+    printer: Identifier | None = Field(None, description="device id of the kiosk's receipt printer")
     timeout: float = Field(8.0, gt=0, le=60, description="seconds to wait for head office's answer")
 
 
 # -- payloads ----------------------------------------------------------------------------------------------------
-class ConfigDesired(BaseModel):
+class ConfigDesired(StrictModel):
     """The signed payload on ``{base}/config/desired`` (inside the signing envelope)."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["storelink.config"]
     store_id: str
     version: int = Field(ge=1)
@@ -49,7 +42,7 @@ class ConfigDesired(BaseModel):
 ConfigStatus = Literal["applied", "accepted", "rejected", "rolled_back"]
 
 
-class ConfigReported(BaseModel):
+class ConfigReported(StrictModel):
     """Retained on ``{base}/config/reported``.
 
     ``applied``: running and saved. ``accepted``: saved, some sections (``restart_required``) take effect at the
@@ -57,7 +50,6 @@ class ConfigReported(BaseModel):
     broker within [remote] rollback_after; the previous config runs again.
     """
 
-    model_config = ConfigDict(extra="forbid")
     status: ConfigStatus
     version: int | None = Field(description="the version this report is about (None: could not be read)")
     running_version: int
@@ -67,10 +59,9 @@ class ConfigReported(BaseModel):
     ts: str
 
 
-class SignedCommand(BaseModel):
+class SignedCommand(StrictModel):
     """The signed payload of a command that changes something."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["storelink.command"]
     store_id: str
     command: str
@@ -81,17 +72,15 @@ class SignedCommand(BaseModel):
     correlation_id: str | None = None
 
 
-class CommandRequest(BaseModel):
+class CommandRequest(StrictModel):
     """An unsigned command (read-only ones: ping, status); reply_to/correlation_id are the MQTT 3.1.1 fallback."""
 
-    model_config = ConfigDict(extra="forbid")
     args: dict[str, Any] = Field(default_factory=dict)
     reply_to: str | None = None
     correlation_id: str | None = None
 
 
-class CommandResponse(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CommandResponse(StrictModel):
     ok: bool
     command: str
     result: Any = None

@@ -43,6 +43,8 @@ function verdict(s) {
   if (s.uplink.connected && refused.length) problems.push(["bad", `The broker does not let this store read ${refused.join(", ")}: price changes and commands from head office cannot arrive.`]);
   const alarms = Object.values(s.outbox.alarms || {});
   if (alarms.length) problems.push(["bad", `Storage alarm: ${alarms.join("; ")}`]);
+  const failed = Object.entries(s.parts || {}).filter(([, p]) => p.state === "failed");
+  if (failed.length) problems.push(["bad", `Not running: ${failed.map(([n, p]) => `${n} (${p.last_error})`).join(", ")}; retrying. Sales are not affected.`]);
   const down = (s.devices || []).filter((d) => d.state !== "ok");
   if (down.length) problems.push(["warn", `${down.length} device${down.length > 1 ? "s" : ""} not working: ${down.map((d) => d.device).join(", ")}`]);
   const stale = priceDevices(s).filter(([, d]) => d.state === "stale");

@@ -6,32 +6,47 @@ test process never share series, and so that every figure is exactly what the st
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.outbox import AcceptedEvent, Outbox
+from storelink.parts import BasePart, PartState
+from storelink.remote.commands import Commands
 
 DEVICE_STATES = ("ok", "degraded", "offline")
 CONFIG_RESULTS = ("applied", "accepted", "rejected", "rolled_back")
+MAX_KINDS = 200  # event kinds counted by name; the ingest API accepts any well-formed kind, so the rest are "other"
 
 
 def _num(value: Any) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
+class EventCounts:
+    """Events accepted since start, by kind: the outbox's listener hook."""
+
+    def __init__(self) -> None:
+        self.by_kind: dict[str, int] = {}
+
+    def hear(self, events: Sequence[AcceptedEvent]) -> None:
+        for e in events:
+            kind = e.kind if e.kind in self.by_kind or len(self.by_kind) < MAX_KINDS else "other"
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+
+
 class GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
+    def __init__(self, status: Callable[[], dict[str, Any]], commands: Commands, events: EventCounts):
+        self.status = status
+        self.commands = commands
+        self.events = events
 
     def collect(self) -> Iterator[Metric]:
-        gw = self.gateway
-        status = gw.status()
+        status = self.status()
         up, ob = status["uplink"], status["outbox"]
         yield GaugeMetricFamily("storelink_uptime_seconds", "seconds since the gateway started",
                                 _num(status["uptime_s"]))
@@ -78,22 +93,39 @@ class GatewayCollector(Collector):
             yield GaugeMetricFamily("storelink_prices_stale_devices", "price devices behind the active version",
                                     float(stale))
 
-        commands = gw.services.get("commands")
         cmds = CounterMetricFamily("storelink_commands", "commands handled", labels=["command", "outcome"])
-        for (name, outcome), n in sorted(getattr(commands, "counts", {}).items()):
+        for (name, outcome), n in sorted(self.commands.counts.items()):
             cmds.add_metric([name, outcome], float(n))
         yield cmds
 
+        events = CounterMetricFamily("storelink_events_accepted", "events accepted since start", labels=["kind"])
+        for kind, n in sorted(self.events.by_kind.items()):
+            events.add_metric([kind], float(n))
+        yield events
 
-def install_metrics(gateway: Gateway) -> None:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(gateway))
+        up = GaugeMetricFamily("storelink_part_running", "1 while a part runs", labels=["part"])
+        restarts = CounterMetricFamily("storelink_part_restarts", "part restarts after a failure", labels=["part"])
+        for name, part in sorted(status.get("parts", {}).items()):
+            up.add_metric([name], 1.0 if part["state"] == PartState.RUNNING else 0.0)
+            restarts.add_metric([name], _num(part["restarts"]))
+        yield up
+        yield restarts
 
-    async def metrics(_request: web.Request) -> web.Response:
-        body = generate_latest(registry)
+
+class Metrics(BasePart):
+    """``GET /metrics``."""
+
+    name = "metrics"
+
+    def __init__(self, status: Callable[[], dict[str, Any]], commands: Commands, outbox: Outbox):
+        events = EventCounts()
+        outbox.add_listener(events.hear)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GatewayCollector(status, commands, events))
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/metrics", self._metrics)]
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    def extend(app: web.Application) -> None:
-        app.router.add_get("/metrics", metrics)
-
-    gateway.http_extensions.append(extend)

@@ -9,21 +9,26 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
-from storelink.config import describe_validation_error
+from storelink.config import RunningConfig
 from storelink.contract import IngestEvent
-from storelink.outbox import OutboxError, OutboxFull
-
-if TYPE_CHECKING:
-    from storelink.app import Gateway
+from storelink.outbox import Outbox, OutboxError, OutboxFull
+from storelink.validation import describe_validation_error
 
 log = logging.getLogger(__name__)
-GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+CONFIG_KEY: web.AppKey[RunningConfig] = web.AppKey("config", RunningConfig)
+OUTBOX_KEY: web.AppKey[Outbox] = web.AppKey("outbox", Outbox)
+STATUS_KEY: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
+HEALTH_KEY: web.AppKey[Callable[[], list[str]]] = web.AppKey("health")
 MAX_EVENTS_PER_POST = 1000
+# At a stop, requests in progress get this long before they are cancelled (aiohttp waits 60 s by default, which a
+# browser holding a live stream would add to every restart).
+SHUTDOWN_TIMEOUT = 3.0
 _ingest_list = TypeAdapter(list[IngestEvent])
 
 
@@ -33,7 +38,7 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
 
 def require_token(request: web.Request) -> web.Response | None:
     """None when the request carries the configured action token; otherwise the 401/403 response to return."""
-    token = request.app[GATEWAY_KEY].config.http.token
+    token = request.app[CONFIG_KEY].current.http.token
     if not token:
         return error(403, "actions are disabled: no http.token is configured")
     given = request.headers.get("Authorization", "")
@@ -43,14 +48,14 @@ def require_token(request: web.Request) -> web.Response | None:
 
 
 async def post_events(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    if request.content_length is not None and request.content_length > gw.config.http.max_body:
-        return error(413, f"body larger than {gw.config.http.max_body} bytes")
+    max_body = request.app[CONFIG_KEY].current.http.max_body
+    if request.content_length is not None and request.content_length > max_body:
+        return error(413, f"body larger than {max_body} bytes")
     try:
         raw = await request.read()
         body = json.loads(raw)
     except web.HTTPRequestEntityTooLarge:
-        return error(413, f"body larger than {gw.config.http.max_body} bytes")
+        return error(413, f"body larger than {max_body} bytes")
     except (ValueError, UnicodeDecodeError) as err:
         return error(400, f"body is not valid JSON: {err}")
     single = isinstance(body, dict)
@@ -63,7 +68,7 @@ async def post_events(request: web.Request) -> web.Response:
     except ValidationError as err:
         return error(422, "invalid event", problems=describe_validation_error(err))
     try:
-        accepted = await gw.outbox.put_many([(e.kind, e.device, e.data) for e in events])
+        accepted = await request.app[OUTBOX_KEY].put_many([(e.kind, e.device, e.data) for e in events])
     except OutboxFull as err:
         log.warning("ingest refused: %s", err)
         return error(507, str(err))
@@ -75,11 +80,11 @@ async def post_events(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[GATEWAY_KEY].status())
+    return web.json_response(request.app[STATUS_KEY]())
 
 
 async def get_healthz(request: web.Request) -> web.Response:
-    problems = request.app[GATEWAY_KEY].health_problems()
+    problems = request.app[HEALTH_KEY]()
     return web.json_response({"ok": not problems, "problems": problems}, status=503 if problems else 200)
 
 
@@ -93,32 +98,40 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
 
 
-def build_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=gateway.config.http.max_body, middlewares=[json_errors])
-    app[GATEWAY_KEY] = gateway
-    app.router.add_post("/api/v1/events", post_events)
-    app.router.add_get("/api/v1/status", get_status)
-    app.router.add_get("/healthz", get_healthz)
-    for extend in gateway.http_extensions:
-        extend(app)
-    return app
-
-
 class HttpServer:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
+    """The local HTTP server: the ingest, status and health routes, and the routes the parts declare."""
+
+    def __init__(self, config: RunningConfig, outbox: Outbox, status: Callable[[], dict[str, Any]],
+                 health: Callable[[], list[str]]):
+        self.config = config
+        self.outbox = outbox
+        self.status = status
+        self.health = health
+        self.routes: Sequence[web.RouteDef] = []  # the parts' routes, set by the composition root before start()
         self.runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.current.http.max_body, middlewares=[json_errors])
+        app[CONFIG_KEY] = self.config
+        app[OUTBOX_KEY] = self.outbox
+        app[STATUS_KEY] = self.status
+        app[HEALTH_KEY] = self.health
+        app.router.add_post("/api/v1/events", post_events)
+        app.router.add_get("/api/v1/status", get_status)
+        app.router.add_get("/healthz", get_healthz)
+        app.add_routes(self.routes)
+        return app
+
     async def start(self) -> None:
-        host, port = self.gateway.config.http.host_port
-        self.runner = web.AppRunner(build_app(self.gateway), access_log=None, handle_signals=False)
+        host, port = self.config.current.http.host_port
+        self.runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
+                                    shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
+        addresses = self.runner.addresses
+        self.bound = (str(addresses[0][0]), int(addresses[0][1])) if addresses else (host, port)
         log.info("http listening on %s:%d", *self.bound)
 
     async def stop(self) -> None:

@@ -16,5 +16,6 @@ python3 -m venv /tmp/storelink-build
 rm -rf /tmp/storelink-build
 CHROOT
 cp "${ROOTFS_DIR}${SRC}/image/requirements.lock" "${ROOTFS_DIR}/tmp/storelink-wheels/"
-"${ROOTFS_DIR}${SRC}/image/install-into-root.sh" "${ROOTFS_DIR}" "${ROOTFS_DIR}/tmp/storelink-wheels"
+RAUC_KEYRING=files/rauc-keyring.pem "${ROOTFS_DIR}${SRC}/image/install-into-root.sh" "${ROOTFS_DIR}" \
+    "${ROOTFS_DIR}/tmp/storelink-wheels"
 rm -rf "${ROOTFS_DIR}${SRC}" "${ROOTFS_DIR}/tmp/storelink-wheels"
