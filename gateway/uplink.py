@@ -161,7 +161,7 @@ class Uplink:
         if client is self._client and not self._stopping:
             self._set_disconnected(f"disconnected: {reason}")
 
-    def _connect_failed(self, client: mqtt.Client, _err: OSError) -> None:
+    def _connect_failed(self, client: mqtt.Client, _err: Exception) -> None:
         if client is self._client and not self._stopping:
             self._set_disconnected(f"cannot reach broker {self.cfg.host}:{self.cfg.port}")
 
@@ -365,7 +365,9 @@ class Uplink:
         while client is self._client and not self._stopping:
             try:
                 await net.connect()
-            except OSError as err:
+            except Exception as err:  # whatever paho raises, this loop must go on connecting
+                if not isinstance(err, OSError):  # refused, unreachable, TLS: expected; anything else is a bug
+                    log.exception("uplink: connecting raised")
                 self._connect_failed(client, err)
             else:
                 if client is not self._client:  # reconfigured while connecting: this one is not wanted
