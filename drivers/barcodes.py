@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from storelink.drivers.base import DeviceContext, Health
+from storelink.system.logs import exception_summary
 from storelink.validation import StrictModel
 
 # biip costs about 20 MB of RSS: it is imported when a scanner warms up or interprets its first scan (or a scanner's
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from biip.gtin import Gtin
     from biip.symbology import GS1Symbology, ISOSymbology
 
+log = logging.getLogger(__name__)
 GS = "\x1d"
 _PRINTABLE_RE = re.compile(r"[\x20-\x7e\x1d]*")
 _GTIN_LENGTHS = (8, 12, 13, 14)
@@ -131,7 +133,17 @@ def _apply_layout(gtin: Gtin, layout: RcnLayout) -> dict[str, Any] | str:
 
 
 def interpret(text: str, config: BarcodeConfig) -> dict[str, Any]:
-    """The ``scan`` event data for one decoded barcode text (already stripped of framing)."""
+    """The ``scan`` event data for one decoded barcode text (already stripped of framing). Whatever the text, a
+    result: biip fails on some malformed input (a lone "]" raised IndexError), and one bad read must cost one
+    invalid scan, never the scanner's driver."""
+    try:
+        return _interpret(text, config)
+    except Exception as err:
+        log.error("scan interpretation failed: %s", exception_summary(err))
+        return invalid("unrecognised", "not parseable as a barcode", len(text))
+
+
+def _interpret(text: str, config: BarcodeConfig) -> dict[str, Any]:
     from biip import ParseConfig, ParseError, parse
     from biip.symbology import GS1Symbology
 
@@ -139,6 +151,8 @@ def interpret(text: str, config: BarcodeConfig) -> dict[str, Any]:
     if not _PRINTABLE_RE.fullmatch(text):
         bad = sum(1 for ch in text if not _PRINTABLE_RE.fullmatch(ch))
         return invalid("garbled", f"{bad} of {length} characters are not barcode text", length)
+    if text.startswith("]") and len(text) < 3:  # an AIM prefix is "]" plus two characters (biip fails on "]")
+        return invalid("unrecognised", "malformed symbology identifier (AIM prefix)", length)
     aim: str | None = None
     iso: ISOSymbology | None = None
     gs1_sym: GS1Symbology | None = None
@@ -146,8 +160,8 @@ def interpret(text: str, config: BarcodeConfig) -> dict[str, Any]:
     try:
         result = parse(text, config=ParseConfig(rcn_region=config.rcn_region,
                                                 rcn_verify_variable_measure=True))
-    except ParseError as err:  # biip raises only for a malformed symbology identifier
-        return invalid("unrecognised", str(err), length)
+    except ParseError:  # a malformed symbology identifier; biip's text quotes the scan, the detail does not
+        return invalid("unrecognised", "malformed symbology identifier (AIM prefix)", length)
     if result.symbology_identifier is not None:
         aim = result.symbology_identifier.value
         iso = result.symbology_identifier.iso_symbology

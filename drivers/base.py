@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import abc
 import enum
+import errno
 import inspect
+import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,25 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 from pydantic import Field
 
 from storelink.validation import Identifier, StrictModel
+
+# Network errors whose text asyncio replaces with "Connect call failed ('10.0.0.5', 9100)": the OS's words instead.
+_LINK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                errno.ENETUNREACH, errno.EHOSTDOWN, errno.EPIPE}
+_ERRNO_TAG = re.compile(r"\[Errno -?\d+\] ")
+
+
+def plain_error(err: BaseException) -> str:
+    """A device fault in words for store staff and the log: one line, no exception class name, no errno number
+    ("connection refused", "no such file or directory: /dev/ttyUSB0", a driver's own message as it is)."""
+    if isinstance(err, OSError) and err.errno in _LINK_ERRNOS:
+        text = os.strerror(err.errno).lower()
+    elif isinstance(err, OSError) and err.errno and err.filename:
+        text = f"{os.strerror(err.errno).lower()}: {err.filename}"
+    elif isinstance(err, TimeoutError) and not str(err):
+        text = "no answer in time"
+    else:
+        text = str(err) or re.sub(r"(?<!^)(?=[A-Z])", " ", type(err).__name__).lower()
+    return " ".join(_ERRNO_TAG.sub("", text).split())
 
 
 class DeviceConfig(StrictModel):
@@ -267,3 +289,13 @@ class TagStateReporting(Protocol):
     """A label target that reports each tag's confirmed content (the reconciliation audit compares them)."""
 
     async def tag_states(self) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class LabelProgress(Protocol):
+    """Optional for label targets: how far a price version has got onto the shelf. While labels confirm, the
+    status page shows "labels left" from it (the coordinator asks while it waits for `price_confirmed`)."""
+
+    async def price_labels_left(self, version: int) -> tuple[int, int]:
+        """(labels that do not show `version` yet, labels `version` changes on this device)."""
+        ...

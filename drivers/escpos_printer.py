@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from storelink.drivers.base import PYSERIAL, DeviceConfig, DeviceContext, Driver, Health, Requirement
+from storelink.drivers.base import (
+    PYSERIAL,
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    Requirement,
+    plain_error,
+)
+from storelink.validation import TcpPort
 
 if TYPE_CHECKING:
     from escpos.escpos import Escpos
@@ -58,7 +67,7 @@ class EscposPrinterConfig(DeviceConfig):
     driver: Literal["escpos_printer"] = "escpos_printer"
     connection: Literal["network", "serial", "usb", "file"] = "network"
     host: str | None = Field(None, description="printer address (network)")
-    port: int = Field(9100, ge=1, le=65535)
+    port: TcpPort = 9100
     serial_port: str | None = Field(None, description="for example /dev/ttyUSB0 (serial)")
     baudrate: int = Field(19200, ge=300, le=921600)
     usb_vendor_id: int | None = Field(None, ge=0, le=0xFFFF, description="USB id (usb; needs pyusb)")
@@ -165,7 +174,7 @@ class EscposPrinter(Driver):
         try:
             printer.open()
         except Exception as err:
-            raise PrinterUnavailable(f"{self._where()}: {type(err).__name__}: {err}") from err
+            raise PrinterUnavailable(f"{self._where()}: {plain_error(err)}") from err
         if getattr(printer, "device", None) is None:
             raise PrinterUnavailable(f"{self._where()}: could not open the printer")
         return printer
@@ -180,7 +189,7 @@ class EscposPrinter(Driver):
         try:
             printer._raw(data)
         except Exception as err:
-            raise PrinterUnavailable(f"{self._where()}: write failed: {err}") from err
+            raise PrinterUnavailable(f"{self._where()}: write failed: {plain_error(err)}") from err
         finally:
             with contextlib.suppress(Exception):
                 printer.close()

@@ -158,6 +158,14 @@ class EslState:
                                     (version,)).fetchone()[0]
         return int(left) == 0
 
+    def labels_left(self, version: int) -> tuple[int, int]:
+        """(tags that do not show `version` yet, tags `version` changes)."""
+        with self._lock:
+            left, total = self._db.execute(
+                "SELECT COUNT(*) - COALESCE(SUM(state='confirmed'), 0), COUNT(*) FROM pushes WHERE version=?",
+                (version,)).fetchone()
+        return int(left), int(total)
+
     def latest_confirmed(self) -> int | None:
         with self._lock:
             row = self._db.execute(

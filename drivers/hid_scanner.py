@@ -226,7 +226,7 @@ def _candidates() -> list[Candidate]:
 
 
 def open_input_device(config: HidScannerConfig) -> InputSource:
-    """Open (and grab) the configured device. Blocking; raises OSError/LookupError when it is not there."""
+    """Open (and grab) the configured device. Blocking; raises OSError when it is not there."""
     path = config.path
     if path is None:
         candidates = _candidates()
@@ -234,7 +234,7 @@ def open_input_device(config: HidScannerConfig) -> InputSource:
         if path is None:
             wanted = f"name={config.name!r}" if config.name else f"usb_id={config.usb_id}"
             seen = ", ".join(f"{c.name!r} ({c.vendor:04x}:{c.product:04x})" for c in candidates) or "none"
-            raise LookupError(f"no input device matches {wanted} (found: {seen})")
+            raise FileNotFoundError(f"no input device matches {wanted} (found: {seen})")
     from evdev import InputDevice
 
     return InputDevice(path)
@@ -287,7 +287,8 @@ class HidScanner(Driver):
             if timeout and decoder.partial_since is not None:
                 wait = max(0.0, decoder.partial_since + timeout - time.monotonic())
             try:
-                batch = await asyncio.wait_for(batches.get(), wait)
+                async with asyncio.timeout(wait):
+                    batch = await batches.get()
             except TimeoutError:
                 await self.reporter.report(decoder.flush_partial())
                 continue

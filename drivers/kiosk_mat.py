@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -111,9 +112,15 @@ class KioskMat(Driver):
         self.logic: MatLogic | None = None
 
     def _open(self) -> DigitalInputDevice:
-        from gpiozero import DigitalInputDevice  # lazily: gpiozero is ~9 MB and most gateways have no mat
+        # lazily: gpiozero is ~9 MB, and most gateways have no mat
+        from gpiozero import DigitalInputDevice, GPIOZeroError, PinFactoryFallback
 
-        return DigitalInputDevice(self.config.pin, pull_up=self.config.pull_up, bounce_time=None)
+        try:
+            with warnings.catch_warnings():  # one PinFactoryFallback warning per library tried: noise in the log
+                warnings.simplefilter("ignore", PinFactoryFallback)
+                return DigitalInputDevice(self.config.pin, pull_up=self.config.pull_up, bounce_time=None)
+        except GPIOZeroError as err:  # no GPIO on this machine, a pin in use: a device fault, not a bug
+            raise OSError(f"GPIO pin {self.config.pin} cannot be used: {err}") from err
 
     async def run(self) -> None:
         kiosk = self.ctx.kiosk
@@ -143,7 +150,8 @@ class KioskMat(Driver):
                 deadline = logic.next_deadline()
                 timeout = None if deadline is None else max(0.0, deadline - clock())
                 with contextlib.suppress(TimeoutError):
-                    pressed, at = await asyncio.wait_for(edges.get(), timeout)
+                    async with asyncio.timeout(timeout):
+                        pressed, at = await edges.get()
                     logic.edge(pressed, at)
                     while not edges.empty():
                         logic.edge(*edges.get_nowait())

@@ -158,6 +158,14 @@ class LabelQueue:
                                     (version,)).fetchone()[0]
         return int(left) == 0
 
+    def labels_left(self, version: int) -> tuple[int, int]:
+        """(labels of `version` not printed yet, labels of `version` in all)."""
+        with self._lock:
+            left, total = self._db.execute(
+                "SELECT COUNT(*) - COALESCE(SUM(state='printed'), 0), COUNT(*) FROM jobs WHERE version=? "
+                "AND kind='new'", (version,)).fetchone()
+        return int(left), int(total)
+
     def latest_confirmed(self) -> int | None:
         with self._lock:
             row = self._db.execute(

@@ -27,7 +27,16 @@ from typing import Any, ClassVar, Literal
 import aiohttp
 from pydantic import Field, field_validator, model_validator
 
-from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange, PriceItem
+from storelink.drivers.base import (
+    DeviceConfig,
+    DeviceContext,
+    Driver,
+    Health,
+    PrepareFailed,
+    PriceChange,
+    PriceItem,
+    plain_error,
+)
 from storelink.drivers.esl_state import EslState, Push
 from storelink.drivers.price_text import format_money, unit_price_text
 from storelink.validation import StrictModel
@@ -47,16 +56,22 @@ def normalize_mac(mac: str) -> str:
 def read_tags_file(path: Path) -> dict[str, str]:
     """`sku,mac` lines (a header line and # comments allowed) -> {sku: mac}. ValueError names the line."""
     out: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row or row[0].lstrip().startswith("#") or (n == 1 and row[0].strip().lower() == "sku"):
-                continue
-            if len(row) != 2 or not row[0].strip():
-                raise ValueError(f"{path}:{n}: expected 'sku,mac', got {','.join(row)!r}")
-            try:
-                out[row[0].strip()] = normalize_mac(row[1])
-            except ValueError as err:
-                raise ValueError(f"{path}:{n}: {err}") from err
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except OSError as err:  # check-config names the file, no traceback
+        raise ValueError(f"cannot read tags_file {path}: {(err.strerror or str(err)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"tags_file {path} is not UTF-8 text") from None
+    for n, row in enumerate(rows, 1):
+        if not row or row[0].lstrip().startswith("#") or (n == 1 and row[0].strip().lower() == "sku"):
+            continue
+        if len(row) != 2 or not row[0].strip():
+            raise ValueError(f"{path}:{n}: expected 'sku,mac', got {','.join(row)!r}")
+        try:
+            out[row[0].strip()] = normalize_mac(row[1])
+        except ValueError as err:
+            raise ValueError(f"{path}:{n}: {err}") from err
     return out
 
 
@@ -168,8 +183,7 @@ class OpenEPaperLink(Driver):
                 async with self.session().request(method, self.cfg.url + path, **kw) as resp:
                     return resp.status, await resp.text()
             except (aiohttp.ClientError, TimeoutError, OSError) as err:
-                raise AccessPointError(f"access point {self.cfg.url} unreachable: "
-                                       f"{type(err).__name__}: {err or 'timed out'}") from err
+                raise AccessPointError(f"access point {self.cfg.url} unreachable: {plain_error(err)}") from err
 
     async def get_tag(self, mac: str) -> dict[str, Any]:
         status, text = await self._request("GET", "/get_db", params={"mac": mac})
@@ -244,7 +258,8 @@ class OpenEPaperLink(Driver):
                 except AccessPointError as err:
                     self.ctx.set_health(Health.OFFLINE, str(err))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
+                    async with asyncio.timeout(self.cfg.poll_interval):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             if self._session is not None:
@@ -368,6 +383,9 @@ class OpenEPaperLink(Driver):
 
     async def price_reported_version(self) -> int | None:
         return await asyncio.to_thread((await self.state()).latest_confirmed)
+
+    async def price_labels_left(self, version: int) -> tuple[int, int]:
+        return await asyncio.to_thread((await self.state()).labels_left, version)
 
     async def tag_states(self) -> list[dict[str, Any]]:
         """Every mapped tag as the AP sees it now beside what this gateway last confirmed on it: `drift` is true

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from storelink import safe_json
 from storelink.drivers.base import (
     DeviceConfig,
     DeviceContext,
@@ -166,8 +167,12 @@ class PluFileDriver(Driver):
 
     def _state(self) -> dict[str, Any]:
         try:
-            state = json.loads((self.staging / "state.json").read_text())
+            state = safe_json.loads((self.staging / "state.json").read_bytes())
         except FileNotFoundError:
+            return {}
+        except safe_json.JsonRejected as err:  # written atomically by us: damaged by hand or by the disk
+            log.warning("%s: %s/state.json is unreadable (%s); the committed version is unknown", self.cfg.id,
+                        STAGING, err.reason, extra={"device": self.cfg.id})
             return {}
         return state if isinstance(state, dict) else {}
 

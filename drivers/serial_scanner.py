@@ -221,7 +221,8 @@ class SerialScanner(Driver):
             if timeout and framer.partial_since is not None:
                 wait = max(0.0, framer.partial_since + timeout - time.monotonic())
             try:
-                item = await asyncio.wait_for(chunks.get(), wait)
+                async with asyncio.timeout(wait):
+                    item = await chunks.get()
             except TimeoutError:
                 leftover = framer.flush_partial()
                 if leftover is not None:

@@ -15,7 +15,9 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
 
+from storelink import safe_json
 from storelink.drivers import till_protocol as tp
+from storelink.system.logs import exception_summary, loggable_id
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class TillConnection:
         self.reader = reader
         self.writer = writer
         peer = writer.get_extra_info("peername")
+        self.host = str(peer[0]) if isinstance(peer, tuple) else ""
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._write_lock = asyncio.Lock()
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -91,6 +94,10 @@ class TillEndpoint(Protocol):
 
     device_id: str
 
+    def admits(self, host: str) -> bool:
+        """Whether a till connecting from ``host`` may be this device (its allow-list)."""
+        ...
+
     async def attach(self, conn: TillConnection, hello: dict[str, Any]) -> None:
         """Serve this connection until it ends; raise ProtocolError to refuse it."""
         ...
@@ -105,6 +112,9 @@ class TillListener:
         self.host, self.port = host, port
         self.routes: dict[str, TillEndpoint] = {}
         self.users = 0
+        self.connections = 0  # open now
+        self.unidentified = 0  # of those, still before their HELLO
+        self.refused = 0
         self.server: asyncio.Server | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -149,24 +159,52 @@ class TillListener:
             await self.server.wait_closed()
             log.info("stopped listening for tills on %s:%d", self.host, self.port)
 
+    def _admission(self, conn: TillConnection) -> tp.ProtocolError | None:
+        """Why this connection is refused before a byte of it is read, or None: a peer no configured till may
+        connect from, or more connections than the port serves (bounded, and fewer still before HELLO)."""
+        if not any(endpoint.admits(conn.host) for endpoint in self.routes.values()):
+            return tp.ProtocolError(tp.UNAUTHORIZED, "no till may connect from this address",
+                                    log_detail="address not in any allow")
+        if self.connections >= tp.MAX_CONNECTIONS or self.unidentified >= tp.MAX_UNIDENTIFIED:
+            return tp.ProtocolError(tp.BUSY, "too many connections to this till port; try again later",
+                                    log_detail="connection limit")
+        return None
+
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             # A till that loses power leaves a half-open connection; keepalive (and our PINGs) find it.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         conn = TillConnection(reader, writer)
+        refusal = self._admission(conn)
+        if refusal is not None:
+            self.refused += 1
+            if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th...: a flood is not a log flood
+                log.warning("till connection from %s refused: %s (%d refused so far)", conn.peer, refusal.loggable,
+                            self.refused)
+            await _reply_error(conn.send, None, refusal)
+            conn.close("refused")
+            return
+        self.connections += 1
+        self.unidentified += 1
+        identified = False
         try:
             endpoint, hello = await self._hello(conn)
+            self.unidentified -= 1
+            identified = True
             if endpoint is not None:
                 await endpoint.attach(conn, hello)
         except tp.ProtocolError as err:
-            log.warning("till connection from %s refused: %s", conn.peer, err)
+            log.warning("till connection from %s refused: %s", conn.peer, err.loggable)
             await _reply_error(conn.send, err.re, err)
         except (ConnectionError, TimeoutError) as err:
-            log.info("till connection from %s ended: %s", conn.peer, err or type(err).__name__)
-        except Exception:
-            log.exception("till connection from %s failed", conn.peer)
+            log.info("till connection from %s ended: %s", conn.peer, type(err).__name__)
+        except Exception as err:
+            log.error("till connection from %s failed: %s", conn.peer, exception_summary(err))
         finally:
+            self.connections -= 1
+            if not identified:
+                self.unidentified -= 1
             conn.close("connection ended")
 
     async def _hello(self, conn: TillConnection) -> tuple[TillEndpoint | None, dict[str, Any]]:
@@ -174,20 +212,24 @@ class TillListener:
             async with asyncio.timeout(tp.HELLO_TIMEOUT):
                 line = await tp.read_line(conn.reader)
         except TimeoutError:
-            raise tp.ProtocolError(tp.NOT_HELLO, f"no HELLO within {tp.HELLO_TIMEOUT:g} s") from None
+            raise tp.ProtocolError(tp.NOT_HELLO, f"no HELLO within {tp.HELLO_TIMEOUT:g} s",
+                                   log_detail="no HELLO in time") from None
         if line is None:
             return None, {}
         hello = tp.decode(line)
         rid = hello.get("id")
         if hello["type"] != "HELLO":
-            got = tp.short(hello["type"], 20)
-            raise tp.ProtocolError(tp.NOT_HELLO, f"the first message must be HELLO, got {got!r}", rid)
+            got = safe_json.echo(hello["type"], 24)
+            raise tp.ProtocolError(tp.NOT_HELLO, f"the first message must be HELLO, got {got}", rid,
+                                   log_detail="not HELLO")
         till_id = hello.get("till_id")
         if not isinstance(till_id, str) or not till_id:
-            raise tp.ProtocolError(tp.BAD_REQUEST, "HELLO needs a non-empty string 'till_id'", rid)
+            raise tp.ProtocolError(tp.BAD_REQUEST, "HELLO needs a non-empty string 'till_id'", rid,
+                                   log_detail="no till_id")
         endpoint = self.routes.get(till_id)
         if endpoint is None:
-            raise tp.ProtocolError(tp.UNKNOWN_TILL, f"no till {tp.short(till_id, 64)!r} is configured here", rid)
+            raise tp.ProtocolError(tp.UNKNOWN_TILL, f"no till {safe_json.echo(till_id)} is configured here", rid,
+                                   log_detail=f"till_id {loggable_id(till_id)}")
         return endpoint, hello
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import re
 from typing import Any
 
 from pydantic import Field
 
+from storelink import safe_json
 from storelink.validation import StrictModel
 
 PROTOCOL_VERSION = 1
@@ -23,6 +23,8 @@ DEFAULT_PORT = 7700
 # misbehaving peer cannot make the gateway hold megabytes.
 MAX_LINE = 64 * 1024
 HELLO_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64  # connections one till port serves at once
+MAX_UNIDENTIFIED = 16  # of those, connections that have not completed HELLO (a flood must not lock tills out)
 
 # Error codes (the ``code`` of an ERROR reply); the text in ``error`` is for people.
 BAD_JSON = "bad_json"
@@ -36,16 +38,25 @@ NOT_FOUND = "not_found"
 NO_PRICE_BOOK = "no_price_book"
 NOT_STORED = "not_stored"
 NOT_STAGED = "not_staged"
+BUSY = "busy"
 INTERNAL = "internal"
 
 
 class ProtocolError(Exception):
-    """A line or request the receiver cannot accept; answered with an ERROR carrying ``code``."""
+    """A line or request the receiver cannot accept; answered with an ERROR carrying ``code``.
 
-    def __init__(self, code: str, message: str, re: Any = None):
+    The message goes back to the till and may quote its input; ``log_detail`` is what the gateway's log and status
+    may show: fixed text, or names of our own fields, never the till's bytes (a sale may hold customer data)."""
+
+    def __init__(self, code: str, message: str, re: Any = None, *, log_detail: str | None = None):
         super().__init__(message)
         self.code = code
         self.re = re  # the id of the request this answers, when known
+        self.log_detail = log_detail
+
+    @property
+    def loggable(self) -> str:
+        return f"{self.code} ({self.log_detail})" if self.log_detail else self.code
 
 
 class LineTooLong(ProtocolError):
@@ -54,24 +65,35 @@ class LineTooLong(ProtocolError):
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return safe_json.dumps(message) + b"\n"
 
 
 def decode(line: bytes) -> dict[str, Any]:
-    """One line -> a message with a string ``type``; ProtocolError(bad_json) otherwise."""
+    """One line -> a message with a string ``type`` and a usable ``id``; ProtocolError(bad_json) otherwise. The
+    line goes through safe_json: not UTF-8, NaN/Infinity, lone surrogates and deep nesting are bad_json too."""
     try:
-        text = line.decode("utf-8").strip()
-    except UnicodeDecodeError as err:
-        raise ProtocolError(BAD_JSON, f"line is not UTF-8 ({err.reason} at byte {err.start})") from None
-    try:
-        message = json.loads(text)
-    except ValueError as err:
-        raise ProtocolError(BAD_JSON, f"line is not JSON: {err}") from None
+        message = safe_json.loads(line, max_bytes=MAX_LINE + 2)
+    except safe_json.JsonRejected as err:
+        raise ProtocolError(BAD_JSON, f"line is not JSON: {err.reason}", log_detail=err.reason) from None
     if not isinstance(message, dict):
-        raise ProtocolError(BAD_JSON, f"a message must be a JSON object, got {type(message).__name__}")
+        raise ProtocolError(BAD_JSON, f"a message must be a JSON object, got {type(message).__name__}",
+                            log_detail="not an object")
     if not isinstance(message.get("type"), str):
-        raise ProtocolError(BAD_JSON, "a message needs a string 'type'")
+        raise ProtocolError(BAD_JSON, "a message needs a string 'type'", log_detail="no type")
+    rid = message.get("id")
+    if not (rid is None or (isinstance(rid, str) and len(rid) <= 64)
+            or (isinstance(rid, int | float) and not isinstance(rid, bool))):
+        raise ProtocolError(BAD_REQUEST, "'id' must be a string of at most 64 characters or a number",
+                            log_detail="bad id")
     return message
+
+
+def count_rejection(ctx: Any, code: str) -> None:
+    """Count a refused line in the gateway's rejection counters (status and /metrics), when the context lends
+    them (the gateway's does; a test's stand-in context need not)."""
+    counters = getattr(ctx, "rejections", None)
+    if counters is not None:
+        counters["till", code] += 1
 
 
 def short(text: str, limit: int = 120) -> str:

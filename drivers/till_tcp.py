@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 
+from storelink import safe_json
 from storelink.drivers import till_protocol as tp
 from storelink.drivers.base import DeviceConfig, DeviceContext, Driver, Health, PrepareFailed, PriceChange
 from storelink.drivers.till_listener import TillConnection, TillListener, TillRejected
+from storelink.outbox import EventRejected
+from storelink.system.logs import exception_summary, loggable_id
 
 log = logging.getLogger(__name__)
+_SALE_FIELDS = frozenset(tp.Sale.model_fields) | frozenset(tp.SaleLine.model_fields)  # loggable parts of a loc
 BAD_INPUT_CODES = {tp.BAD_JSON, tp.LINE_TOO_LONG, tp.UNKNOWN_TYPE, tp.BAD_REQUEST}
 
 try:
@@ -31,10 +36,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 
 class TillTcpConfig(DeviceConfig):
-    listen: str = Field(f"0.0.0.0:{tp.DEFAULT_PORT}", description="address the gateway listens on for tills")
+    listen: str = Field(f"127.0.0.1:{tp.DEFAULT_PORT}", description="address the gateway listens on for tills; "
+                        "a till on the store network needs e.g. 0.0.0.0:7700 and then `secret` or `allow`")
     till_id: str | None = Field(None, min_length=1, max_length=64,
                                 description="what the till sends in HELLO; defaults to the device id")
     secret: str | None = Field(None, min_length=16, repr=False, description="shared secret the till sends in HELLO")
+    allow: list[IPvAnyNetwork] = Field(default_factory=list, max_length=256,
+                                       description="addresses/networks this till may connect from (empty: any)")
     request_timeout: float = Field(10.0, gt=0, le=300, description="seconds the till has to answer the gateway")
     ping_interval: float = Field(30.0, ge=1, le=3600, description="PING the till after this many idle seconds")
     prepare_chunk: int = Field(500, ge=1, le=10_000, description="items per PREPARE message")
@@ -44,6 +52,32 @@ class TillTcpConfig(DeviceConfig):
     def _check_listen(cls, v: str) -> str:
         tp.parse_address(v)
         return v
+
+    @model_validator(mode="after")
+    def _closed_by_default(self) -> TillTcpConfig:
+        # Anyone who can reach an open till port can post sales: off the loopback interface, a till must prove
+        # who it is (secret) or where it is (allow).
+        host, _port = tp.parse_address(self.listen)
+        if not _is_loopback(host) and self.secret is None and not self.allow:
+            raise ValueError(f"listen {self.listen!r} is reachable from the network: set `secret` (what the till "
+                             "sends in HELLO) or `allow` (its addresses), or both")
+        return self
+
+    def admits(self, host: str) -> bool:
+        """Whether a till connecting from ``host`` may be this device (the allow-list; empty allows any)."""
+        if not self.allow:
+            return True
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.allow)
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 class TillTcpDriver(Driver):
@@ -97,12 +131,19 @@ class TillTcpDriver(Driver):
             self.ctx.set_health(Health.OK)
 
     # -- a till connects (called by the listener in the connection's task) -------------------------------------
+    def admits(self, host: str) -> bool:
+        return self.cfg.admits(host)
+
     async def attach(self, conn: TillConnection, hello: dict[str, Any]) -> None:
         rid = hello.get("id")
+        if not self.cfg.admits(conn.host):
+            raise tp.ProtocolError(tp.UNAUTHORIZED, "this till may not connect from this address", rid,
+                                   log_detail="address not in allow")
         if self.cfg.secret is not None and not hmac.compare_digest(
             str(hello.get("secret", "")).encode(), self.cfg.secret.encode()
         ):
-            raise tp.ProtocolError(tp.UNAUTHORIZED, "HELLO carries no valid secret for this till", rid)
+            raise tp.ProtocolError(tp.UNAUTHORIZED, "HELLO carries no valid secret for this till", rid,
+                                   log_detail="wrong or missing secret")
         self._note_versions(hello, rid)
         if self._conn is not None:
             log.warning("till %s reconnected from %s; dropping its old connection from %s", self.till_id,
@@ -148,8 +189,8 @@ class TillTcpDriver(Driver):
                 msg = tp.decode(line)
                 if msg["type"] in ("OK", "ERROR"):
                     if not conn.resolve(msg):
-                        log.info("till %s answered %r, which nobody waits for (late?)", self.till_id,
-                                 tp.short(str(msg.get("re")), 40), extra={"device": self.device_id})
+                        log.info("till %s answered %s, which nobody waits for (late?)", self.till_id,
+                                 loggable_id(msg.get("re")), extra={"device": self.device_id})
                     continue
                 reply = await self._handle(msg)
             except tp.ProtocolError as err:
@@ -158,8 +199,9 @@ class TillTcpDriver(Driver):
             except (ConnectionError, OSError):
                 raise
             except Exception as err:  # a bug here must cost one answer, never the till's connection
-                log.exception("till %s: handling %s failed", self.till_id, msg and msg.get("type"))
-                await self._refuse(conn, msg, tp.ProtocolError(tp.INTERNAL, f"gateway error: {err}"))
+                log.error("till %s: handling %s failed: %s", self.till_id, loggable_id(msg and msg.get("type")),
+                          exception_summary(err))
+                await self._refuse(conn, msg, tp.ProtocolError(tp.INTERNAL, f"gateway error ({type(err).__name__})"))
                 continue
             await conn.send({"type": "OK", "re": msg.get("id"), **reply})
             if self._problem and self._problem.startswith("bad input"):
@@ -168,13 +210,14 @@ class TillTcpDriver(Driver):
 
     async def _refuse(self, conn: TillConnection, msg: dict[str, Any] | None, err: tp.ProtocolError) -> None:
         re = err.re if err.re is not None else (msg.get("id") if msg else None)
+        tp.count_rejection(self.ctx, err.code)
         if err.code in BAD_INPUT_CODES:
             self.counts["bad_input"] += 1
             n = self.counts["bad_input"]
             if n <= 10 or n % 100 == 0:  # a till spewing garbage must not flood the journal
-                log.warning("till %s sent bad input (%d so far): %s", self.till_id, n, err,
+                log.warning("till %s sent bad input (%d so far): %s", self.till_id, n, err.loggable,
                             extra={"device": self.device_id})
-            self._problem = f"bad input from till: {tp.short(str(err))}"
+            self._problem = f"bad input from till: {err.loggable}"
             self._refresh_health()
         await conn.send({"type": "ERROR", "re": re, "code": err.code, "error": str(err)})
 
@@ -189,7 +232,7 @@ class TillTcpDriver(Driver):
         if kind == "HELLO":  # a till may repeat HELLO to report its versions
             self._note_versions(msg, rid)
             return {"store_id": self.ctx.store_id, "device": self.device_id, "protocol": tp.PROTOCOL_VERSION}
-        raise tp.ProtocolError(tp.UNKNOWN_TYPE, f"unknown message type {tp.short(kind, 30)!r}", rid)
+        raise tp.ProtocolError(tp.UNKNOWN_TYPE, f"unknown message type {safe_json.echo(kind, 32)}", rid)
 
     async def _sale(self, msg: dict[str, Any], rid: Any) -> dict[str, Any]:
         try:
@@ -197,9 +240,12 @@ class TillTcpDriver(Driver):
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "sale"
-            raise tp.ProtocolError(tp.BAD_REQUEST, f"invalid sale: sale.{where}: {first['msg']}"
-                                   + (f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""),
-                                   rid) from None
+            known = ".".join(p if isinstance(p, str) and p in _SALE_FIELDS else str(p) if isinstance(p, int)
+                             else "?" for p in first["loc"])
+            raise tp.ProtocolError(tp.BAD_REQUEST, f"invalid sale: sale.{safe_json.echo(where, 80)[1:-1]}: "
+                                   f"{first['msg']}" + (f" (+{err.error_count() - 1} more)"
+                                                        if err.error_count() > 1 else ""),
+                                   rid, log_detail=f"invalid sale: sale.{known}: {first['type']}") from None
         data = {"till_id": self.till_id, **sale.model_dump(exclude_none=True)}
         stale = bool(self._stale())
         if stale:
@@ -212,6 +258,9 @@ class TillTcpDriver(Driver):
         self._sold_stale = stale
         try:
             accepted = await self.ctx.emit("sale", data)
+        except EventRejected as err:  # the sale itself can never be stored: retrying it unchanged cannot help
+            raise tp.ProtocolError(tp.BAD_REQUEST, f"sale cannot be stored: {err}", rid,
+                                   log_detail="sale cannot be stored") from None
         except Exception as err:  # outbox full, disk full: the till must keep the sale and send it again
             log.error("sale from till %s NOT stored: %s", self.till_id, err, extra={"device": self.device_id})
             raise tp.ProtocolError(tp.NOT_STORED, f"sale not stored, keep it and retry: {err}", rid) from None
@@ -221,14 +270,15 @@ class TillTcpDriver(Driver):
     async def _lookup(self, msg: dict[str, Any], rid: Any) -> dict[str, Any]:
         sku = msg.get("sku")
         if not isinstance(sku, str) or not 1 <= len(sku) <= 64:
-            raise tp.ProtocolError(tp.BAD_REQUEST, "LOOKUP needs a string 'sku' of 1..64 characters", rid)
+            raise tp.ProtocolError(tp.BAD_REQUEST, "LOOKUP needs a string 'sku' of 1..64 characters", rid,
+                                   log_detail="bad sku")
         book = self.ctx.prices
         if book is None:
             raise tp.ProtocolError(tp.NO_PRICE_BOOK, "no price book", rid)
         item = await book.alookup(sku)  # reads SQLite off the event loop
         self.counts["lookups"] += 1
         if item is None:
-            raise tp.ProtocolError(tp.NOT_FOUND, f"no price for sku {sku!r}", rid)
+            raise tp.ProtocolError(tp.NOT_FOUND, f"no price for sku {safe_json.echo(sku)}", rid)
         reply: dict[str, Any] = {"item": item}
         stale = self._stale()
         if stale is not None:
@@ -249,7 +299,8 @@ class TillTcpDriver(Driver):
         for key in ("version", "staged"):
             value = msg.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise tp.ProtocolError(tp.BAD_REQUEST, f"'{key}' must be a non-negative integer or null", rid)
+                raise tp.ProtocolError(tp.BAD_REQUEST, f"'{key}' must be a non-negative integer or null", rid,
+                                       log_detail=f"bad {key}")
         if "version" in msg:
             self.reported_version = msg["version"]
         if "staged" in msg:

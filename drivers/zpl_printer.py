@@ -36,6 +36,7 @@ from storelink.drivers.base import (
     PrepareFailed,
     PriceChange,
     Requirement,
+    plain_error,
 )
 from storelink.drivers.label_queue import LabelQueue, NewLabel
 from storelink.drivers.zpl_label import (
@@ -47,6 +48,7 @@ from storelink.drivers.zpl_label import (
     parse_host_status,
     render_label,
 )
+from storelink.validation import TcpPort
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class ZplPrinterConfig(DeviceConfig):
     driver: Literal["zpl_printer"] = "zpl_printer"
     connection: Literal["tcp", "serial"] = "tcp"
     host: str | None = Field(None, description="printer address (connection = tcp)")
-    port: int = Field(9100, ge=1, le=65535)
+    port: TcpPort = 9100
     serial_port: str | None = Field(None, description="for example /dev/ttyUSB0 (connection = serial)")
     baudrate: int = Field(9600, ge=300, le=921600)
     layout: LabelLayout = Field(default_factory=LabelLayout)  # type: ignore[arg-type]
@@ -86,19 +88,22 @@ class _TcpLink:
     async def exchange(self, data: bytes, timeout: float) -> bytes:
         """Write `data` then `~HS` on one connection; return the status answer."""
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
         except (OSError, TimeoutError) as err:
-            raise PrinterUnreachable(f"cannot connect to {self.host}:{self.port}: {err or 'timed out'}") from err
+            raise PrinterUnreachable(f"cannot connect to {self.host}:{self.port}: {plain_error(err)}") from err
         try:
             writer.write(data + HOST_STATUS_QUERY)
-            await asyncio.wait_for(writer.drain(), timeout)
+            async with asyncio.timeout(timeout):
+                await writer.drain()
             answer = b""
             deadline = time.monotonic() + timeout
             while complete_frames(answer) < 3:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PrinterUnreachable(f"no answer to ~HS within {timeout:g}s (printer silent)")
-                chunk = await asyncio.wait_for(reader.read(1024), left)
+                async with asyncio.timeout(left):
+                    chunk = await reader.read(1024)
                 if not chunk:
                     raise PrinterUnreachable("printer closed the connection without answering ~HS")
                 answer += chunk
@@ -106,11 +111,12 @@ class _TcpLink:
         except TimeoutError as err:
             raise PrinterUnreachable(f"no answer to ~HS within {timeout:g}s (printer silent)") from err
         except OSError as err:
-            raise PrinterUnreachable(f"connection to {self.host}:{self.port} failed: {err}") from err
+            raise PrinterUnreachable(f"connection to {self.host}:{self.port} failed: {plain_error(err)}") from err
         finally:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
 
     def close(self) -> None:
         pass
@@ -139,7 +145,7 @@ class _SerialLink:
                 answer += self._ser.read(256)
         except (serial.SerialException, OSError) as err:
             self.close()
-            raise PrinterUnreachable(f"serial port {self.port}: {err}") from err
+            raise PrinterUnreachable(f"serial port {self.port}: {plain_error(err)}") from err
         if complete_frames(answer) < 3:
             raise PrinterUnreachable(f"no answer to ~HS within {timeout:g}s (printer silent)")
         return answer
@@ -234,7 +240,8 @@ class ZplPrinter(Driver):
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         self._wake.clear()
 
     async def _send_batch(self, queue: LabelQueue) -> bool:
@@ -316,3 +323,6 @@ class ZplPrinter(Driver):
 
     async def price_reported_version(self) -> int | None:
         return await asyncio.to_thread((await self.queue()).latest_confirmed)
+
+    async def price_labels_left(self, version: int) -> tuple[int, int]:
+        return await asyncio.to_thread((await self.queue()).labels_left, version)

@@ -15,6 +15,7 @@ Whatever was not delivered stays in the outbox for the next start.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from storelink.system.watchdog import ProgressWatchdog
 from storelink.update.agent import UpdateAgent
 from storelink.uplink import Uplink
 from storelink.web.metrics import Metrics
-from storelink.web.server import HttpServer
+from storelink.web.server import HttpServer, Rejections
 from storelink.web.status_page import StatusPage
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Core:
     devices: DeviceSupervisor
     device_services: DeviceServices  # the typed views drivers get (a part that owns one puts it here)
     status: Callable[[], dict[str, Any]]
+    rejections: Rejections  # input refused at a boundary, by (surface, reason): counted where it is refused
 
     @property
     def topics(self) -> Topics:
@@ -72,10 +74,11 @@ def wants_kiosk_sessions(config: GatewayConfig, devices: DeviceSupervisor) -> bo
 def standard_parts(core: Core) -> list[Part]:
     """The gateway's parts, in start order. The one place that decides what a store runs besides its devices."""
     config = core.config.current
-    prices = PricesPart(config, core.topics, core.uplink.publish_state, core.emit, core.devices)
+    prices = PricesPart(config, core.topics, core.uplink.publish_state, core.emit, core.devices, core.rejections)
     core.device_services.prices = prices.book
     update = UpdateAgent(core.config, core.uplink, core.emit)
-    commands = Commands(core.config, core.uplink, core.devices, prices, core.status, {"update": update.command()})
+    commands = Commands(core.config, core.uplink, core.devices, prices, core.status, {"update": update.command()},
+                        core.rejections)
     parts: list[Part] = [prices, RemoteConfig(core.config, core.uplink, core.devices, core.http, core.emit),
                          commands, update]
     if wants_kiosk_sessions(config, core.devices):
@@ -100,21 +103,24 @@ class Gateway:
         self.outbox = Outbox(config.storage)
         self.uplink = Uplink(config.mqtt, config.store_id, self.outbox, started_at=self.started_at)
         self.topics = self.uplink.topics
+        self.rejections: Rejections = collections.Counter()
+        self.uplink.rejections = self.rejections
         # systemd's watchdog (WatchdogSec=30s) is pinged only while the loop turns and these parts make progress.
         self.watchdog = ProgressWatchdog()
         self.watchdog.watch("outbox-writer", 25, self.outbox.progress_probe)
         self.watchdog.watch("uplink", 25, self.uplink.progress_probe)
         self.device_services = DeviceServices(config.storage.path.parent, config.storage.synchronous, self.watchdog)
+        self.device_services.rejections = self.rejections
         self.supervisor = DeviceSupervisor(
             config.device_configs, config.store_id, self.emit, self.uplink.publish_state,
             self.topics.device_state, self.device_services,
         )
-        self.http = HttpServer(self.running_config, self.outbox, self.status, self.health_problems)
+        self.http = HttpServer(self.running_config, self.outbox, self.status, self.health_problems, self.rejections)
         core = Core(self.running_config, self.outbox, self.uplink, self.http, self.supervisor,
-                    self.device_services, self.status)
+                    self.device_services, self.status, self.rejections)
         self.parts = PartSupervisor(parts(core), self._part_failed, self._part_recovered)
         for sub in self.parts.subscriptions():
-            self.uplink.subscribe(sub.topic_filter, sub.handler, sub.qos)
+            self.uplink.subscribe(sub.topic_filter, sub.handler, sub.qos, timeout=sub.timeout)
         self.http.routes = self.parts.routes()
         self.ready = asyncio.Event()
         self._stopping = False
@@ -153,6 +159,8 @@ class Gateway:
             "state": "stopping" if self._stopping else ("running" if self.ready.is_set() else "starting"),
             "uplink": self.uplink.status(),
             "outbox": self.outbox.status(),
+            "http": self.http.connections(),
+            "rejections": {f"{surface}:{reason}": n for (surface, reason), n in sorted(self.rejections.items())},
             "devices": self.supervisor.status(),
             **self.parts.status(),
         }

@@ -40,6 +40,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 async def run_gateway(config_path: Path) -> int:
     from storelink.app import Gateway
+    from storelink.web.server import ListenError
 
     cfg = load_config(config_path)
     gateway = Gateway(cfg, config_path=config_path)
@@ -47,7 +48,11 @@ async def run_gateway(config_path: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.run(stop)
+    try:
+        await gateway.run(stop)
+    except ListenError as err:  # raised before any part starts (the HTTP server starts first)
+        print(f"storelink: {err.explain(f'[http] listen in {config_path}')}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,19 +7,22 @@ ignored is how a store ends up running with a default nobody chose. Errors name 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from storelink.devices.registry import validate_device_tables
 from storelink.drivers.base import DeviceConfig
 from storelink.prices.models import PricesConfig
 from storelink.remote.models import CartSettings, RemoteConfigSettings
 from storelink.update.models import UpdateSettings
-from storelink.validation import Identifier, StrictModel, describe_validation_error
+from storelink.validation import Identifier, StrictModel, TcpPort, describe_validation_error
+
+MAX_CONFIG_DEPTH = 16
 
 
 class TlsConfig(StrictModel):
@@ -37,7 +40,7 @@ class TlsConfig(StrictModel):
 
 class MqttConfig(StrictModel):
     host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
+    port: TcpPort = 1883
     username: str | None = None
     password: str | None = Field(None, repr=False)
     tls: TlsConfig | None = None
@@ -88,6 +91,10 @@ class HttpConfig(StrictModel):
     listen: str = "127.0.0.1:8080"
     token: str | None = Field(None, repr=False, min_length=16, description="bearer token for actions")
     max_body: int = Field(256 * 1024, ge=1024)
+    request_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a request's "
+                                   "head, and again its body; an idle keep-alive connection is closed after it")
+    max_connections: int = Field(256, ge=1, le=10_000, description="connections served at once; more get 503")
+    max_connections_per_peer: int = Field(32, ge=1, le=10_000, description="of those, from one address")
 
     @field_validator("listen")
     @classmethod
@@ -100,10 +107,19 @@ class HttpConfig(StrictModel):
         return _parse_listen(self.listen)
 
 
+def _usable_public_key(text: str) -> str:
+    from storelink.remote.signing import load_public_key
+
+    load_public_key(text)  # ValueError says what is wrong (not base64, no such file, not Ed25519)
+    return text
+
+
 class TrustConfig(StrictModel):
     """Head-office Ed25519 public keys (base64 of the 32 raw bytes, or a PEM file path)."""
 
-    public_keys: list[str] = Field(default_factory=list)
+    # Each one is loaded at check time: a key that cannot verify anything is a config error, not a later
+    # "bad signature" on every price batch.
+    public_keys: list[Annotated[str, AfterValidator(_usable_public_key)]] = Field(default_factory=list)
 
 
 class LoggingConfig(StrictModel):
@@ -158,13 +174,39 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
+def _unusable_values(data: Any, key: str = "") -> list[str]:
+    """Keys whose value no setting can use: NaN or infinity (valid TOML, meaningless as a timeout or a limit), or
+    nesting deeper than any section has (a config is at most a few levels deep)."""
+    out: list[str] = []
+    stack: list[tuple[Any, str, int]] = [(data, key, 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            out.append(f"{where or '(top level)'}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{where}: {value} is not a usable value (nan/inf)")
+        elif isinstance(value, dict):
+            stack += [(v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    return sorted(out)
+
+
 def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfig:
+    """Validate a whole config in one pass: top-level and device problems are reported together."""
+    problems: list[str] = []
+    cfg: GatewayConfig | None = None
+    unusable = _unusable_values(data)
+    if unusable:
+        raise ConfigError(source, unusable[:20])
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, describe_validation_error(err)) from None
-    devices, problems = validate_device_tables(cfg.devices)
-    if problems:
+        problems += describe_validation_error(err, GatewayConfig)
+    tables = data.get("devices", []) if isinstance(data, dict) else []
+    devices, device_problems = validate_device_tables(tables if isinstance(tables, list) else [])
+    problems += device_problems
+    if problems or cfg is None:
         raise ConfigError(source, problems)
     cfg._device_configs = devices
     return cfg
@@ -175,6 +217,8 @@ def parse_config_text(text: str, source: str = "<config>") -> GatewayConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(source, [f"not valid TOML: {err}"]) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(source, [f"not valid TOML: nested deeper than {MAX_CONFIG_DEPTH} levels"]) from None
     return parse_config(data, source)
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _str
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storelink import safe_json
 from storelink.remote.models import (
     CommandRequest,
     CommandResponse,
@@ -167,10 +168,30 @@ class PendingBatch(StrictModel):
     running: bool = Field(description="the coordinator is driving this batch now")
 
 
+class TransitionItem(StrictModel):
+    sku: str
+    description: str | None
+    old_price: int | None = Field(description="minor units; null for an item the change adds")
+    new_price: int | None = Field(description="minor units; null for an item the change removes")
+    kind: Literal["add", "change", "remove"]
+    charged: int | None = Field(description="what every till answers meanwhile: the lower of old and new")
+
+
+class LabelDeviceProgress(StrictModel):
+    confirmed: bool = Field(description="this label device shows the version (or, after an abort, the old content)")
+    left: int | None = Field(None, description="its labels that do not show the version yet (devices that count)")
+    total: int | None = Field(None, description="its labels the version changes")
+
+
 class TransitionState(StrictModel):
     batch_id: str
+    version: int | None
     outcome: str
+    since: str | None
     skus: int = Field(description="SKUs whose lookups answer min(old, new) until the labels confirm")
+    items: list[TransitionItem] = Field(description="the first 20 of those SKUs, by SKU")
+    labels: dict[str, LabelDeviceProgress] = Field(description="each label device, once it is being waited for")
+    labels_left: int | None = Field(description="labels left on the devices that count them")
 
 
 class LastBatch(StrictModel):
@@ -310,3 +331,11 @@ def render_schemas() -> str:
     for topic, model, schema in json_schemas():
         out += [f"### `{topic}`: {model.__name__}", "", "```json", _dump(_untitled(schema)), "```", ""]
     return "\n".join(out)
+
+
+def is_publish_topic(topic: object) -> TypeGuard[str]:
+    """A topic the gateway may publish to: MQTT's rules for a topic name (1..65535 UTF-8 bytes, no wildcards, no
+    U+0000; a broker disconnects a client that breaks them), bounded to 256 characters. A reply topic named by a
+    message is checked with this before anything is sent there."""
+    return (isinstance(topic, str) and 0 < len(topic) <= 256 and not any(c in topic for c in "+#\x00")
+            and safe_json.text_ok(topic))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import json
 import logging
 import os
 import queue
@@ -35,14 +34,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from storelink import safe_json
 from storelink.config import StorageConfig
 from storelink.contract import EventPayload
+from storelink.system.logs import exception_summary
 from storelink.system.schema import ensure_schema
 from storelink.system.sqlite import DatabaseSettingsError, open_db, transaction
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000  # events per transaction; bounds the time one commit holds the writer
+MAX_EVENT_BYTES = 1024 * 1024  # one event's data as JSON; a 1000-line sale is ~100 KB
+MAX_EVENT_DEPTH = safe_json.MAX_DEPTH
 PAGE_SIZE = 1024  # a lone event's commit is one page of WAL (+24 bytes); a 4 KiB page would cost two disk pages
 DELETE_DELAY = 1.0  # seconds a delivered event may wait for its delete when no insert commit comes along
 DELETE_BATCH = 1000  # delivered events that get a delete commit of their own at once
@@ -63,6 +66,11 @@ class OutboxError(Exception):
 
 class OutboxFull(OutboxError):
     """The cap is reached and there is no telemetry left to evict (or the disk is full)."""
+
+
+class EventRejected(OutboxError):
+    """The event itself can never be stored (not JSON-safe, too deep, too large): the caller's input is wrong,
+    retrying it unchanged cannot help. Raised before anything is queued to the writer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +107,7 @@ class _Pending:
     ts: float
     kind: str
     device: str
-    data_json: str
+    data_json: str  # validated: encodes as UTF-8 (safe_json.dumps_text)
     critical: bool
 
 
@@ -127,8 +135,6 @@ def iso_ts(ts: float) -> str:
     return f"{_iso_second(ms // 1000)}{ms % 1000:03d}Z"
 
 
-# One encoder for every event: json.dumps() with non-default options builds a new JSONEncoder per call.
-_encode_data = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def kind_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -214,10 +220,15 @@ class Outbox:
         return not self._is_telemetry(kind)
 
     def _pending(self, kind: str, device: str, data: Any) -> _Pending:
+        # Validated here, on the caller's side of the queue: a row the writer could not encode would fail the
+        # whole batch it is in (and once killed the writer thread). The caller gets the reason instead.
+        for name, text in (("kind", kind), ("device", device)):
+            if not isinstance(text, str) or not 1 <= len(text) <= 128 or not safe_json.text_ok(text):
+                raise EventRejected(f"event {name} must be 1..128 characters of UTF-8 text")
         try:
-            data_json = _encode_data(data)
-        except (TypeError, ValueError) as err:
-            raise OutboxError(f"event data is not JSON: {err}") from None
+            data_json = safe_json.dumps_text(data, max_bytes=MAX_EVENT_BYTES, max_depth=MAX_EVENT_DEPTH)
+        except safe_json.JsonRejected as err:
+            raise EventRejected(f"event data cannot be stored: {err.reason}") from None
         # A random per-process prefix and a counter: unique across restarts and gateways like a uuid4, without
         # paying for os.urandom on every event (12 us here, a fifth of the enqueue cost).
         event_id = f"{self._id_prefix}{next(self._id_counter):012x}"
@@ -274,7 +285,8 @@ class Outbox:
 
     async def wait_for_new(self, max_wait: float) -> None:
         try:
-            await asyncio.wait_for(self._new_event.wait(), max_wait)
+            async with asyncio.timeout(max_wait):
+                await self._new_event.wait()
         except TimeoutError:
             pass
         self._new_event.clear()
@@ -353,10 +365,15 @@ class Outbox:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if puts:
-                self._commit(puts)  # the waiting deletes go along, in the same fsync
-            elif self._acked and (stop or len(self._acked) >= DELETE_BATCH or self._delete_wait() == 0):
-                self._commit_deletes()
+            try:
+                if puts:
+                    self._commit(puts)  # the waiting deletes go along, in the same fsync
+                elif self._acked and (stop or len(self._acked) >= DELETE_BATCH or self._delete_wait() == 0):
+                    self._commit_deletes()
+            except Exception as err:  # never let one batch end the thread: every later caller would hang
+                log.error("outbox writer: a batch failed (%s); storing its calls one by one",
+                          exception_summary(err))
+                self._commit_singly(puts)
             self.last_progress = time.monotonic()
             self._busy_since = None
 
@@ -365,6 +382,26 @@ class Outbox:
         if not self._acked:
             return None
         return max(0.0, self._acked_at + DELETE_DELAY - time.monotonic())
+
+    def _commit_singly(self, puts: list[Any]) -> None:
+        """After an unexpected failure: the waiting deletes, then each call, each in its own transaction, so only
+        the call that cannot be stored is refused (its caller gets an OutboxError) and the rest is committed."""
+        if self._acked:
+            try:
+                self._commit_deletes()
+            except Exception as err:
+                log.error("outbox writer: deleting delivered rows failed (%s); they are sent again",
+                          exception_summary(err))
+                self._acked = []
+        for put in puts:
+            try:
+                self._commit([put])
+            except Exception as err:
+                pending, fut, loop = put
+                log.error("outbox writer: refused a call of %d event(s) it could not store (%s)", len(pending),
+                          exception_summary(err))
+                self.stats.refused_total += len(pending)
+                self._resolve([((fut, loop), OutboxError(f"event could not be stored ({type(err).__name__})"))])
 
     def _commit_deletes(self) -> None:
         """Delete delivered events in a commit of their own, without an fsync (a lost delete only re-sends)."""
@@ -379,6 +416,9 @@ class Outbox:
             self._acked_at = time.monotonic()  # tried again after DELETE_DELAY, not in a tight loop
             log.error("outbox: cannot delete %d delivered events yet: %s", len(self._acked), err)
             return
+        except BaseException:
+            self.stats.depth, self.stats.bytes, self.stats.critical = snapshot
+            raise
         self._meta_seq = meta
         self._acked = []
         self.stats.commits_total += 1
@@ -426,6 +466,11 @@ class Outbox:
             results = [((fut, loop), failure) for _p, fut, loop in puts]
             self.stats.refused_total += sum(len(p) for p, _f, _l in puts)
             # the deletes stay waiting for the next commit; the rows are still there
+        except BaseException:
+            # Not a storage error (a bug, a row that cannot be built): transaction() rolled this batch back; the
+            # writer retries it call by call. Nothing of it was committed, so no caller has been told anything yet.
+            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from = snapshot
+            raise
         else:
             self._meta_seq = meta
             self._acked = []

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from storelink.outbox import iso_ts
-from storelink.uplink import Downlink, Handler, backoff_delay
+from storelink.uplink import HANDLER_TIMEOUT, Downlink, Handler, backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,13 @@ RecoveryReport = Callable[[str, int, float], Awaitable[None]]  # (part, restarts
 
 @dataclass(frozen=True)
 class Subscription:
-    """An MQTT topic filter a part handles; QoS 1 messages are acknowledged after the handler returns."""
+    """An MQTT topic filter a part handles; QoS 1 messages are acknowledged after the handler returns, or after
+    ``timeout`` seconds of handling (None: no bound of its own), whichever is first (storelink.uplink)."""
 
     topic_filter: str
     handler: Handler
     qos: int = 1
+    timeout: float | None = HANDLER_TIMEOUT
 
 
 class Part(Protocol):
@@ -163,7 +165,9 @@ class PartSupervisor:
 
     # -- what the parts declare, guarded by their state ----------------------------------------------------------
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(sub.topic_filter, self._when_running(s, sub.handler), sub.qos)
+        # The time bound is applied here, once the part runs: waiting for a part that is restarting is not the
+        # handler taking too long (the message waits, unacknowledged, as the broker's).
+        return [Subscription(sub.topic_filter, self._when_running(s, sub.handler, sub.timeout), sub.qos, None)
                 for s in self._parts for sub in s.part.subscriptions()]
 
     def routes(self) -> list[web.RouteDef]:
@@ -171,10 +175,17 @@ class PartSupervisor:
                 for s in self._parts for rd in s.part.routes()]
 
     @staticmethod
-    def _when_running(sup: _Supervised, handler: Handler) -> Handler:
+    def _when_running(sup: _Supervised, handler: Handler, timeout: float | None) -> Handler:
         async def handle(down: Downlink) -> None:
             await sup.running.wait()  # a message for a part that is (re)starting waits, unacknowledged
-            await handler(down)
+            bound = asyncio.timeout(timeout)
+            try:
+                async with bound:
+                    await handler(down)
+            except TimeoutError:
+                if bound.expired():
+                    raise TimeoutError(f"handler timed out after {timeout:g} s") from None
+                raise
 
         return handle
 

@@ -9,10 +9,11 @@ This module imports nothing from StoreLink, so every other module (drivers inclu
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import Annotated
+from typing import Annotated, Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 """Store ids, group ids, device ids and kiosk ids: they end up in MQTT topics and file names."""
@@ -21,6 +22,17 @@ SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 Sku = Annotated[str, Field(pattern=SKU_PATTERN)]
 _ID = re.compile(ID_PATTERN)
+
+
+def _port_is_a_number(value: Any) -> Any:
+    if isinstance(value, str):  # pydantic would quietly turn "8883" into 8883: a quoted number is a typo here
+        hint = f"write {value.strip()} without quotes" if value.strip().isdigit() else "1 to 65535"
+        raise ValueError(f"a TCP port is a number, not the string {value!r} ({hint})")
+    return value
+
+
+TcpPort = Annotated[int, BeforeValidator(_port_is_a_number), Field(ge=1, le=65535, strict=True)]
+"""A TCP port in any config (the broker's, a printer's): an integer 1..65535; a string or a float is an error."""
 
 
 class StrictModel(BaseModel):
@@ -44,15 +56,48 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def describe_validation_error(err: ValidationError) -> list[str]:
-    """One line per problem, each naming the dotted key path: ``devices[0].port: required key is missing``."""
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`TlsConfig | None`, `list[X]`), if there is one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := nested_model(arg)) is not None:
+            return found
+    return None
+
+
+def _keys_beside(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str]:
+    """The keys `model` accepts in the table that holds `loc` (for "did you mean"); [] when unknown."""
+    current = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list's item model was already taken from its annotation
+        field = current.model_fields.get(part) if current is not None else None
+        current = nested_model(field.annotation) if field is not None else None
+    return list(current.model_fields) if current is not None else []
+
+
+def describe_validation_error(err: ValidationError, model: type[BaseModel] | None = None,
+                              where: str = "") -> list[str]:
+    """One line per problem, each naming the dotted key path (``devices[0].port: required key is missing``), in
+    words a store's installer can act on. With the model that was validated, an unknown key also names the
+    closest key it knows (a typo's likely fix). `where` is the path of the validated table itself
+    (``devices[0] (id='till-1')``)."""
     problems = []
     for e in err.errors():
-        key = _loc(tuple(e["loc"]))
+        inner = _loc(tuple(e["loc"])) if e["loc"] else ""
+        key = f"{where}.{inner}" if where and inner else (where or inner or "(top level)")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_beside(model, tuple(e["loc"])), n=1)
+            if close:
+                msg += f" (did you mean {close[0]!r}?)"
+        elif e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == ID_PATTERN:
+            msg = "must be 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or a digit"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # our own validators' text, without pydantic's label
         problems.append(f"{key}: {msg}")
     return problems

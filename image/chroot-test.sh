@@ -1,5 +1,5 @@
 #!/bin/bash
-# chroot-test.sh WORKDIR [BOOT_FILES_DIR]
+# chroot-test.sh [--plain] WORKDIR [BOOT_FILES_DIR]
 #
 # What can be tested of the appliance image without a Raspberry Pi: builds the storelink wheel and a wheelhouse
 # of its pinned dependencies, makes a minimal Debian root with debootstrap (the same release Raspberry Pi OS is
@@ -9,10 +9,18 @@
 # (tests/test_image_chroot.py checks files, owners and modes). Needs root, debootstrap and network access to
 # a Debian mirror and PyPI (or their caches).
 #
+# --plain: a store on plain Debian instead (scripts/install.sh --root, with its default extras): no provisioning.
+#
+# STORELINK_TEST_WHEELHOUSE=DIR: use that wheelhouse (with requirements.lock) instead of building one.
+#
 # The debootstrapped base is cached as a tarball in $STORELINK_TEST_CACHE (default /var/cache/storelink-test)
 # keyed by release and package list, so reruns take seconds; without the cache it takes about a minute.
 set -euo pipefail
 
+PLAIN=no
+if [[ ${1:-} == --plain ]]; then PLAIN=yes; shift; fi
+EXTRAS=all   # the appliance carries every driver's extra
+[[ $PLAIN == yes ]] && EXTRAS=scanners,gpio,escpos   # scripts/install.sh's default
 WORK=$(realpath "$1")
 BOOT_FILES=${2:+$(realpath "$2")}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -28,11 +36,16 @@ command -v debootstrap >/dev/null || { echo "debootstrap is missing (scripts/apt
 mkdir -p "$WORK"
 step() { printf '== %s (%ds)\n' "$*" "$SECONDS"; }
 
-step "wheelhouse"
 rm -rf "$WORK/wheelhouse"
-"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WORK/wheelhouse" \
-    -c "$HERE/requirements.lock" "${REPO}[all]"   # the appliance carries every driver's extra
-cp "$HERE/requirements.lock" "$WORK/wheelhouse/"
+if [[ -n ${STORELINK_TEST_WHEELHOUSE:-} ]]; then
+    step "wheelhouse (built already: $STORELINK_TEST_WHEELHOUSE)"   # the tests build one [all] for both runs
+    cp -r "$STORELINK_TEST_WHEELHOUSE" "$WORK/wheelhouse"
+else
+    step "wheelhouse"
+    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WORK/wheelhouse" \
+        -c "$HERE/requirements.lock" "${REPO}[$EXTRAS]"
+    cp "$HERE/requirements.lock" "$WORK/wheelhouse/"
+fi
 
 step "base root filesystem ($RELEASE, minbase + $PACKAGES)"
 arch=$(dpkg --print-architecture)
@@ -58,6 +71,13 @@ root_py=$(chroot "$WORK/root" /usr/bin/python3 -c 'import sys; print("%d.%d" % s
 if [[ $host_py != "$root_py" ]]; then
     echo "the wheelhouse was built with Python $host_py but $RELEASE has $root_py" >&2
     exit 1
+fi
+
+if [[ $PLAIN == yes ]]; then
+    step "scripts/install.sh (plain Debian)"
+    bash "$REPO/scripts/install.sh" --root "$WORK/root" --wheelhouse "$WORK/wheelhouse"
+    step "done"
+    exit 0
 fi
 
 step "install-into-root.sh"

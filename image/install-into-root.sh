@@ -1,16 +1,31 @@
 #!/bin/bash
-# install-into-root.sh ROOT WHEELHOUSE
+# install-into-root.sh [--plain] [--extras LIST] ROOT WHEELHOUSE
 #
 # Installs StoreLink into a Debian root filesystem exactly as the appliance image has it. Used by the pi-gen
 # stage (image/stage-storelink/01-run.sh) and by the chroot test (image/chroot-test.sh), so that what CI checks
 # is what ships. Runs on the build host as root; commands that must run inside ROOT go through chroot (under
 # pi-gen that is an arm64 root run through qemu-user's binfmt handler).
 #
+# --plain: a store on plain Debian / Raspberry Pi OS, no appliance image (scripts/install.sh): the same release
+# venv, units (application updates included), user, directories and udev rules, but none of the image's own
+# machinery (first-boot provisioning, the data partition in fstab, RAUC and its slot marking, the hardware
+# watchdog, SSH off, the image marker), and nothing is enabled until the store's config is written.
+# --extras: the drivers' extras to install (default all; the image has all).
+#
 # ROOT must already have python3, python3-venv and systemd. WHEELHOUSE holds the storelink wheel and a wheel
 # for every dependency, for ROOT's architecture and Python (pip installs with --no-index: the image build
 # decides what goes in, not whatever PyPI serves that day).
 set -euo pipefail
 
+PLAIN=no
+EXTRAS=all
+while [[ ${1:-} == --* ]]; do
+    case $1 in
+        --plain) PLAIN=yes; shift ;;
+        --extras) EXTRAS=$2; shift 2 ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+done
 ROOT=$(realpath "$1")
 WHEELHOUSE=$(realpath "$2")
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -50,7 +65,7 @@ in_root /usr/bin/python3 -m venv "$release"
 constraints=()
 [[ -e $staging/requirements.lock ]] && constraints=(-c /tmp/storelink-wheelhouse/requirements.lock)
 in_root "$release/bin/pip" install --quiet --no-index --no-cache-dir --disable-pip-version-check \
-    --find-links /tmp/storelink-wheelhouse "${constraints[@]}" "/tmp/storelink-wheelhouse/$(basename "$wheel")[all]"   # every driver's extra
+    --find-links /tmp/storelink-wheelhouse "${constraints[@]}" "/tmp/storelink-wheelhouse/$(basename "$wheel")[$EXTRAS]"
 rm -rf "$staging"
 # Bytecode now, while the root is writable (at run time it is read-only and PYTHONDONTWRITEBYTECODE is set).
 in_root "$release/bin/python" -m compileall -q "$release/lib" >/dev/null || true
@@ -59,33 +74,45 @@ in_root "$release/bin/python" -m compileall -q "$release/lib" >/dev/null || true
 in_root "$release/bin/python" -c 'import json, sys, time
 from storelink.system.schema import schemas_as_dict
 print(json.dumps({"version": sys.argv[1], "manifest_sha256": "image", "installed_at": time.time(),
-                  "requirement": "storelink[all]==" + sys.argv[1], "schemas": schemas_as_dict()}, indent=1))' \
-    "$version" >"$ROOT$release/.storelink-release.json"
+                  "requirement": f"storelink[{sys.argv[2]}]==" + sys.argv[1], "schemas": schemas_as_dict()}, indent=1))' \
+    "$version" "$EXTRAS" >"$ROOT$release/.storelink-release.json"
 ln -sfn "$version" "$ROOT$PREFIX/releases/current"
 ln -sfn releases/current "$ROOT$PREFIX/current"
 
-# 2. Units, users, directories, device rules, the hardware watchdog.
+# 2. Units (the gateway, its recovery, application updates), users, directories, device rules; `storelink` on the
+#    PATH for check-config and the hq tools.
 install -D -m 0644 -t "$ROOT/usr/lib/systemd/system" \
     "$REPO"/systemd/storelink.service "$REPO"/systemd/storelink-recover.service \
-    "$REPO"/systemd/storelink-recover.timer "$REPO"/systemd/storelink-provision.service \
-    "$REPO"/systemd/storelink-update.path "$REPO"/systemd/storelink-update.service \
-    "$REPO"/systemd/storelink-mark-good.service
+    "$REPO"/systemd/storelink-recover.timer "$REPO"/systemd/storelink-update.path "$REPO"/systemd/storelink-update.service
 install -D -m 0644 "$REPO/systemd/storelink.sysusers" "$ROOT/usr/lib/sysusers.d/storelink.conf"
 install -D -m 0644 "$REPO/systemd/storelink.tmpfiles" "$ROOT/usr/lib/tmpfiles.d/storelink.conf"
 install -D -m 0644 "$REPO/systemd/99-storelink.rules" "$ROOT/usr/lib/udev/rules.d/99-storelink.rules"
+install -D -m 0644 "$REPO/docs/appliance.md" "$ROOT$PREFIX/share/doc/appliance.md"
+install -D -m 0644 "$REPO/docs/operations.md" "$ROOT$PREFIX/share/doc/operations.md"
+install -D -m 0644 "$REPO/docs/storelink.example.toml" "$ROOT$PREFIX/share/doc/storelink.example.toml"
+install -d "$ROOT/usr/local/bin"
+ln -sfn "$PREFIX/current/bin/storelink" "$ROOT/usr/local/bin/storelink"
+in_root systemd-sysusers
+in_root systemd-tmpfiles --create --prefix=/etc/storelink --prefix=/var/lib/storelink
+if [[ $PLAIN == yes ]]; then
+    echo "installed $(in_root "$PREFIX/current/bin/storelink" --version) into $ROOT (plain Debian: nothing enabled" \
+         "until its config is written)"
+    exit 0
+fi
+
+# --- the appliance image only from here ---
+# First-boot provisioning, the hardware watchdog, RAUC's slot marking.
+install -D -m 0644 -t "$ROOT/usr/lib/systemd/system" \
+    "$REPO"/systemd/storelink-provision.service "$REPO"/systemd/storelink-mark-good.service
 install -D -m 0644 "$REPO/systemd/storelink-watchdog.conf" \
     "$ROOT/etc/systemd/system.conf.d/storelink-watchdog.conf"
 install -D -m 0755 "$REPO/image/provision/storelink-provision" "$ROOT$PREFIX/bin/storelink-provision"
-install -D -m 0644 "$REPO/docs/appliance.md" "$ROOT$PREFIX/share/doc/appliance.md"
-install -D -m 0644 "$REPO/docs/operations.md" "$ROOT$PREFIX/share/doc/operations.md"
 # RAUC (OS updates, image/rauc/): the system config always; the keyring when the build provides one (the
 # retailer's OS-signing CA; without it RAUC refuses every bundle, which is the safe default).
 install -D -m 0644 "$REPO/image/rauc/system.conf" "$ROOT/etc/rauc/system.conf"
 if [[ -n ${RAUC_KEYRING:-} ]]; then
     install -D -m 0644 "$RAUC_KEYRING" "$ROOT/etc/rauc/keyring.pem"
 fi
-in_root systemd-sysusers
-in_root systemd-tmpfiles --create --prefix=/etc/storelink --prefix=/var/lib/storelink
 
 # 3. The data partition (made on first boot from the card's free space, after RAUC's second root slot) is
 #    mounted on /data and holds everything that must survive a reboot and an OS update: the gateway's state,

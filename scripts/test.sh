@@ -4,17 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-while read -r pkg; do
-    [[ -z "$pkg" || "$pkg" == \#* ]] && continue
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done < scripts/apt-packages.txt
-if ((${#missing[@]})); then
-    echo "installing Debian packages: ${missing[*]}"
-    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck disable=SC2046  # one package a word, on purpose
+bash scripts/apt-install.sh $(grep -v '^[[:space:]]*#' scripts/apt-packages.txt)
 # The Debian package enables a system-wide broker on 1883; the tests start their own on free ports.
 if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/dev/null; then
     systemctl stop mosquitto || true

@@ -1,14 +1,41 @@
 from __future__ import annotations
 
+import asyncio
+import io
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_timeout
 
 from storelink.remote.signing import KeyPair, keygen
 from tests import contract_check
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, write_config
 from tests.release_helpers import ReleaseKit
+
+_thread_stacks = pytest_timeout.dump_stacks
+
+
+def _stacks_and_tasks(terminal: Any) -> None:
+    """pytest-timeout's dump (every other thread's stack) plus every asyncio task of the hung test's loop: an
+    async test stuck in an await shows only the event loop's select() in its traceback, its tasks say where."""
+    _thread_stacks(terminal)
+    try:
+        loop = asyncio.get_running_loop()  # the signal handler runs on the test's thread, inside its loop
+    except RuntimeError:
+        return
+    for task in asyncio.all_tasks(loop):
+        terminal.sep("~", title=f"asyncio task {task.get_name()}")
+        out = io.StringIO()
+        task.print_stack(limit=30, file=out)
+        terminal.write(out.getvalue())
+
+
+pytest_timeout.dump_stacks = _stacks_and_tasks  # looked up by name when the timeout fires
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +50,7 @@ def mqtt_contract() -> Iterator[None]:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     checked, _problems = contract_check.take()
     terminalreporter.write_line(f"MQTT contract: {checked} messages received by test subscribers validated")
+    _fuzz_summary(terminalreporter)
 
 
 @pytest.fixture
@@ -52,6 +80,40 @@ def gateway_process(gateway_config: Path) -> Iterator[GatewayProcess]:
     proc = GatewayProcess(gateway_config, port)
     yield proc
     proc.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-minutes", type=float, default=0.0,
+                     help="run the fuzzing suite (tests/test_fuzz.py) with fresh seeds for about this many minutes "
+                          "in total (nightly); default: a fixed, derandomized set of cases (CI)")
+
+
+@pytest.fixture(scope="session")
+def fuzz_minutes(request: pytest.FixtureRequest) -> float:
+    return float(request.config.getoption("--fuzz-minutes"))
+
+
+def _fuzz_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    fuzz = sys.modules.get("tests.fuzz_helpers")  # only when the fuzzing suite ran
+    FUZZ_STATS = getattr(fuzz, "FUZZ_STATS", {})
+    if FUZZ_STATS:
+        terminalreporter.section("fuzzing: cases per surface")
+        for name, (cases, seconds) in sorted(FUZZ_STATS.items()):
+            terminalreporter.write_line(f"{name:<22} {cases:>6} cases {seconds:>7.1f} s")
+        total = sum(s for _c, s in FUZZ_STATS.values())
+        terminalreporter.write_line(f"{'total':<22} {sum(c for c, _s in FUZZ_STATS.values()):>6} cases {total:>7.1f} s")
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """storelink[all] and its pinned dependencies as wheels, built once for the image and plain-Debian tests
+    (image/chroot-test.sh takes it through STORELINK_TEST_WHEELHOUSE)."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("wheelhouse")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--wheel-dir",
+                    str(out), "-c", str(root / "image/requirements.lock"), f"{root}[all]"], check=True, timeout=600)
+    shutil.copy(root / "image/requirements.lock", out)
+    return out
 
 
 @pytest.fixture(scope="session")

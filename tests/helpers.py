@@ -42,6 +42,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+def end_process(proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
+    """Wait for a process that was asked to stop; kill it if it does not within ``timeout``."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Mosquitto:
     """A real broker the test starts, stops (an outage) and starts again on the same port."""
 
@@ -80,11 +89,7 @@ class Mosquitto:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            end_process(self.proc)
         self.proc = None
 
 

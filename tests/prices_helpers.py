@@ -9,6 +9,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from storelink.hq.batch import Batch, build_batch
 from storelink.remote.signing import KeyPair, keygen
@@ -45,6 +47,18 @@ class Publisher:
         infos = [self.client.publish(topic, p, qos=1, retain=retain) for p in payloads]
         for info in infos:
             info.wait_for_publish(10)
+
+    def publish(self, topic: str, payload: bytes, *, response_topic: str | None = None,
+                correlation: bytes | None = None, retain: bool = False) -> None:
+        """One QoS 1 message, optionally with an MQTT 5 response topic and correlation data."""
+        props = None
+        if response_topic is not None or correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+            if correlation is not None:
+                props.CorrelationData = correlation
+        self.client.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(10)
 
     def batch(self, b: Batch, store: str = STORE) -> None:
         self.send(f"storelink/{store}/prices/batch", b.messages)

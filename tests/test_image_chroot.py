@@ -26,7 +26,7 @@ from storelink import __version__
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "image/chroot-test.sh"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first run debootstraps (minutes)
 
 GOOD_CONFIG = """\
 store_id = "store-0042"
@@ -102,7 +102,7 @@ def make_boot_files() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
+def image(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[Image]:
     assert os.geteuid() == 0, "the image test needs root (debootstrap, chroot); CI runs as root"
     assert shutil.which("debootstrap"), "debootstrap is missing: scripts/test.sh installs it"
     work = tmp_path_factory.mktemp("image")
@@ -112,7 +112,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
         (boot_src / rel).parent.mkdir(parents=True, exist_ok=True)
         (boot_src / rel).write_bytes(data)
     started = time.monotonic()
-    result = subprocess.run([str(SCRIPT), str(work), str(boot_src)], capture_output=True, text=True, timeout=900)
+    result = subprocess.run([str(SCRIPT), str(work), str(boot_src)], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "STORELINK_TEST_WHEELHOUSE": str(wheelhouse)})
     seconds = time.monotonic() - started
     steps = [line for line in result.stdout.splitlines() if line.startswith("==")]
     print(f"chroot-test.sh took {seconds:.0f} s: {steps}")

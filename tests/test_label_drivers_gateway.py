@@ -97,14 +97,14 @@ def test_a_wrong_key_names_the_device(tmp_path: Path) -> None:
     assert "labels-1" in text and "dpii" in text and "esl-ap" in text and "not a tag MAC" in text
 
 
-async def test_demo_devices_take_a_price_change(tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
-                                                ) -> None:
+async def test_demo_devices_take_a_price_change(tmp_path: Path, mosquitto: Mosquitto) -> None:
     from storelink.drivers.sim import labels_demo
 
     cfg: dict[str, object] = {"store_id": "store-demo", "storage": {"path": str(tmp_path / "gw.db")},
                               "mqtt": {"port": mosquitto.port}, "http": {"listen": f"127.0.0.1:{free_port()}"}}
     labels_demo.prepare(cfg, tmp_path)
-    labels_demo._peers["ap"].checkin_delay = 0.2
+    zpl, ap, _escpos = labels_demo.peers()
+    ap.checkin_delay = 0.2
     gw = Gateway(parse_config(cfg, "<demo>"))
     stop = asyncio.Event()
     task = asyncio.create_task(gw.run(stop))
@@ -118,7 +118,8 @@ async def test_demo_devices_take_a_price_change(tmp_path: Path, mosquitto: Mosqu
             await t.price_prepare(change)  # type: ignore[union-attr]
         for t in targets:
             await until_async(lambda t=t: t.price_confirmed(2), 20, "demo label confirmed")  # type: ignore[misc]
-        await until(lambda: "Olive oil 0.75 l | €12.99" in capsys.readouterr().out or False, 5, "console line")
+        await until(lambda: ["Olive oil 0.75 l", "€12.99"] in [f[:2] for f in zpl.core.printed_fields()], 5,
+                    "the demo printer's label")
     finally:
         peers.cancel()
         stop.set()

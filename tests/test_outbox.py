@@ -6,12 +6,13 @@ import asyncio
 import itertools
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from storelink.config import StorageConfig
-from storelink.outbox import Outbox, OutboxError, OutboxFull
+from storelink.outbox import EventRejected, Outbox, OutboxError, OutboxFull, _Pending
 
 
 def make(tmp_path: Path, **kw: object) -> Outbox:
@@ -146,4 +147,36 @@ async def test_deletes_wait_for_company_but_not_forever(tmp_path: Path) -> None:
     ob.close()
     ob = make(tmp_path)  # the newest row was deleted: the meta row keeps the next seq
     assert (await ob.put("sale", "till-1", {})).seq == 6
+
+
+async def test_an_event_that_cannot_be_stored_is_refused_before_it_is_queued(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    deep: object = 1
+    for _ in range(40):
+        deep = [deep]
+    for data in ({"v": "\ud800"}, {"v": float("nan")}, {"v": deep}, {"v": b"bytes"}, {"v": "x" * (2 << 20)}):
+        with pytest.raises(EventRejected):
+            await ob.put("sale", "till-1", data)
+    with pytest.raises(EventRejected):
+        await ob.put("sale", "till-\udc80", {})
+    assert (await ob.put("sale", "till-1", {"ok": True})).seq == 1  # nothing was queued for the refused ones
+    ob.close()
+
+
+async def test_the_writer_survives_a_row_it_cannot_store(tmp_path: Path) -> None:
+    """Even a row that got past the checks (a bug) costs its own caller only: the rest of its batch is stored and
+    the writer thread goes on."""
+    ob = make(tmp_path)
+    loop = asyncio.get_running_loop()
+    bad = _Pending("f" * 32, time.time(), "sale", "till-\ud800", b"{}", True)  # cannot be encoded as UTF-8
+    calls = [([ob._pending("sale", "till-1", {"n": 1})], loop.create_future()), ([bad], loop.create_future()),
+             ([ob._pending("sale", "till-1", {"n": 2})], loop.create_future())]
+    for pending, fut in calls:  # one batch: queued before the writer takes any of them
+        ob._queue.put(("put", (pending, fut, loop)))
+    results = await asyncio.gather(*(fut for _p, fut in calls), return_exceptions=True)
+    assert isinstance(results[1], OutboxError) and not isinstance(results[1], OutboxFull)
+    assert [r[0].seq for r in (results[0], results[2])] == [1, 2]  # type: ignore[index]
+    assert ob._thread is not None and ob._thread.is_alive()
+    assert (await ob.put("sale", "till-1", {"n": 3})).seq == 3
+    assert ob.stats.refused_total == 1 and [e.seq for e in ob.read_after(0, 10)] == [1, 2, 3]
     ob.close()

@@ -45,6 +45,9 @@ def price_code(item: str, cents: int) -> str:
         ("]C1zzz", {"valid": False, "reason": "invalid_gs1"}),
         ("]A0ITEM-42", {"valid": True, "type": "text", "code": "ITEM-42", "symbology": "CODE-39"}),
         ("\x00\x01\xfe\x07", {"valid": False, "reason": "garbled", "length": 4}),
+        ("]", {"valid": False, "reason": "unrecognised", "length": 1}),  # found by the fuzzing suite: biip crashed
+        ("]x" + "Jane Doe", {"valid": False, "reason": "unrecognised", "detail": "malformed symbology identifier "
+                                                                              "(AIM prefix)"}),  # no scan text
     ],
 )
 def test_interpretation(text: str, expect: dict[str, Any]) -> None:
@@ -187,7 +190,7 @@ def test_config_errors_name_the_device_and_the_key(tmp_path: Path) -> None:
     text = err.value.render()
     assert "devices[0] (id='scanner-1').parity: Input should be 'none', 'even'" in text
     assert "devices[0] (id='scanner-1').baud: unknown key" in text
-    assert "devices[0] (id='scanner-1').rcn_layouts[0].prefixes: Value error, prefix '59'" in text
+    assert "devices[0] (id='scanner-1').rcn_layouts[0].prefixes: prefix '59'" in text
     assert "devices[1] (id='mat-1')" in text and "leave_after_s must be at least debounce_s" in text
 
 

@@ -1,7 +1,9 @@
 """The local status page in real headless Chromium (Playwright driving Debian's chromium), plus /metrics.
 
 The page loads, shows the live state, follows the broker going down and coming back through server-sent events,
-and refuses an action without the token. Screenshots land in the test's tmp dir for a human to look at.
+refuses an action without the token, shows a price change while its labels confirm (which items, labels left,
+what the tills charge meanwhile), and never scrolls sideways on a 360 px phone. Screenshots land in the test's tmp
+dir for a human to look at (STORELINK_SCREENSHOTS=DIR copies them there).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from storelink.remote.signing import keygen
-from tests.helpers import GatewayProcess, Mosquitto, wait_for
+from tests.helpers import GatewayProcess, Mosquitto, Subscriber, wait_for
 from tests.hq_helpers import STORE, start_gateway
+from tests.prices_helpers import batch, items, wait_event
+from tests.test_prices_atomic import TAGGED, Rig, wait_settled
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -33,6 +38,15 @@ def gateway(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[GatewayProcess]:
     gw.wait_online(10, what="connected")
     yield gw
     gw.stop()
+
+
+def assert_no_sideways_scrolling(page: Any) -> None:
+    width = page.evaluate("window.innerWidth")
+    wide = page.evaluate("document.documentElement.scrollWidth")
+    culprits = page.evaluate(
+        "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 1)"
+        ".slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className)")
+    assert wide <= width, f"the page is {wide} px wide in a {width} px window: {culprits}"
 
 
 def _fetch(url: str) -> tuple[int, str, str]:
@@ -101,9 +115,10 @@ def test_page_in_headless_chromium(tmp_path: Path, gateway: GatewayProcess, mosq
             expect(page.locator("#action-result")).to_contain_text("Done")
             wait_for(lambda: gateway.get("/api/v1/status")[1]["devices"][0]["restarts"] == 1, 10)
 
-            phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+            phone = browser.new_page(viewport={"width": 360, "height": 740}, device_scale_factor=2)
             phone.goto(gateway.base_url + "/")
             expect(phone.locator("#uplink-state")).to_have_text("Offline")
+            assert_no_sideways_scrolling(phone)
             phone.screenshot(path=str(tmp_path / "status-offline-phone.png"), full_page=True)
 
             mosquitto.start()
@@ -111,6 +126,60 @@ def test_page_in_headless_chromium(tmp_path: Path, gateway: GatewayProcess, mosq
             expect(page.locator("#outbox-depth")).to_have_text("Nothing waiting", timeout=10_000)
         finally:
             browser.close()
+    if os.environ.get("STORELINK_SCREENSHOTS"):
+        for shot in tmp_path.glob("*.png"):
+            shutil.copy(shot, os.environ["STORELINK_SCREENSHOTS"])
+
+
+def test_a_price_change_on_the_page_while_labels_confirm(tmp_path: Path, mosquitto: Mosquitto,
+                                                        subscriber: Subscriber) -> None:
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: run the README's test command (scripts/test.sh)"
+    from playwright.sync_api import expect, sync_playwright
+
+    rig = Rig(tmp_path, mosquitto, tills=1)
+    try:
+        rig.start()
+        rig.floor.start_tills()
+        rows = items(8, base=100)
+        rig.hq.batch(batch(rig.key, 1, rows))
+        wait_settled(rig, 1, TAGGED, 30, what="version 1 on the shelf")
+        assert rig.gw is not None
+        wait_for(lambda: rig.gw.get("/api/v1/prices/state")[1]["transition"] == [], 30,  # type: ignore[union-attr]
+                 what="version 1's labels confirmed")
+        rig.floor.ap.checkin_delay = 8.0  # the tags take a while to show version 2: the page shows the transition
+        rows[1]["price"], rows[2]["price"] = 250, 50  # SKU000001 goes up from 1.00, SKU000002 down
+        rig.hq.batch(batch(rig.key, 2, rows))
+        wait_event(subscriber, "price.committed", version=2)
+        state = wait_for(lambda: (s := rig.gw.get("/api/v1/prices/state")[1])["transition"]  # type: ignore[union-attr]
+                         and s["transition"][0]["labels"].get("esl", {}).get("total") and s, 10, what="label counts")
+        change = state["transition"][0]
+        assert change["version"] == 2 and change["skus"] == 2 and change["labels_left"] >= 1
+        assert [(i["sku"], i["old_price"], i["new_price"], i["charged"]) for i in change["items"]] == [
+            ("SKU000001", 100, 250, 100), ("SKU000002", 100, 50, 50)]
+        assert change["labels"]["esl"]["total"] == 2
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 360, "height": 740}, device_scale_factor=2)
+                page.goto(rig.gw.base_url + "/")
+                box = page.locator("#prices .transition")
+                expect(box).to_contain_text("Price change to version 2 reaching the shelf: 2 items")
+                expect(box).to_contain_text("tills charge the lower of the old and the new price")
+                expect(box.locator(".labels-left")).to_contain_text("Labels left:")
+                expect(box.locator("li[data-device=esl]")).to_contain_text("of 2 done")
+                expect(box.locator("li[data-sku=SKU000001]")).to_contain_text("€1.00 → €2.50")
+                expect(box.locator("li[data-sku=SKU000001]")).to_contain_text("tills charge €1.00")
+                expect(box.locator("li[data-sku=SKU000002]")).to_contain_text("tills charge €0.50")
+                assert_no_sideways_scrolling(page)
+                page.screenshot(path=str(tmp_path / "status-price-change-phone.png"), full_page=True)
+                # Every tag checked in: the transition is over and the page says so without a reload.
+                expect(page.locator("#prices .transition")).to_have_count(0, timeout=30_000)
+                expect(page.locator("#prices")).to_contain_text("Version 2")
+            finally:
+                browser.close()
+        assert rig.floor.lookup("1", "SKU000001")["price"] == 250  # type: ignore[index]
+    finally:
+        rig.close()
     if os.environ.get("STORELINK_SCREENSHOTS"):
         for shot in tmp_path.glob("*.png"):
             shutil.copy(shot, os.environ["STORELINK_SCREENSHOTS"])

@@ -196,7 +196,8 @@ async def run_till(sim: TillSimulator, every: float, skus: list[str], say: Any =
                     text = json.dumps(res["item"]) if res["type"] == "OK" else f"{res['code']}: {res['error']}"
                     say(f"[till {sim.till_id}] LOOKUP {sku} -> {text}")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sim.closed.wait(), every)
+                    async with asyncio.timeout(every):
+                        await sim.closed.wait()
         except (OSError, ConnectionError, TimeoutError, TillError) as err:
             say(f"[till {sim.till_id}] {type(err).__name__}: {err}; retrying in {delay:.1f} s")
         await sim.close()

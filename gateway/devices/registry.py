@@ -79,12 +79,14 @@ def missing_requirement(requirements: tuple[Requirement, ...]) -> tuple[Requirem
     return None
 
 
-def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceConfig], list[str]]:
+def validate_device_tables(tables: list[Any]) -> tuple[list[DeviceConfig], list[str]]:
     """Validate each table with its driver's model. Returns (configs, problems); problems name the key."""
     configs: list[DeviceConfig] = []
     problems: list[str] = []
     seen_ids: set[str] = set()
     for i, table in enumerate(tables):
+        if not isinstance(table, dict):
+            continue  # the top-level model reports a `devices` entry that is not a table
         where = f"devices[{i}]"
         if isinstance(table.get("id"), str):
             where += f" (id={table['id']!r})"
@@ -107,7 +109,7 @@ def validate_device_tables(tables: list[dict[str, Any]]) -> tuple[list[DeviceCon
             try:
                 cfg = cls.config_model.model_validate(table)
             except ValidationError as err:
-                problems += [f"{where}.{p}" for p in describe_validation_error(err)]
+                problems += describe_validation_error(err, cls.config_model, where)
                 continue
             missing = missing_requirement(cls.requirements(cfg))
         if missing is not None:

@@ -7,6 +7,7 @@ started again after an exponential backoff with jitter; it can never take the ga
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -17,7 +18,16 @@ from typing import Any
 
 from storelink.contract import DeviceStatePayload
 from storelink.devices.registry import load_driver
-from storelink.drivers.base import DeviceConfig, Driver, EventRef, Health, KioskView, PriceBookView, SyncMode
+from storelink.drivers.base import (
+    DeviceConfig,
+    Driver,
+    EventRef,
+    Health,
+    KioskView,
+    PriceBookView,
+    SyncMode,
+    plain_error,
+)
 from storelink.outbox import iso_ts
 from storelink.system.watchdog import ProgressWatchdog
 from storelink.uplink import StatePayload, backoff_delay
@@ -25,6 +35,7 @@ from storelink.uplink import StatePayload, backoff_delay
 log = logging.getLogger(__name__)
 # last_seen moves with every scan; the retained state carries it, refreshed at most this often.
 SEEN_REPUBLISH_S = 60.0
+INTERNAL_ERROR = "stopped on an internal error; it restarts by itself (details in the gateway's log)"
 
 EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
 StateFn = Callable[[str, StatePayload], None]
@@ -40,6 +51,7 @@ class DeviceServices:
     watchdog: ProgressWatchdog
     prices: PriceBookView | None = None
     kiosk: KioskView | None = None
+    rejections: collections.Counter[tuple[str, str]] | None = None  # refused input by (surface, reason): status
 
 
 class DeviceHandle:
@@ -62,6 +74,7 @@ class DeviceHandle:
         self.task: asyncio.Task[None] | None = None
         self.run_task: asyncio.Task[None] | None = None
         self.restart_requested = False
+        self.last_crash: str | None = None  # the last internal error logged with its traceback
 
     # DeviceContext ---------------------------------------------------------------------------------------
     async def emit(self, kind: str, data: dict[str, Any]) -> EventRef:
@@ -100,6 +113,12 @@ class DeviceHandle:
     @property
     def kiosk(self) -> KioskView | None:
         return self._sup.services.kiosk
+
+    @property
+    def rejections(self) -> collections.Counter[tuple[str, str]] | None:
+        """The gateway's counters of refused input (not part of DeviceContext: drivers count through
+        storelink.drivers.till_protocol.count_rejection, which does without them)."""
+        return self._sup.services.rejections
 
     def watch_thread(self, name: str, max_silence: float) -> Callable[[], None]:
         watchdog = self._sup.services.watchdog
@@ -150,7 +169,7 @@ class DeviceSupervisor:
             try:
                 out["details"] = handle.driver.details()
             except Exception as err:  # a driver's broken report must not break the status page
-                out["details"] = {"error": f"{type(err).__name__}: {err}"}
+                out["details"] = {"error": plain_error(err)}
         return out
 
     def driver(self, device_id: str) -> Driver | None:
@@ -216,11 +235,20 @@ class DeviceSupervisor:
                 handle.set_health(Health.OFFLINE, "restarted by operator")
                 attempt = 0
                 continue
-            except Exception as err:
+            except OSError as err:
+                # An expected fault (a printer that is off, a port unplugged, a share not mounted): the state
+                # change is the one log line (set_health logs it); the same fault again on the next try is quiet.
                 handle.restarts += 1
-                handle.set_health(Health.OFFLINE, f"{type(err).__name__}: {err}")
-                log.warning("driver %s failed; restarting", handle.device_id, exc_info=True,
-                            extra={"device": handle.device_id})
+                handle.set_health(Health.OFFLINE, plain_error(err))
+            except Exception as err:
+                # A bug: its traceback once per distinct error (not once per restart), plain words for the page.
+                handle.restarts += 1
+                handle.set_health(Health.OFFLINE, INTERNAL_ERROR)
+                crash = f"{type(err).__name__}: {err}"
+                if crash != handle.last_crash:
+                    handle.last_crash = crash
+                    log.error("driver %s stopped on an internal error; restarting it", handle.device_id,
+                              exc_info=True, extra={"device": handle.device_id})
             if time.monotonic() - started > 60:
                 attempt = 0  # it ran a good while: the next failure starts the backoff afresh
             delay = backoff_delay(attempt, *self.backoff)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import io
 import json
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,9 +40,29 @@ def _int(value: str, column: str) -> int | None:
     value = value.strip()
     if not value:
         return None
-    if not value.lstrip("-").isdigit():
+    digits = value[1:] if value.startswith("-") else value
+    if not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"{column} must be an integer number of minor units (cents), got {value!r}")
     return int(value)
+
+
+def _records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, values) of each CSV record; CsvProblems for a file that is not CSV text at all."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CsvProblems([f"{path}: not UTF-8 text (invalid byte at offset {err.start})"]) from None
+    if "\x00" in text:
+        raise CsvProblems([f"{path}: holds NUL bytes: not a text file"])
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # an unterminated quote, a field over csv's size limit
+            raise CsvProblems([f"{path}: line {reader.line_num}: not valid CSV ({err})"]) from None
+        yield reader.line_num, values
 
 
 def read_csv(path: Path) -> list[ItemIn]:
@@ -49,39 +70,45 @@ def read_csv(path: Path) -> list[ItemIn]:
     problems: list[str] = []
     items: list[ItemIn] = []
     seen: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        unknown = [h for h in header if h not in COLUMNS]
-        missing = [h for h in ("sku", "price") if h not in header]
-        if unknown or missing:
-            raise CsvProblems([f"{path}: unknown column(s) {unknown} (known: {', '.join(COLUMNS)})"] * bool(unknown)
-                              + [f"{path}: missing column(s) {missing}"] * bool(missing))
-        for line, raw in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-            try:
-                promo = None
-                if row.get("promo_label") or row.get("promo_ends_at") or row.get("promo_regular_price"):
-                    promo = {"label": row.get("promo_label", ""), "ends_at": row.get("promo_ends_at") or None,
-                             "regular_price": _int(row.get("promo_regular_price", ""), "promo_regular_price")}
-                item = ItemIn.model_validate({
-                    "sku": row.get("sku", ""), "gtin": row.get("gtin") or None,
-                    "price": _int(row.get("price", ""), "price"),
-                    "unit_price": _int(row.get("unit_price", ""), "unit_price"),
-                    "unit_basis": row.get("unit_basis") or None, "description": row.get("description", ""),
-                    "promotion": promo,
-                })
-            except ValidationError as err:
-                problems += [f"line {line}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-                continue
-            except ValueError as err:
-                problems.append(f"line {line}: {err}")
-                continue
-            if item.sku in seen:
-                problems.append(f"line {line}: sku {item.sku!r} already on line {seen[item.sku]}")
-                continue
-            seen[item.sku] = line
-            items.append(item)
+    records = _records(path)
+    header = [h.strip() for h in next(records, (0, []))[1]]
+    unknown = [h for h in header if h not in COLUMNS]
+    missing = [h for h in ("sku", "price") if h not in header]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if unknown or missing or repeated:
+        raise CsvProblems([f"{path}: unknown column(s) {unknown} (known: {', '.join(COLUMNS)})"] * bool(unknown)
+                          + [f"{path}: missing column(s) {missing}"] * bool(missing)
+                          + [f"{path}: column(s) named twice {repeated}"] * bool(repeated))
+    for line, values in records:
+        if not any(v.strip() for v in values):
+            continue  # a blank line
+        if len(values) > len(header):
+            problems.append(f"line {line}: {len(values)} values for {len(header)} columns")
+            continue
+        row = {h: v.strip() for h, v in zip(header, values, strict=False)}
+        try:
+            promo = None
+            if row.get("promo_label") or row.get("promo_ends_at") or row.get("promo_regular_price"):
+                promo = {"label": row.get("promo_label", ""), "ends_at": row.get("promo_ends_at") or None,
+                         "regular_price": _int(row.get("promo_regular_price", ""), "promo_regular_price")}
+            item = ItemIn.model_validate({
+                "sku": row.get("sku", ""), "gtin": row.get("gtin") or None,
+                "price": _int(row.get("price", ""), "price"),
+                "unit_price": _int(row.get("unit_price", ""), "unit_price"),
+                "unit_basis": row.get("unit_basis") or None, "description": row.get("description", ""),
+                "promotion": promo,
+            })
+        except ValidationError as err:
+            problems += [f"line {line}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+            continue
+        except ValueError as err:
+            problems.append(f"line {line}: {err}")
+            continue
+        if item.sku in seen:
+            problems.append(f"line {line}: sku {item.sku!r} already on line {seen[item.sku]}")
+            continue
+        seen[item.sku] = line
+        items.append(item)
     if problems:
         raise CsvProblems(problems)
     return items

@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from aiohttp import web
 from pydantic import Field, ValidationError
 
+from storelink import safe_json
 from storelink.config import RunningConfig
 from storelink.contract import CartAnswer, CartRequest
 from storelink.devices.supervisor import DeviceSupervisor
@@ -41,7 +42,7 @@ from storelink.parts import BasePart, Subscription
 from storelink.uplink import Downlink, Uplink
 from storelink.validation import StrictModel, is_identifier
 from storelink.web import sse
-from storelink.web.server import error
+from storelink.web.server import BadRequestBody, error, read_json
 
 log = logging.getLogger(__name__)
 CART_KEY = "online_cart"
@@ -108,7 +109,8 @@ class KioskCart(BasePart):
             self.uplink.publish_direct(self.topics.cart_request, request.model_dump_json().encode(), qos=1,
                                        correlation_data=bytes.fromhex(corr), response_topic=self.topics.cart_response)
             try:
-                answer = await asyncio.wait_for(fut, timeout)
+                async with asyncio.timeout(timeout):
+                    answer = await fut
             except TimeoutError:
                 self.counts["timeouts"] += 1
                 raise CartFailed(504, f"head office did not answer within {timeout:g}s") from None
@@ -125,10 +127,11 @@ class KioskCart(BasePart):
     async def on_response(self, down: Downlink) -> None:
         corr = down.correlation_data.hex() if down.correlation_data else None
         try:
-            answer = CartAnswer.model_validate_json(down.payload)
-        except ValidationError as err:
+            answer = CartAnswer.model_validate(safe_json.loads(down.payload))
+        except (safe_json.JsonRejected, ValidationError) as err:
             # The payload may hold a customer's cart: log the shape of the problem, not the content.
-            log.warning("cart answer from head office is malformed (%d problems)", len(err.errors()))
+            problems = f"{err.error_count()} problems" if isinstance(err, ValidationError) else err.reason
+            log.warning("cart answer from head office is malformed (%s)", problems)
             if corr and corr in self._pending:
                 fut = self._pending[corr].future
                 if not fut.done():
@@ -209,8 +212,10 @@ class KioskCart(BasePart):
         try:
             kiosk_id = self._kiosk(request)
             try:
-                query = CartQuery.model_validate(await request.json())
-            except (ValueError, ValidationError):
+                query = CartQuery.model_validate(await read_json(request))
+            except BadRequestBody as err:
+                raise CartFailed(err.status, err.message) from None
+            except ValidationError:
                 raise CartFailed(422, 'body must be {"customer": "<token>", "list": "cart"|"wishlist"}') from None
             answer = await self.fetch(kiosk_id, query)
         except CartFailed as err:

@@ -154,7 +154,8 @@ class KioskSessions(BasePart):
         """Start a session at ``kiosk_id`` (idempotent: an open session is kept). Returns the session id."""
         if not is_identifier(kiosk_id):
             raise ValueError(f"kiosk id {kiosk_id!r} is not a valid device id")
-        await asyncio.wait_for(self._ready.wait(), 60)
+        async with asyncio.timeout(60):
+            await self._ready.wait()
         async with self._lock(kiosk_id):
             existing = self._sessions.get(kiosk_id)
             if existing is not None:

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from storelink.drivers.base import PrepareFailed, RestoreConfirming
+from storelink.drivers.base import LabelProgress, PrepareFailed, RestoreConfirming
 from storelink.prices import book as bk
 from storelink.prices.crashpoints import crash_point
 from storelink.prices.db import PriceDb, set_meta
@@ -79,6 +79,8 @@ class Coordinator:
         self.lock = asyncio.Lock()  # one batch or one catch-up touches devices at a time
         self.current: str | None = None
         self._followers: dict[str, asyncio.Task[None]] = {}
+        # batch -> label device -> {"confirmed", "left", "total"} while its labels settle (for the status page)
+        self.label_progress: dict[str, dict[str, dict[str, Any]]] = {}
 
     # -- journal access -------------------------------------------------------------------------------------
     async def _batch(self, batch_id: str) -> BatchRow:
@@ -377,6 +379,21 @@ class Coordinator:
         for batch_id, version, outcome in rows:
             self._follow(batch_id, version, committed=outcome == "committed")
 
+    async def _note_progress(self, progress: dict[str, dict[str, Any]], device: str, drv: Any,
+                             version: int | None, confirmed: bool) -> None:
+        """Keep what the status page shows of a label device while its labels confirm: confirmed or not, and how
+        many labels are left (a driver with LabelProgress; only for a committed version)."""
+        entry: dict[str, Any] = {"confirmed": confirmed}
+        if version is not None and isinstance(drv, LabelProgress):
+            try:
+                left, total = await drv.price_labels_left(version)
+                entry.update(left=0 if confirmed else left, total=total)
+            except Exception as err:  # the count is for the page only; confirmation goes on without it
+                log.debug("label %s: cannot count labels left: %s", device, err)
+        if progress.get(device) != entry:
+            progress[device] = entry
+            self.on_change()
+
     def _follow(self, batch_id: str, version: int, committed: bool) -> None:
         if batch_id not in self._followers:
             task = asyncio.create_task(self._labels_settle(batch_id, version, committed), name=f"labels-{batch_id}")
@@ -396,6 +413,7 @@ class Coordinator:
         log.info("batch %s: waiting for %s to confirm %s", batch_id, ", ".join(labels) or "no label",
                  "the new prices" if committed else "the old prices are back")
         since = time.monotonic()
+        progress = self.label_progress.setdefault(batch_id, {d: {"confirmed": False} for d in labels})
         while labels:
             waiting = []
             for device in labels:
@@ -412,12 +430,14 @@ class Coordinator:
                     ok = False
                 if not ok:
                     waiting.append(device)
+                await self._note_progress(progress, device, drv, version if committed else None, ok)
             if waiting != labels:
                 log.debug("batch %s: labels still to confirm: %s", batch_id, ", ".join(waiting) or "none")
             labels = waiting
             if labels:
                 await asyncio.sleep(self.cfg.confirm_poll)
         await self.db.write(bk.end_transition, batch_id)
+        self.label_progress.pop(batch_id, None)
         log.info("batch %s: every label settled; lookups answer the book's price again", batch_id)
         if committed:
             await self.emit("price.confirmed", {"batch_id": batch_id, "version": version})

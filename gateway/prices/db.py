@@ -28,6 +28,7 @@ from storelink.system.schema import ensure_schema
 from storelink.system.sqlite import Synchronous, open_db, transaction
 
 T = TypeVar("T")
+WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint (SQLite checkpoints at ~4 MB)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,7 +79,8 @@ class PriceDb:
         self._pool.submit(self._open).result()
 
     def _open(self) -> None:
-        conn = open_db(self.path, synchronous=self.synchronous)
+        # A big transaction (a chunk of several MB) grows the WAL; after a checkpoint it is cut back to this.
+        conn = open_db(self.path, synchronous=self.synchronous, journal_size_limit=WAL_SIZE_LIMIT)
         ensure_schema(conn, "prices", lambda c: c.executescript(SCHEMA))  # versioned: see storelink.system.schema
         self._writer = conn
 

@@ -10,6 +10,7 @@ import asyncio
 
 from aiohttp import web
 
+from storelink import safe_json
 from storelink.prices.book import PriceBook
 from storelink.prices.state import StatePublisher
 
@@ -22,11 +23,11 @@ def routes(book: PriceBook, state_report: StatePublisher, ready: asyncio.Event) 
         code = request.match_info["code"]
         if not ready.is_set():
             return web.json_response({"error": "the price book is starting"}, status=503)
-        if not 1 <= len(code) <= 64:
-            return web.json_response({"error": "a SKU or GTIN is 1..64 characters"}, status=400)
+        if not 1 <= len(code) <= 64 or not safe_json.text_ok(code):
+            return web.json_response({"error": "a SKU or GTIN is 1..64 characters of UTF-8 text"}, status=400)
         item = await book.alookup(code)
         if item is None:
-            return web.json_response({"error": f"no price for {code!r}"}, status=404)
+            return web.json_response({"error": f"no price for {safe_json.echo(code)}"}, status=404)
         return web.json_response(item)
 
     # the part's routes answer 503 while it is not running (storelink.parts); `ready` covers its start-up

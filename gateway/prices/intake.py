@@ -8,6 +8,7 @@ SQLite work on the price database's writer thread; the asyncio loop only routes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections import OrderedDict
@@ -16,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from storelink import safe_json
 from storelink.contract import Topics
 from storelink.prices.book import PriceBook
 from storelink.prices.db import PriceDb
@@ -48,6 +50,7 @@ class Intake:
         self._asked: tuple[int, float] | None = None
         self.last_chunk_at: float | None = None  # monotonic; the bench measures from here
         self.rejected_total = 0
+        self.rejections: collections.Counter[tuple[str, str]] = collections.Counter()  # the gateway's, by the part
 
     def subscriptions(self) -> list[tuple[str, Callable[[Downlink], Awaitable[None]]]]:
         out: list[tuple[str, Callable[[Downlink], Awaitable[None]]]] = [(t, self.on_batch) for t in self.sources]
@@ -66,16 +69,20 @@ class Intake:
                 from_chunk = True
                 await self._chunk(self.staging.parse_chunk(down.payload), time.time())
             else:
-                raise Rejected(Reason.MALFORMED, f"unknown message type {kind!r} (expected manifest or chunk)",
-                               obj.get("batch_id") if isinstance(obj.get("batch_id"), str) else None)
+                raise Rejected(Reason.MALFORMED, f"unknown message type {safe_json.echo(kind)} (expected manifest "
+                               "or chunk)", obj.get("batch_id"))
         except Rejected as rej:
             await self.reject(rej, source, from_chunk)
 
     async def reject(self, rej: Rejected, source: str, from_chunk: bool) -> None:
         self.rejected_total += 1
+        self.rejections["price", str(rej.reason)] += 1
         await self.db.write(self.staging.record_rejection, rej, source, from_chunk)
         key = (rej.batch_id, f"{rej.reason}:{rej.detail}")
-        log.warning("price batch %s rejected (%s): %s", rej.batch_id or "?", rej.reason, rej.detail)
+        # The detail may quote the message (a field name, a type): it goes to head office in the event, not into
+        # the log. An unsigned message's batch id is only an identifier-shaped string someone chose.
+        log.warning("price batch %s rejected: %s (details in the price.rejected event)",
+                    rej.batch_id or "?", rej.reason)
         if key in self._reported:
             return  # the same bad message again (a redelivery): reported once is enough
         self._reported[key] = None
@@ -142,7 +149,11 @@ class Intake:
             self.desired = None  # head office cleared it
             return
         try:
-            self.desired = Desired.model_validate_json(down.payload)
+            self.desired = Desired.model_validate(safe_json.loads(down.payload))
+        except safe_json.JsonRejected as err:
+            await self.reject(Rejected(Reason.MALFORMED, f"prices/desired: not JSON: {err.reason}"),
+                              "desired", False)
+            return
         except ValidationError as err:
             await self.reject(Rejected(Reason.MALFORMED, f"prices/desired: {err.errors()[0]['msg']}"), "desired",
                               False)

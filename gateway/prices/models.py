@@ -22,6 +22,8 @@ FORMAT = 1
 BATCH_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 MAX_CHUNKS = 10_000
 MAX_CHUNK_BYTES = 8 * 1024 * 1024  # decoded and decompressed, per chunk
+MAX_CHUNK_DATA = MAX_CHUNK_BYTES * 4 // 3 + 4  # a chunk's base64 text
+MAX_MESSAGE_BYTES = MAX_CHUNK_DATA + 64 * 1024  # one batch message (a chunk with its envelope, or a manifest)
 
 
 class PricesConfig(StrictModel):
@@ -41,6 +43,8 @@ class PricesConfig(StrictModel):
     resend_every: float = Field(300.0, ge=1, description="seconds between resend requests while behind desired")
     max_items: int = Field(500_000, ge=1, description="largest batch accepted")
     max_staged_batches: int = Field(4, ge=1, description="incomplete batches held at once (older ones dropped)")
+    max_parked_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024, description="bytes of chunks that arrived "
+                                  "before their manifest (unsigned until it comes) kept at once; oldest dropped")
 
 
 class Reason(enum.StrEnum):
@@ -134,7 +138,8 @@ class ChunkMessage(StrictModel):
     type: Literal["chunk"]
     batch_id: str = Field(pattern=BATCH_ID_RE)
     index: int = Field(ge=0, lt=MAX_CHUNKS)
-    data: str = Field(description="base64 of the chunk bytes (zlib-compressed JSON array of items, or plain)")
+    data: str = Field(max_length=MAX_CHUNK_DATA,
+                      description="base64 of the chunk bytes (zlib-compressed JSON array of items, or plain)")
 
 
 class Desired(BaseModel):

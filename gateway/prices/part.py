@@ -26,9 +26,13 @@ from storelink.prices.staging import Staging
 from storelink.prices.state import StatePublisher, build_state
 from storelink.prices.targets import Targets
 from storelink.uplink import StatePayload
+from storelink.web.server import Rejections
 
 log = logging.getLogger(__name__)
 EVENT_DEVICE = "prices"  # the `device` of every price.* event
+# A chunk's handler waits for its turn to be decoded and stored (two at a time): the last of a 100-chunk burst on a
+# slow card may wait minutes. Past this the message is acknowledged and the batch, incomplete, expires (reported).
+HANDLER_TIMEOUT = 600.0
 
 EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
 
@@ -37,7 +41,7 @@ class PricesPart(BasePart):
     name = "prices"
 
     def __init__(self, conf: GatewayConfig, topics: Topics, publish_state: Callable[[str, StatePayload], None],
-                 emit: EmitFn, devices: DeviceSupervisor):
+                 emit: EmitFn, devices: DeviceSupervisor, rejections: Rejections | None = None):
         self.store_id = conf.store_id
         self._emit = emit
         self.cfg: PricesConfig = conf.prices
@@ -52,12 +56,14 @@ class PricesPart(BasePart):
         self.auditor = Auditor(self.db, self.cfg, self.book, self.coordinator, self.emit, self.state.mark)
         self.intake = Intake(self.db, self.cfg, self.staging, self.book, topics, list(conf.groups),
                              self.emit, self.state.mark, self.coordinator.wake.set)
+        if rejections is not None:
+            self.intake.rejections = rejections  # the gateway's counters (status, /metrics)
 
     async def emit(self, kind: str, data: dict[str, Any]) -> EventRef:
         return await self._emit(kind, EVENT_DEVICE, data)
 
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(topic, handler) for topic, handler in self.intake.subscriptions()]
+        return [Subscription(topic, handler, timeout=HANDLER_TIMEOUT) for topic, handler in self.intake.subscriptions()]
 
     def routes(self) -> list[web.RouteDef]:
         return routes(self.book, self.state, self.ready)
@@ -68,7 +74,7 @@ class PricesPart(BasePart):
     def _build_state(self, conn: sqlite3.Connection) -> PricesStatePayload:
         devices = [(t.device, t.role) for t in self.targets.all()]
         return build_state(conn, self.store_id, devices, self.auditor.stale, self.auditor.drift,
-                           self.coordinator.current)
+                           self.coordinator.current, self.coordinator.label_progress)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.open)

@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import time
 import zlib
@@ -24,12 +25,15 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from storelink import safe_json
 from storelink.prices.db import PriceDb, get_meta
 from storelink.prices.models import (
+    BATCH_ID_RE,
     BURNED,
     FINISHED,
     IN_PROGRESS,
     MAX_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
     ChunkMessage,
     ItemIn,
     Manifest,
@@ -40,15 +44,22 @@ from storelink.prices.models import (
 
 log = logging.getLogger(__name__)
 _items = TypeAdapter(list[ItemIn])
+MAX_DETAIL = 500  # characters of a rejection's detail (it may name fields of the input)
 
 
 class Rejected(Exception):
-    def __init__(self, reason: Reason, detail: str, batch_id: str | None = None, version: int | None = None):
+    """``signed``: the message passed the signature check (or is a chunk of a signed batch), so its batch id is
+    head office's and may be recorded; the id of an unsigned message is only reported, never stored."""
+
+    def __init__(self, reason: Reason, detail: str, batch_id: str | None = None, version: int | None = None,
+                 *, signed: bool = False):
+        detail = detail if len(detail) <= MAX_DETAIL else detail[: MAX_DETAIL - 3] + "..."
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-        self.batch_id = batch_id
+        self.batch_id = batch_id if isinstance(batch_id, str) and re.fullmatch(BATCH_ID_RE, batch_id) else None
         self.version = version
+        self.signed = signed
 
 
 @dataclass(frozen=True)
@@ -63,9 +74,10 @@ class Outcome:
 
 def _loads_object(payload: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise Rejected(Reason.MALFORMED, f"not JSON: {err}") from None
+        obj = safe_json.loads(payload, max_bytes=MAX_MESSAGE_BYTES)
+    except safe_json.JsonRejected as err:
+        reason = Reason.TOO_LARGE if len(payload) > MAX_MESSAGE_BYTES else Reason.MALFORMED
+        raise Rejected(reason, f"not JSON: {err.reason}") from None
     if not isinstance(obj, dict):
         raise Rejected(Reason.MALFORMED, "a batch message must be a JSON object")
     return obj
@@ -145,43 +157,45 @@ class Staging:
         except SignatureError as err:
             raise Rejected(Reason.BAD_SIGNATURE, err.reason, guess_id, guess_ver) from None
         if not isinstance(signed, dict):
-            raise Rejected(Reason.MALFORMED, "the signed payload is not an object", guess_id, guess_ver)
+            raise Rejected(Reason.MALFORMED, "the signed payload is not an object", guess_id, guess_ver,
+                           signed=True)
         try:
             manifest = Manifest.model_validate(signed)
         except ValidationError as err:
-            raise Rejected(Reason.MALFORMED, _brief(err), guess_id, guess_ver) from None
+            raise Rejected(Reason.MALFORMED, _brief(err), guess_id, guess_ver, signed=True) from None
         t = manifest.target
         ok = (t.store == self.store_id and source == "store") or (
             t.group in self.groups and source == f"group:{t.group}")
         if not ok:
             who = f"store {t.store}" if t.store else f"group {t.group}"
             raise Rejected(Reason.WRONG_TARGET, f"signed for {who}, received on the {source} topic",
-                           manifest.batch_id, manifest.version)
+                           manifest.batch_id, manifest.version, signed=True)
         if manifest.item_count > self.cfg.max_items:
             raise Rejected(Reason.TOO_LARGE, f"{manifest.item_count} items, at most {self.cfg.max_items} accepted",
-                           manifest.batch_id, manifest.version)
+                           manifest.batch_id, manifest.version, signed=True)
         if manifest.not_after is not None and manifest.not_after.timestamp() < time.time():
             raise Rejected(Reason.REPLAYED, f"arrived after its not_after ({manifest.not_after.isoformat()})",
-                           manifest.batch_id, manifest.version)
+                           manifest.batch_id, manifest.version, signed=True)
         return manifest, signed
 
     def accept_manifest(self, conn: sqlite3.Connection, m: Manifest, raw: dict[str, Any], source: str) -> Outcome:
         """Writer transaction: replay/stale checks, then record the batch as `staging`. Raises Rejected."""
         row = conn.execute("SELECT phase, manifest FROM batches WHERE batch_id=?", (m.batch_id,)).fetchone()
         if row is not None and row[0] in FINISHED:
-            raise Rejected(Reason.REPLAYED, f"batch {m.batch_id} was already {row[0]}", m.batch_id, m.version)
+            raise Rejected(Reason.REPLAYED, f"batch {m.batch_id} was already {row[0]}", m.batch_id, m.version,
+                           signed=True)
         if row is not None and row[0] in IN_PROGRESS:
             if row[1] == json.dumps(raw, sort_keys=True):
                 return Outcome(m.batch_id, duplicate=True)  # QoS 1 redelivery or head office resending
             raise Rejected(Reason.REPLAYED, f"batch id {m.batch_id} is already in progress with other content",
-                           m.batch_id, m.version)
+                           m.batch_id, m.version, signed=True)
         active = int(get_meta(conn, "active_version", "0") or 0)
         burned = conn.execute(f"SELECT MAX(version) FROM batches WHERE phase IN ({','.join('?' * len(BURNED))})",
                               BURNED).fetchone()[0]
         newest = max(active, int(burned or 0))
         if m.version <= newest:
             raise Rejected(Reason.STALE, f"version {m.version} is not newer than {newest} (active {active})",
-                           m.batch_id, m.version)
+                           m.batch_id, m.version, signed=True)
         now = time.time()
         # A newer manifest replaces incomplete older ones (head office moved on); they are dropped quietly.
         for (old_id,) in conn.execute("SELECT batch_id FROM batches WHERE phase='staging' AND version < ?",
@@ -215,7 +229,13 @@ class Staging:
         return Manifest.model_validate(json.loads(row[0])), str(row[1])
 
     def park_chunk(self, conn: sqlite3.Connection, chunk: ChunkMessage) -> None:
-        """Keep a chunk whose manifest has not arrived yet (bounded: the oldest unknown batches are dropped)."""
+        """Keep a chunk whose manifest has not arrived yet. Nobody has vouched for these bytes, so they are bounded
+        by batches (``max_staged_batches``) and by bytes (``max_parked_bytes``): the oldest are dropped first, and
+        a chunk bigger than the whole allowance is refused at once (``too_large``)."""
+        size, limit = len(chunk.data), self.cfg.max_parked_bytes
+        if size > limit:
+            raise Rejected(Reason.TOO_LARGE, f"chunk {chunk.index} of {size} bytes arrived before its manifest; "
+                           f"at most {limit} bytes wait for manifests ([prices] max_parked_bytes)", chunk.batch_id)
         now = time.time()
         conn.execute("DELETE FROM raw_chunks WHERE received_at < ?", (now - self.cfg.staging_ttl,))
         conn.execute("INSERT OR REPLACE INTO raw_chunks(batch_id, idx, data, received_at) VALUES(?,?,?,?)",
@@ -224,6 +244,19 @@ class Staging:
             "SELECT batch_id FROM raw_chunks GROUP BY batch_id ORDER BY MAX(received_at) DESC")]
         for old in ids[self.cfg.max_staged_batches:]:
             conn.execute("DELETE FROM raw_chunks WHERE batch_id=?", (old,))
+        total = conn.execute("SELECT COALESCE(SUM(length(data)), 0) FROM raw_chunks").fetchone()[0]
+        if total > limit:
+            dropped = 0
+            oldest_first = conn.execute(
+                "SELECT batch_id, idx, length(data) FROM raw_chunks ORDER BY received_at, batch_id, idx").fetchall()
+            for batch_id, idx, length in oldest_first:
+                if total <= limit:
+                    break
+                conn.execute("DELETE FROM raw_chunks WHERE batch_id=? AND idx=?", (batch_id, idx))
+                total -= length
+                dropped += 1
+            log.warning("dropped the %d oldest price chunk(s) still waiting for their manifest: over [prices] "
+                        "max_parked_bytes (%d)", dropped, limit)
 
     def take_parked(self, conn: sqlite3.Connection, batch_id: str) -> list[ChunkMessage]:
         rows = conn.execute("SELECT idx, data FROM raw_chunks WHERE batch_id=? ORDER BY idx", (batch_id,)).fetchall()
@@ -267,17 +300,19 @@ class Staging:
 
     def record_rejection(self, conn: sqlite3.Connection, rej: Rejected, source: str, from_chunk: bool) -> None:
         """Record a rejection. A bad manifest never touches an existing batch of the same id (it may be forged);
-        a chunk that fails its signed hash or does not parse ends the batch it belongs to."""
+        a chunk that fails its signed hash or does not parse ends the batch it belongs to. Only a signed batch
+        gets a row of its own: the ids of unsigned messages would let anyone grow the table."""
         if rej.batch_id is None:
             return
         row = conn.execute("SELECT phase FROM batches WHERE batch_id=?", (rej.batch_id,)).fetchone()
-        now = time.time()
-        conn.execute(
-            "INSERT INTO batches(batch_id, version, source, phase, reason, received_at, updated_at) "
-            "VALUES(?,?,?,'rejected',?,?,?) ON CONFLICT(batch_id) DO NOTHING",
-            (rej.batch_id, rej.version, source, f"{rej.reason}: {rej.detail}", now, now))
         if from_chunk and row is not None and row[0] == "staging":
             self.drop(conn, rej.batch_id, "rejected", f"{rej.reason}: {rej.detail}")
+        elif rej.signed:
+            now = time.time()
+            conn.execute(
+                "INSERT INTO batches(batch_id, version, source, phase, reason, received_at, updated_at) "
+                "VALUES(?,?,?,'rejected',?,?,?) ON CONFLICT(batch_id) DO NOTHING",
+                (rej.batch_id, rej.version, source, f"{rej.reason}: {rej.detail}", now, now))
 
     def expire(self, conn: sqlite3.Connection) -> list[str]:
         """Drop batches that stayed incomplete longer than staging_ttl; returns their ids."""

@@ -1,8 +1,9 @@
 """The retained ``storelink/{store}/prices/state`` report (also the "prices" section of GET /api/v1/status).
 
 Rebuilt from the database whenever something changes (debounced), so what head office sees is what is on disk:
-active version, the batch in progress and its phase, SKUs still in transition, and each device's version and
-standing (``current``, ``stale``, ``pending``, ``unknown``).
+active version, the batch in progress and its phase, the changes still in transition (items with their old, new
+and charged price, label devices and labels left), and each device's version and standing (``current``,
+``stale``, ``pending``, ``unknown``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from storelink.contract import LastBatch, PendingBatch, PriceDeviceState, PricesStatePayload, TransitionState
+from storelink.contract import (
+    LabelDeviceProgress,
+    LastBatch,
+    PendingBatch,
+    PriceDeviceState,
+    PricesStatePayload,
+    TransitionItem,
+    TransitionState,
+)
 from storelink.outbox import iso_ts
 from storelink.prices.db import PriceDb, get_meta
 from storelink.prices.models import IN_PROGRESS
@@ -29,8 +38,38 @@ def _ts(value: float | None) -> str | None:
     return iso_ts(value) if value else None
 
 
+# Items listed per transition (a 100,000-item change lists the first ones; `skus` says how many there are).
+TRANSITION_ITEMS = 20
+LabelProgress = dict[str, dict[str, dict[str, Any]]]  # batch -> label device -> {"confirmed", "left", "total"}
+
+
+def _transitions(conn: sqlite3.Connection, labels: LabelProgress) -> list[TransitionState]:
+    """Each batch whose labels are still confirming: its SKUs with the old, new and charged price (min of the
+    two: what every till answers meanwhile), and per label device whether it confirmed and how many are left."""
+    out = []
+    rows = conn.execute("SELECT t.batch_id, t.outcome, t.since, b.version, (SELECT COUNT(*) FROM changes c "
+                        "WHERE c.batch_id=t.batch_id) FROM transitions t LEFT JOIN batches b ON b.batch_id=t.batch_id "
+                        "ORDER BY t.since").fetchall()
+    for batch_id, outcome, since, version, skus in rows:
+        items = conn.execute(
+            "SELECT c.sku, COALESCE(b.description, s.description), c.old_price, c.new_price, c.kind FROM changes c "
+            "LEFT JOIN book b ON b.sku=c.sku LEFT JOIN staged s ON s.batch_id=c.batch_id AND s.sku=c.sku "
+            "WHERE c.batch_id=? ORDER BY c.sku LIMIT ?", (batch_id, TRANSITION_ITEMS)).fetchall()
+        # (a copy: the coordinator updates these on the loop while this runs in the database thread)
+        devices = {d: LabelDeviceProgress(**e) for d, e in list(labels.get(batch_id, {}).items())}
+        lefts = [d.left for d in devices.values() if d.left is not None]
+        out.append(TransitionState(
+            batch_id=batch_id, version=version, outcome=outcome, since=_ts(since), skus=skus,
+            items=[TransitionItem(sku=sku, description=desc, old_price=old, new_price=new, kind=kind,
+                                  charged=min((p for p in (old, new) if p is not None), default=None))
+                   for sku, desc, old, new, kind in items],
+            labels=devices, labels_left=sum(lefts) if lefts else None))
+    return out
+
+
 def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str, Role]], stale: set[str],
-                drift: dict[str, str], current: str | None) -> PricesStatePayload:
+                drift: dict[str, str], current: str | None, labels: LabelProgress | None = None
+                ) -> PricesStatePayload:
     active = int(get_meta(conn, "active_version", "0") or 0)
     pending = conn.execute(
         "SELECT batch_id, version, phase, effective_at, chunks_done, chunks_total, item_count, changed, received_at "
@@ -39,8 +78,6 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
     last = conn.execute("SELECT batch_id, version, phase, reason, updated_at FROM batches "
                         "WHERE phase IN ('done','aborted','rejected','superseded','expired') "
                         "ORDER BY updated_at DESC LIMIT 1").fetchone()
-    transition = conn.execute("SELECT t.batch_id, t.outcome, COUNT(c.sku) FROM transitions t LEFT JOIN changes c "
-                              "ON c.batch_id=t.batch_id GROUP BY t.batch_id").fetchall()
     known = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT device, version, stale FROM devices")}
     in_batch: dict[str, str] = {}
     if pending is not None:
@@ -74,7 +111,7 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
             items=pending[6], changed=pending[7], received_at=_ts(pending[8]),
             running=current == pending[0],
         ),
-        transition=[TransitionState(batch_id=b, outcome=o, skus=n) for b, o, n in transition],
+        transition=_transitions(conn, labels or {}),
         last=None if last is None else LastBatch(batch_id=last[0], version=last[1], outcome=last[2],
                                                  reason=last[3], at=_ts(last[4])),
         devices=out_devices,

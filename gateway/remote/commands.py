@@ -10,7 +10,8 @@ command cannot be replayed. The status page calls ``Commands.execute`` directly 
 
 from __future__ import annotations
 
-import json
+import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -20,18 +21,23 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from storelink import __version__
+from storelink import __version__, safe_json
 from storelink.config import RunningConfig
+from storelink.contract import is_publish_topic
 from storelink.devices.supervisor import DeviceSupervisor
 from storelink.outbox import iso_ts
 from storelink.parts import BasePart, Subscription
 from storelink.prices.part import PricesPart
 from storelink.remote.models import CommandRequest, CommandResponse, SignedCommand
 from storelink.remote.signing import SignatureError, verify
+from storelink.system.logs import exception_summary, loggable_id
 from storelink.uplink import Downlink, Uplink
 from storelink.validation import Identifier, Sku, StrictModel, describe_validation_error
 
 log = logging.getLogger(__name__)
+MAX_COMMAND_BYTES = 256 * 1024  # a command with 10,000 SKUs to reprint is ~200 KB
+COMMAND_TIMEOUT = 300.0  # a reprint of every label may take minutes; past this the command answers `failed`
+MAX_NAME = 64  # a command name longer than any known one is unknown; this bounds what the reply echoes
 
 
 class CommandError(Exception):
@@ -86,8 +92,11 @@ class Commands(BasePart):
     name = "commands"
 
     def __init__(self, config: RunningConfig, uplink: Uplink, devices: DeviceSupervisor, prices: PricesPart | None,
-                 status: Callable[[], dict[str, Any]], more: Mapping[str, Command] | None = None):
-        """``more``: commands other parts run (the update agent's ``update``), by name."""
+                 status: Callable[[], dict[str, Any]], more: Mapping[str, Command] | None = None,
+                 rejections: collections.Counter[tuple[str, str]] | None = None):
+        """``more``: commands other parts run (the update agent's ``update``), by name. ``rejections``: the
+        gateway's counters of refused input (status, /metrics)."""
+        self.rejections = rejections if rejections is not None else collections.Counter()
         self.config = config
         self.uplink = uplink
         self.topics = uplink.topics
@@ -106,19 +115,20 @@ class Commands(BasePart):
         }
 
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(self.topics.command_filter, self.on_command)]
+        return [Subscription(self.topics.command_filter, self.on_command, timeout=COMMAND_TIMEOUT + 30)]
 
     # -- shared by MQTT and HTTP -------------------------------------------------------------------------------
     async def execute(self, name: str, raw_args: Any) -> Any:
         cmd = self.table.get(name)
         if cmd is None:
-            raise CommandError("unknown_command", f"unknown command {name!r} (known: {', '.join(self.table)})")
+            raise CommandError("unknown_command",
+                               f"unknown command {safe_json.echo(name)} (known: {', '.join(self.table)})")
         if not isinstance(raw_args, dict):
             raise CommandError("bad_args", "args must be a JSON object")
         try:
             args = cmd.args.model_validate(raw_args)
         except ValidationError as err:
-            raise CommandError("bad_args", "; ".join(describe_validation_error(err))) from None
+            raise CommandError("bad_args", "; ".join(describe_validation_error(err)[:10])) from None
         return await cmd.run(args)
 
     def _count(self, name: str, outcome: str) -> None:
@@ -127,13 +137,14 @@ class Commands(BasePart):
 
     # -- the MQTT handler --------------------------------------------------------------------------------------
     async def on_command(self, down: Downlink) -> None:
-        name = down.topic.rsplit("/", 1)[-1]
+        """Every message gets exactly one reply, whatever its bytes: a result or an error with a code."""
+        name = down.topic.rsplit("/", 1)[-1][:MAX_NAME]
         reply_to, corr_id = down.response_topic, None
         try:
             try:
-                body = json.loads(down.payload) if down.payload else {}
-            except (ValueError, UnicodeDecodeError) as err:
-                raise CommandError("bad_request", f"payload is not JSON: {err}") from None
+                body = safe_json.loads(down.payload, max_bytes=MAX_COMMAND_BYTES) if down.payload else {}
+            except safe_json.JsonRejected as err:
+                raise CommandError("bad_request", f"payload is not JSON: {err.reason}") from None
             req: SignedCommand | CommandRequest
             if isinstance(body, dict) and "sig" in body:
                 req = self._verify_signed(name, body)
@@ -142,31 +153,56 @@ class Commands(BasePart):
                 try:
                     req = CommandRequest.model_validate(body)
                 except ValidationError as err:
-                    raise CommandError("bad_request", "; ".join(describe_validation_error(err))) from None
+                    raise CommandError("bad_request", "; ".join(describe_validation_error(err)[:10])) from None
                 signed = False
             reply_to, corr_id = reply_to or req.reply_to, req.correlation_id
             cmd = self.table.get(name)
             if cmd is not None and cmd.changes_something and not signed:
                 raise CommandError("unauthorized", f"{name} changes something: it must be signed")
-            result = await self.execute(name, req.args)
+            try:
+                async with asyncio.timeout(COMMAND_TIMEOUT):
+                    result = await self.execute(name, req.args)
+            except TimeoutError:
+                raise CommandError("failed", f"{name} did not finish within {COMMAND_TIMEOUT:g} s") from None
             response = CommandResponse(ok=True, command=name, result=result, correlation_id=corr_id,
                                        ts=iso_ts(time.time()))
             self._count(name, "ok")
         except CommandError as err:
-            log.warning("command %s refused: %s", name, err.message)
+            self.rejections["command", err.code] += 1
+            log.warning("command %s refused: %s", loggable_id(name), err.code)
             response = CommandResponse(ok=False, command=name, error=err.message, code=err.code,  # type: ignore[arg-type]
                                        correlation_id=corr_id, ts=iso_ts(time.time()))
             self._count(name, err.code)
         except Exception as err:  # a failing command must answer, never take the gateway down
-            log.exception("command %s failed", name)
-            response = CommandResponse(ok=False, command=name, error=f"{type(err).__name__}: {err}", code="failed",
+            log.error("command %s failed: %s", loggable_id(name), exception_summary(err))
+            response = CommandResponse(ok=False, command=name, error=f"{type(err).__name__}", code="failed",
                                        correlation_id=corr_id, ts=iso_ts(time.time()))
             self._count(name, "failed")
-        topic = reply_to or self.topics.command_reply(name)
-        if "+" in topic or "#" in topic:
-            topic = self.topics.command_reply(name)  # a wildcard is no place to publish
-        self.uplink.publish_direct(topic, response.model_dump_json(exclude_none=True).encode(),
-                                           correlation_data=down.correlation_data)
+        self._reply(name, reply_to, response, down.correlation_data)
+
+    def _reply(self, name: str, reply_to: str | None, response: CommandResponse, correlation: bytes | None) -> None:
+        topics = self.topics
+        # A reply topic named by the message must be one the gateway may publish to: an invalid one (a wildcard,
+        # U+0000) would make the broker drop the connection, and the command would come back after the reconnect.
+        # Nor may it be one of this store's own uplink topics (an unsigned request could otherwise make the store
+        # publish a fake event or status to head office): only cmd-reply/ is a reply topic in the store's tree.
+        own = isinstance(reply_to, str) and reply_to.startswith(topics.base + "/") \
+            and not reply_to.startswith(topics.base + "/cmd-reply/")
+        topic = topics.command_reply(name)
+        if is_publish_topic(reply_to) and not own:
+            topic = reply_to
+        elif not is_publish_topic(topic):
+            topic = topics.command_reply("invalid")
+        try:
+            body = response.model_dump_json(exclude_none=True).encode()
+        except ValueError as err:  # a result that is not JSON-safe: still an answer
+            log.error("command %s: reply not serialisable: %s", loggable_id(name), exception_summary(err))
+            body = CommandResponse(ok=False, command=name, error="the result could not be encoded", code="failed",
+                                   ts=iso_ts(time.time())).model_dump_json(exclude_none=True).encode()
+        try:
+            self.uplink.publish_direct(topic, body, correlation_data=correlation)
+        except ValueError as err:
+            log.error("command %s: reply not sent: %s", loggable_id(name), exception_summary(err))
 
     def _verify_signed(self, name: str, body: dict[str, Any]) -> SignedCommand:
         config = self.config.current
@@ -177,11 +213,12 @@ class Commands(BasePart):
         try:
             cmd = SignedCommand.model_validate(payload)
         except ValidationError as err:
-            raise CommandError("bad_request", "; ".join(describe_validation_error(err))) from None
+            raise CommandError("bad_request", "; ".join(describe_validation_error(err)[:10])) from None
         if cmd.store_id != config.store_id:
-            raise CommandError("unauthorized", f"signed for store {cmd.store_id!r}, not this one")
+            raise CommandError("unauthorized", f"signed for store {safe_json.echo(cmd.store_id)}, not this one")
         if cmd.command != name:
-            raise CommandError("unauthorized", f"signed for command {cmd.command!r}, sent as {name!r}")
+            raise CommandError("unauthorized", f"signed for command {safe_json.echo(cmd.command)}, sent as "
+                               f"{safe_json.echo(name)}")
         now, max_age = time.time(), config.remote.command_max_age
         if not -60 <= now - cmd.issued_at <= max_age:  # a minute of clock skew either way
             raise CommandError("unauthorized", f"issued_at is outside the last {max_age:g}s: refused as a replay")

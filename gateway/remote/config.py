@@ -43,13 +43,26 @@ SWAP_ONLY = {"trust", "config_version", "remote", "update"}
 LOCAL_SECRETS = (("mqtt", "password"), ("http", "token"))
 
 EmitFn = Callable[[str, str, dict[str, Any]], Awaitable[EventRef]]
+MAX_CONFIG_BYTES = 1024 * 1024  # a signed desired config; a store's config with 200 devices is ~50 KB
+MAX_ERRORS = 20  # problems listed in one rejection report
+# The handler waits for a config's [mqtt] trial (rollback_after, at most 3600 s): its time bound allows for that.
+HANDLER_TIMEOUT = 3600.0 + 120.0
 
 
 class Rejection(Exception):
+    """``errors`` by key go to head office in the report; they may quote the rejected config, so they are bounded
+    here and never logged."""
+
     def __init__(self, errors: dict[str, str], version: int | None = None):
-        self.errors = errors
+        self.errors = {_bounded(k, 120): _bounded(v, 300) for k, v in list(errors.items())[:MAX_ERRORS]}
+        if len(errors) > MAX_ERRORS:
+            self.errors["config"] = f"{len(errors) - MAX_ERRORS} more problems not listed"
         self.version = version
-        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        super().__init__(f"{len(errors)} problem(s)")
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def problems_by_key(err: ConfigError) -> dict[str, str]:
@@ -81,7 +94,7 @@ class RemoteConfig(BasePart):
         self._lock = asyncio.Lock()
 
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(self.uplink.topics.config_desired, self.on_desired)]
+        return [Subscription(self.uplink.topics.config_desired, self.on_desired, timeout=HANDLER_TIMEOUT)]
 
     # -- start-up ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,13 +131,15 @@ class RemoteConfig(BasePart):
             try:
                 await self._handle(down.payload)
             except Rejection as rej:
-                log.warning("remote config rejected: %s", rej)
+                self.http.rejections["config", next(iter(rej.errors), "config").split(".")[0][:32]] += 1
+                log.warning("remote config %s rejected: %s (details in config/reported)",
+                            f"version {rej.version}" if rej.version is not None else "message", rej)
                 await self._settle("rejected", rej.version, rej.errors)
 
     async def _handle(self, raw: bytes) -> None:
         running = self.config.current
         try:
-            payload = verify(raw, running.trust.public_keys)
+            payload = verify(raw, running.trust.public_keys, max_bytes=MAX_CONFIG_BYTES)
         except SignatureError as err:
             raise Rejection({"signature": err.reason}) from None
         try:
@@ -243,7 +258,7 @@ class RemoteConfig(BasePart):
                 if new.logging.journal != old.logging.journal:
                     restart.append("logging.journal")
             elif section == "http":
-                if (new.http.listen, new.http.max_body) != (old.http.listen, old.http.max_body):
+                if new.http.model_copy(update={"token": None}) != old.http.model_copy(update={"token": None}):
                     await self.http.stop()
                     await self.http.start()
             else:

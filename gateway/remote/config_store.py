@@ -13,6 +13,7 @@ from typing import Any
 
 import tomli_w
 
+from storelink import safe_json
 from storelink.config import ConfigError, GatewayConfig, parse_config_text
 from storelink.system.files import write_atomically
 
@@ -54,7 +55,7 @@ class RemoteState:
 
     def load(self) -> None:
         try:
-            loaded = json.loads(self.path.read_text(encoding="utf-8"))
+            loaded = safe_json.loads(self.path.read_bytes())
         except FileNotFoundError:
             return
         except (OSError, ValueError):
@@ -68,7 +69,8 @@ class RemoteState:
 
     @property
     def rolled_back(self) -> set[int]:
-        return {int(v) for v in self.data.get("rolled_back") or []}
+        versions = self.data.get("rolled_back")
+        return {v for v in versions if isinstance(v, int)} if isinstance(versions, list) else set()
 
     def add_rolled_back(self, version: int) -> None:
         versions = sorted(self.rolled_back | {version})[-50:]

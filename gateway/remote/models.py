@@ -68,16 +68,16 @@ class SignedCommand(StrictModel):
     id: str = Field(min_length=8, max_length=64, description="unique per command; replays are refused")
     issued_at: float = Field(description="Unix time; older than [remote] command_max_age is refused")
     args: dict[str, Any] = Field(default_factory=dict)
-    reply_to: str | None = None
-    correlation_id: str | None = None
+    reply_to: str | None = Field(None, min_length=1, max_length=256)
+    correlation_id: str | None = Field(None, max_length=200)
 
 
 class CommandRequest(StrictModel):
     """An unsigned command (read-only ones: ping, status); reply_to/correlation_id are the MQTT 3.1.1 fallback."""
 
     args: dict[str, Any] = Field(default_factory=dict)
-    reply_to: str | None = None
-    correlation_id: str | None = None
+    reply_to: str | None = Field(None, min_length=1, max_length=256)
+    correlation_id: str | None = Field(None, max_length=200)
 
 
 class CommandResponse(StrictModel):

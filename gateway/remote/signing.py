@@ -37,6 +37,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from storelink import safe_json
+
 __all__ = [
     "KeyPair",
     "SignatureError",
@@ -161,16 +163,16 @@ def sign(payload: Any, private_key: Ed25519PrivateKey | str) -> dict[str, Any]:
 TrustedKeys = Iterable[Ed25519PublicKey | str]
 
 
-def verify(envelope: Any, trusted_keys: TrustedKeys) -> Any:
+def verify(envelope: Any, trusted_keys: TrustedKeys, *, max_bytes: int = safe_json.MAX_BYTES) -> Any:
     """Return the payload of ``envelope`` (a dict, or JSON bytes/str) if a trusted key signed it.
 
     Raises SignatureError with a reason fit for a rejection report ("not signed", "unknown key", ...).
     """
     if isinstance(envelope, bytes | bytearray | str):
         try:
-            envelope = json.loads(envelope)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SignatureError(f"not JSON: {e}") from None
+            envelope = safe_json.loads(envelope, max_bytes=max_bytes)
+        except safe_json.JsonRejected as e:
+            raise SignatureError(f"not JSON: {e.reason}") from None
     if not isinstance(envelope, Mapping):
         raise SignatureError("not signed: expected an object with payload, key_id and sig")
     missing = [k for k in ("payload", "sig") if k not in envelope]
@@ -178,7 +180,7 @@ def verify(envelope: Any, trusted_keys: TrustedKeys) -> Any:
         raise SignatureError(f"not signed: missing {', '.join(missing)}")
     extra = sorted(set(envelope) - {"payload", "key_id", "sig"})
     if extra:
-        raise SignatureError(f"unexpected envelope keys: {', '.join(extra)}")
+        raise SignatureError(f"unexpected envelope keys: {', '.join(safe_json.echo(k, 40) for k in extra[:5])}")
     sig_text = envelope["sig"]
     if not isinstance(sig_text, str):
         raise SignatureError("sig must be a base64 string")
@@ -207,7 +209,7 @@ def verify(envelope: Any, trusted_keys: TrustedKeys) -> Any:
             raise SignatureError("key_id must be a string")
         keys = [k for k in keys if key_id(k) == wanted]
         if not keys:
-            raise SignatureError(f"unknown key_id {wanted[:32]!r}: not in [trust] public_keys")
+            raise SignatureError(f"unknown key_id {safe_json.echo(wanted, 40)}: not in [trust] public_keys")
     for k in keys:
         try:
             k.verify(sig, message)

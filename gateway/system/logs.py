@@ -86,6 +86,35 @@ def redact(text: str) -> str:
     return _PAN_RE.sub(_mask_pan, text)
 
 
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
+
+
+def loggable_id(value: object) -> str:
+    """``value`` if it is an identifier (a device id, a batch id, a command name: no spaces, no '@', at most 128
+    characters), else a placeholder. Input is echoed into the log only through this, so a field that should have
+    been an id but carried a customer's name or a secret never reaches the journal."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and _ID_RE.fullmatch(value):
+        return value
+    return "<not an id>"
+
+
+def exception_summary(exc: BaseException) -> str:
+    """What failed and where, without the exception's message: exception types and code locations only. A message
+    may quote the input being processed (a request body, a sale, a header), which must not reach the log."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(parts) < 4:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)[-3:]
+        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames))
+        parts.append(f"{type(current).__name__}" + (f" at {where}" if where else ""))
+        current = current.__cause__ or current.__context__
+    return "; caused by ".join(parts)
+
+
 class RedactFilter(logging.Filter):
     """Scrubs a record in place (so every handler and formatter after it sees the clean text)."""
 

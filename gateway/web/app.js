@@ -61,6 +61,57 @@ function priceDevices(s) {
   return p && p.devices && typeof p.devices === "object" ? Object.entries(p.devices) : [];
 }
 
+function money(minor, currency) {
+  if (minor == null) return "–";
+  try {
+    if (currency) return new Intl.NumberFormat(undefined, { style: "currency", currency }).format(minor / 100);
+  } catch (err) { /* an unknown currency code: plain digits below */ }
+  return (minor / 100).toFixed(2);
+}
+
+// A price change whose labels are still confirming: what changes, how many labels are left, and what the tills
+// charge meanwhile (the lower of the old and new price, so nobody pays more than the shelf says).
+function renderTransition(t, currency) {
+  const box = el("div", null, "transition");
+  box.dataset.batch = t.batch_id;
+  const backing = t.outcome === "aborted";
+  box.append(el("p", backing
+    ? `Price change to version ${t.version ?? "?"} called off: old labels going back on ${t.skus} item${t.skus === 1 ? "" : "s"}`
+    : `Price change to version ${t.version ?? "?"} reaching the shelf: ${t.skus} item${t.skus === 1 ? "" : "s"}`,
+  "transition-title"));
+  box.append(el("p", "Until every label shows it, tills charge the lower of the old and the new price.", "transition-rule"));
+  const devices = Object.entries(t.labels || {});
+  if (devices.length) {
+    const left = t.labels_left;
+    const summary = el("p", left == null ? "Labels: waiting for confirmation" : left === 0 ? "Labels: all confirmed"
+      : `Labels left: ${left}`, "labels-left");
+    box.append(summary);
+    const ul = el("ul", null, "label-devices");
+    for (const [name, d] of devices) {
+      const text = d.total != null ? `${name}: ${d.total - d.left} of ${d.total} done` : `${name}: ${d.confirmed ? "confirmed" : "waiting"}`;
+      const li = el("li", text, d.confirmed ? "good" : "");
+      li.dataset.device = name;
+      ul.append(li);
+    }
+    box.append(ul);
+  }
+  const items = el("ul", null, "changes");
+  for (const it of t.items || []) {
+    const li = el("li");
+    li.dataset.sku = it.sku;
+    li.append(el("span", it.description || it.sku, "item-name"));
+    const was = it.old_price == null ? "new item" : money(it.old_price, currency);
+    const now = it.new_price == null ? "removed" : money(it.new_price, currency);
+    li.append(el("span", `${was} → ${now}`, "item-prices"));
+    li.append(el("span", `tills charge ${money(it.charged, currency)}`, "item-charged"));
+    items.append(li);
+  }
+  box.append(items);
+  const more = t.skus - (t.items || []).length;
+  if (more > 0) box.append(el("p", `and ${more} more`, "muted"));
+  return box;
+}
+
 function renderPrices(s) {
   const box = $("prices");
   box.replaceChildren();
@@ -69,6 +120,7 @@ function renderPrices(s) {
   if (p.error) { box.append(el("p", `Price status unavailable: ${p.error}`, "problem")); return; }
   if ("active_version" in p) {
     box.append(el("p", p.active_version ? `Version ${p.active_version}` : "No price list yet", "big"));
+    for (const t of p.transition || []) box.append(renderTransition(t, p.currency));
     const dl = el("dl");
     const add = (k, v) => { dl.append(el("dt", k), el("dd", v)); };
     add("Active since", ago(p.active_since));
@@ -108,7 +160,7 @@ function renderDevices(s) {
     btn.dataset.args = JSON.stringify({ device: d.device });
     const act = el("td");
     act.append(btn);
-    tr.append(name, state, el("td", ago(d.last_seen)), el("td", d.last_error || "–"), act);
+    tr.append(name, state, el("td", ago(d.last_seen)), el("td", d.last_error || "–", d.last_error ? "" : "none"), act);
     body.append(tr);
   }
 }

@@ -102,6 +102,13 @@ class GatewayCollector(Collector):
         for kind, n in sorted(self.events.by_kind.items()):
             events.add_metric([kind], float(n))
         yield events
+        refused = CounterMetricFamily("storelink_rejections", "input refused at a boundary (docs/operations.md)",
+                                      labels=["surface", "reason"])
+        for key, n in sorted(status.get("rejections", {}).items()):
+            surface, _, reason = key.partition(":")
+            refused.add_metric([surface, reason], float(n))
+        yield refused
+
 
         up = GaugeMetricFamily("storelink_part_running", "1 while a part runs", labels=["part"])
         restarts = CounterMetricFamily("storelink_part_restarts", "part restarts after a failure", labels=["part"])

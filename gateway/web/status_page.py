@@ -22,12 +22,14 @@ from typing import Any
 
 from aiohttp import web
 
+from storelink import safe_json
 from storelink.config import RunningConfig
 from storelink.outbox import AcceptedEvent, Outbox, iso_ts
 from storelink.parts import BasePart
 from storelink.remote.commands import CommandError, Commands
+from storelink.system.logs import loggable_id
 from storelink.web import sse
-from storelink.web.server import error, require_token
+from storelink.web.server import error, read_json, require_token
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).parent
@@ -104,7 +106,8 @@ class StatusPage(BasePart):
                 yield "status", text
                 last = text
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), TICK)
+                async with asyncio.timeout(TICK):
+                    await self._closing.wait()
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         return await sse.stream(request, self._views())
@@ -119,16 +122,13 @@ class StatusPage(BasePart):
         name = request.match_info["name"]
         cmd = self.commands.table.get(name)
         if cmd is not None and not cmd.changes_something:
-            return error(405, f"{name} is not an action; read GET /api/v1/status")
-        try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError as err:
-            return error(400, f"body is not valid JSON: {err}")
+            return error(405, f"{safe_json.echo(name)} is not an action; read GET /api/v1/status")
+        body = await read_json(request) if request.can_read_body else {}
         args = body.get("args", {}) if isinstance(body, dict) else body
         try:
             result = await self.commands.execute(name, args)
         except CommandError as err:
-            log.warning("action %s refused: %s", name, err.message)
+            log.warning("action %s refused: %s", loggable_id(name), err.code)
             return error(ACTION_STATUS.get(err.code, 400), err.message, code=err.code)
-        log.info("action %s done from the status page", name)
+        log.info("action %s done from the status page", loggable_id(name))
         return web.json_response({"ok": True, "command": name, "result": result})
