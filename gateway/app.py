@@ -104,7 +104,7 @@ class Gateway:
         self.uplink = Uplink(config.mqtt, config.store_id, self.outbox, started_at=self.started_at)
         self.topics = self.uplink.topics
         self.rejections: Rejections = collections.Counter()
-        self.uplink.rejections = self.rejections
+        self.uplink.downlink.rejections = self.rejections
         # systemd's watchdog (WatchdogSec=30s) is pinged only while the loop turns and these parts make progress.
         self.watchdog = ProgressWatchdog()
         self.watchdog.watch("outbox-writer", 25, self.outbox.progress_probe)

@@ -13,7 +13,6 @@ delivered moments before a crash, whose lazy delete was lost: head office drops 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -21,8 +20,6 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,27 +32,14 @@ from pydantic import BaseModel
 from storelink import __version__
 from storelink.config import MqttConfig
 from storelink.contract import OFFLINE, StatusPayload, Topics
+from storelink.downlink import HANDLER_TIMEOUT, Downlink, DownlinkRouter, Handler, Route
 from storelink.mqtt_loop import LoopNetwork
 from storelink.outbox import Outbox, StoredEvent, iso_ts
-from storelink.system.logs import exception_summary, loggable_id
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Downlink:
-    topic: str
-    payload: bytes
-    retain: bool
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-
-
-Handler = Callable[[Downlink], Awaitable[None]]
 StatePayload = BaseModel | dict[str, Any] | bytes  # a contract model (storelink.contract); bytes b"" clears
-# How long one handler may take with one message before it is cancelled and the message acknowledged anyway
-# (a subscription that legitimately takes longer says so: remote config waits for its [mqtt] trial).
-HANDLER_TIMEOUT = 60.0
 
 
 def backoff_delay(attempt: int, low: float, high: float) -> float:
@@ -87,13 +71,10 @@ class Uplink:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._cursor = 0  # highest seq handed to paho
         self._attempt = 0
-        self._handlers: list[tuple[str, int, Handler, float | None]] = []
-        self.downlink_counts = {"handled": 0, "failed": 0, "timed_out": 0}
-        self.rejections: collections.Counter[tuple[str, str]] = collections.Counter()  # the gateway's, once built
+        self.downlink = DownlinkRouter(outbox)
         self._retained_state: dict[str, bytes] = {}
         self._unacked_subs: dict[int, str] = {}  # SUBSCRIBE mid -> filter, sent on this connection, not answered
         self._refused_subs: set[str] = set()  # filters the broker refused on this connection
-        self._handler_tasks: set[asyncio.Future[None]] = set()
         self._stopping = False
         self._client = self._make_client()
         self._net: LoopNetwork | None = None  # the client's socket on the loop, from run() on
@@ -139,7 +120,7 @@ class Uplink:
                   timeout: float | None = HANDLER_TIMEOUT) -> None:
         """Register before run(); subscriptions are renewed on every connect. ``timeout`` bounds one call (None: the
         handler bounds itself, and raises TimeoutError when it gives up)."""
-        self._handlers.append((topic_filter, qos, handler, timeout))
+        self.downlink.add(Route(topic_filter, qos, handler, timeout))
         if self.connected:
             mid = self._client.subscribe(topic_filter, qos)[1]
             if mid is not None:
@@ -159,7 +140,7 @@ class Uplink:
             return  # the broker closes the connection; _stay_connected() tries again after a backoff
         self._attempt = 0
         client.publish(self.topics.status, self._birth_payload(), qos=1, retain=True)
-        mids = {client.subscribe(topic_filter, qos)[1]: topic_filter for topic_filter, qos, _h, _t in self._handlers}
+        mids = {client.subscribe(r.topic_filter, r.qos)[1]: r.topic_filter for r in self.downlink.routes}
         self._set_connected(bool(getattr(flags, "session_present", False)), mids)
 
     def _on_subscribe(self, client: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any) -> None:
@@ -191,7 +172,12 @@ class Uplink:
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
         )
-        self._dispatch(down, msg.mid, msg.qos, client)
+
+        def ack() -> None:
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)  # the client that received it: a mid belongs to one connection
+
+        self.downlink.dispatch(down, ack)
 
     # -- loop side ------------------------------------------------------------------------------------------
     def _birth_payload(self) -> bytes:
@@ -288,46 +274,6 @@ class Uplink:
         self._inflight[info.mid] = ev.seq
         return True
 
-    def _dispatch(self, down: Downlink, mid: int, qos: int, client: mqtt.Client) -> None:
-        handlers = [(h, t) for f, _q, h, t in self._handlers if mqtt.topic_matches_sub(f, down.topic)]
-        task = asyncio.ensure_future(self._run_handlers(down, handlers, mid, qos, client))
-        self._handler_tasks.add(task)
-        task.add_done_callback(self._handler_tasks.discard)
-
-    async def _run_handlers(self, down: Downlink, handlers: list[tuple[Handler, float | None]], mid: int, qos: int,
-                            client: mqtt.Client) -> None:
-        """Run each handler, bounded in time; then acknowledge. A handler that raises or overruns costs that one
-        message (reported to head office as ``downlink.failed``), never a redelivery loop: a QoS 1 message left
-        unacknowledged would come back after every restart. Only a stop (cancellation) leaves it unacknowledged,
-        so the broker delivers it again to the next run."""
-        failures: list[str] = []
-        for handler, timeout in handlers:
-            try:
-                async with asyncio.timeout(timeout):
-                    await handler(down)
-            except TimeoutError as err:
-                self.downlink_counts["timed_out"] += 1
-                self.rejections["downlink", "timed_out"] += 1
-                failures.append(str(err) or "handler timed out")
-            except Exception as err:
-                # The handler reports what it can to head office itself; what escapes is a bug. The log gets the
-                # code location, not the exception's text (it may quote the payload).
-                self.downlink_counts["failed"] += 1
-                self.rejections["downlink", "failed"] += 1
-                failures.append(f"handler failed ({type(err).__name__})")
-                log.error("handler for %s failed: %s", loggable_id(down.topic), exception_summary(err))
-        self.downlink_counts["handled"] += 1
-        if qos > 0:
-            client.ack(mid, qos)  # the client that received it: a mid belongs to one connection
-        if failures:
-            log.error("downlink message on %s: %s; acknowledged and dropped", loggable_id(down.topic),
-                      "; ".join(failures))
-            try:
-                await self.outbox.put("downlink.failed", "gateway", {
-                    "topic": down.topic[:256], "bytes": len(down.payload), "errors": failures})
-            except Exception as err:  # the log line above is the record that matters
-                log.error("cannot record downlink.failed: %s", err)
-
     # -- public API -----------------------------------------------------------------------------------------
     def publish_state(self, topic: str, payload: StatePayload) -> None:
         """Retained latest-state message; remembered and republished on every reconnect. Build it from a model of
@@ -369,7 +315,7 @@ class Uplink:
             # Connected and every subscription granted: from here on, head office's commands reach this store.
             "subscribed": self.connected and not self._unacked_subs and not self._refused_subs,
             "refused_subscriptions": sorted(self._refused_subs),
-            "downlink": dict(self.downlink_counts),
+            "downlink": dict(self.downlink.counts),
             "last_error": self.last_error,
         }
 

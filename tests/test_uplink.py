@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from storelink.app import Gateway
 from storelink.config import parse_config
-from storelink.uplink import Downlink
+from storelink.downlink import Downlink
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 from tests.tls_certs import make_pki
 
