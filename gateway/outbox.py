@@ -21,7 +21,6 @@ events evicted under the size cap, and those are counted and reported.
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import os
@@ -30,17 +29,28 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 from storelink import safe_json
 from storelink.config import StorageConfig
-from storelink.contract import EventPayload
+from storelink.outbox_rows import (
+    Accepted,
+    EventRejected,
+    OutboxError,
+    OutboxFull,
+    OutboxRows,
+    OutboxStats,
+    PendingEvent,
+    StoredEvent,
+    iso_ts,
+)
 from storelink.system.logs import exception_summary
 from storelink.system.schema import ensure_schema
 from storelink.system.sqlite import DatabaseSettingsError, open_db, transaction
 
+__all__ = ["Accepted", "AcceptedEvent", "EventRejected", "Listener", "Outbox", "OutboxError", "OutboxFull",
+           "OutboxStats", "StoredEvent", "iso_ts", "kind_matcher"]  # the records live in outbox_rows
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000  # events per transaction; bounds the time one commit holds the writer
@@ -60,25 +70,6 @@ DROP INDEX IF EXISTS outbox_by_class;
 _FLUSH = ("flush", None)  # the writer's own wake-up: delivered events have waited DELETE_DELAY
 
 
-class OutboxError(Exception):
-    """An event could not be accepted; nothing was written for it."""
-
-
-class OutboxFull(OutboxError):
-    """The cap is reached and there is no telemetry left to evict (or the disk is full)."""
-
-
-class EventRejected(OutboxError):
-    """The event itself can never be stored (not JSON-safe, too deep, too large): the caller's input is wrong,
-    retrying it unchanged cannot help. Raised before anything is queued to the writer."""
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    id: str
-    seq: int
-
-
 @dataclass(frozen=True, slots=True)
 class AcceptedEvent:
     """What a listener hears about an accepted event (never its data: listeners show and count, they don't keep)."""
@@ -90,51 +81,6 @@ class AcceptedEvent:
 
 
 Listener = Callable[[Sequence[AcceptedEvent]], None]
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    seq: int
-    id: str
-    kind: str
-    ts: float
-    payload: bytes
-
-
-@dataclass(slots=True)
-class _Pending:
-    id: str
-    ts: float
-    kind: str
-    device: str
-    data_json: str  # validated: encodes as UTF-8 (safe_json.dumps_text)
-    critical: bool
-
-
-@dataclass
-class OutboxStats:
-    depth: int = 0
-    bytes: int = 0
-    critical: int = 0
-    accepted_total: int = 0
-    delivered_total: int = 0
-    evicted_total: int = 0
-    refused_total: int = 0
-    commits_total: int = 0
-    alarms: dict[str, str] = field(default_factory=dict)
-
-
-@functools.lru_cache(maxsize=4)
-def _iso_second(second: int) -> str:
-    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-
-
-def iso_ts(ts: float) -> str:
-    """ISO 8601 UTC with milliseconds; the seconds part is cached because events come in bursts."""
-    ms = int(ts * 1000)
-    return f"{_iso_second(ms // 1000)}{ms % 1000:03d}Z"
-
-
 
 
 def kind_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -158,9 +104,7 @@ class Outbox:
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
-        self._next_seq = 1
-        self._meta_seq = 0  # next_seq as the meta row has it on disk
-        self._evict_from = 0  # no telemetry row has a lower seq (eviction's place in the rowid order)
+        self._rows = OutboxRows(config, self.stats, self._alarm)  # writer thread only, like _conn
         self._acked: list[int] = []  # delivered, not yet deleted (writer thread only)
         self._acked_at = 0.0  # monotonic time the oldest of them arrived
         self._new_event = asyncio.Event()
@@ -182,8 +126,8 @@ class Outbox:
         ensure_schema(conn, "outbox", lambda c: c.executescript(SCHEMA))
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
-        self._meta_seq = row[0] if row else 0
-        self._next_seq = max(self._meta_seq, top + 1)
+        self._rows.meta_seq = row[0] if row else 0
+        self._rows.next_seq = max(self._rows.meta_seq, top + 1)
         depth, size, crit = conn.execute(
             "SELECT count(*), coalesce(sum(length(payload)),0), coalesce(sum(critical),0) FROM outbox"
         ).fetchone()
@@ -192,7 +136,7 @@ class Outbox:
         self._reader = open_db(self.config.path, synchronous=self.config.synchronous, read_only=True)
         self._thread = threading.Thread(target=self._writer, name="outbox-writer", daemon=True)
         self._thread.start()
-        log.info("outbox open: %d events waiting, next seq %d", depth, self._next_seq)
+        log.info("outbox open: %d events waiting, next seq %d", depth, self._rows.next_seq)
 
     def close(self) -> None:
         """Finish what is queued (deletes included), then close. Blocking."""
@@ -219,7 +163,7 @@ class Outbox:
     def is_critical(self, kind: str) -> bool:
         return not self._is_telemetry(kind)
 
-    def _pending(self, kind: str, device: str, data: Any) -> _Pending:
+    def _pending(self, kind: str, device: str, data: Any) -> PendingEvent:
         # Validated here, on the caller's side of the queue: a row the writer could not encode would fail the
         # whole batch it is in (and once killed the writer thread). The caller gets the reason instead.
         for name, text in (("kind", kind), ("device", device)):
@@ -232,7 +176,7 @@ class Outbox:
         # A random per-process prefix and a counter: unique across restarts and gateways like a uuid4, without
         # paying for os.urandom on every event (12 us here, a fifth of the enqueue cost).
         event_id = f"{self._id_prefix}{next(self._id_counter):012x}"
-        return _Pending(event_id, time.time(), kind, device, data_json, self.is_critical(kind))
+        return PendingEvent(event_id, time.time(), kind, device, data_json, self.is_critical(kind))
 
     async def put(self, kind: str, device: str, data: Any) -> Accepted:
         return (await self.put_many([(kind, device, data)]))[0]
@@ -301,7 +245,7 @@ class Outbox:
     @property
     def last_seq(self) -> int:
         """The highest seq committed so far."""
-        return self._next_seq - 1
+        return self._rows.next_seq - 1
 
     def oldest_ts(self) -> float | None:
         assert self._reader is not None
@@ -321,7 +265,7 @@ class Outbox:
             "delivered_total": s.delivered_total,
             "evicted_total": s.evicted_total,
             "refused_total": s.refused_total,
-            "next_seq": self._next_seq,
+            "next_seq": self._rows.next_seq,
             "cap": {"max_bytes": self.config.max_bytes, "max_events": self.config.max_events},
             "alarms": dict(s.alarms),
         }
@@ -406,59 +350,50 @@ class Outbox:
     def _commit_deletes(self) -> None:
         """Delete delivered events in a commit of their own, without an fsync (a lost delete only re-sends)."""
         assert self._conn is not None
-        snapshot = (self.stats.depth, self.stats.bytes, self.stats.critical)
+        snapshot = self._rows.snapshot()
         try:
             with transaction(self._conn, durable=False) as conn:
-                delivered = self._delete(conn, self._acked)
-                meta = self._keep_seq_mark(conn)
+                delivered = self._rows.delete(conn, self._acked)
+                meta = self._rows.keep_seq_mark(conn)
         except sqlite3.Error as err:
-            self.stats.depth, self.stats.bytes, self.stats.critical = snapshot
+            self._rows.restore(snapshot)
             self._acked_at = time.monotonic()  # tried again after DELETE_DELAY, not in a tight loop
             log.error("outbox: cannot delete %d delivered events yet: %s", len(self._acked), err)
             return
         except BaseException:
-            self.stats.depth, self.stats.bytes, self.stats.critical = snapshot
+            self._rows.restore(snapshot)
             raise
-        self._meta_seq = meta
+        self._rows.meta_seq = meta
         self._acked = []
         self.stats.commits_total += 1
         self.stats.delivered_total += delivered
 
-    def _keep_seq_mark(self, conn: sqlite3.Connection) -> int:
-        """After deletes: when the newest row went, the meta row keeps next_seq (same transaction)."""
-        top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
-        if top + 1 < self._next_seq and self._meta_seq != self._next_seq:
-            conn.execute("INSERT INTO meta(key, value) VALUES('next_seq', ?) "
-                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self._next_seq,))
-            return self._next_seq
-        return self._meta_seq
-
     def _commit(self, puts: list[Any]) -> None:
         assert self._conn is not None
         acks = self._acked
-        snapshot = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from)
+        snapshot = self._rows.snapshot()
         results: list[tuple[Any, list[Accepted] | BaseException]] = []
         evicted = delivered = 0
-        meta = self._meta_seq
+        meta = self._rows.meta_seq
         try:
             with transaction(self._conn) as conn:
                 if acks:
-                    delivered = self._delete(conn, acks)
-                fast = self._insert_under_cap(conn, puts)
+                    delivered = self._rows.delete(conn, acks)
+                fast = self._rows.insert_under_cap(conn, puts)
                 if fast is not None:
                     results = fast
                 else:  # near the cap: call by call, each all or nothing, evicting telemetry as it goes
                     for pending, fut, loop in puts:
                         try:
-                            accepted, ev = self._insert_call(conn, pending)
+                            accepted, ev = self._rows.insert_call(conn, pending)
                             evicted += ev
                             results.append(((fut, loop), accepted))
                         except OutboxFull as err:
                             results.append(((fut, loop), err))
                 if acks or evicted:
-                    meta = self._keep_seq_mark(conn)
+                    meta = self._rows.keep_seq_mark(conn)
         except sqlite3.Error as err:
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from = snapshot
+            self._rows.restore(snapshot)
             full = "full" in str(err).lower()
             reason = "disk full" if full else f"database error: {err}"
             self._alarm("storage", f"cannot write the outbox ({reason}); new events are refused")
@@ -469,10 +404,10 @@ class Outbox:
         except BaseException:
             # Not a storage error (a bug, a row that cannot be built): transaction() rolled this batch back; the
             # writer retries it call by call. Nothing of it was committed, so no caller has been told anything yet.
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from = snapshot
+            self._rows.restore(snapshot)
             raise
         else:
-            self._meta_seq = meta
+            self._rows.meta_seq = meta
             self._acked = []
             self.stats.commits_total += 1
             self.stats.evicted_total += evicted
@@ -491,115 +426,6 @@ class Outbox:
                 loop.call_soon_threadsafe(_set_results, items, self._new_event)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
-
-    def _row(self, p: _Pending) -> tuple[int, str, str, int, float, bytes]:
-        """The row for p under the next seq (taken here; callers that do not keep the row restore it)."""
-        seq = self._next_seq
-        payload = EventPayload.encode(p.id, seq, iso_ts(p.ts), p.kind, p.device, p.data_json)
-        self._next_seq += 1
-        return (seq, p.id, p.kind, int(p.critical), p.ts, payload)
-
-    def _count(self, events: int, size: int, critical: int) -> None:
-        self.stats.depth += events
-        self.stats.bytes += size
-        self.stats.critical += critical
-
-    def _insert_under_cap(self, conn: sqlite3.Connection, puts: list[Any]) -> list[Any] | None:
-        """The common case: the whole batch fits under the cap, so no call can fail on its own and one INSERT
-        takes every call's rows (a savepoint per call costs a third of the commit). None when it does not fit."""
-        first_seq = self._next_seq
-        rows: list[tuple[int, str, str, int, float, bytes]] = []
-        results: list[Any] = []
-        for pending, fut, loop in puts:
-            first = len(rows)
-            rows.extend(self._row(p) for p in pending)
-            results.append(((fut, loop), [Accepted(id=r[1], seq=r[0]) for r in rows[first:]]))
-        size = sum(len(r[5]) for r in rows)
-        if self.stats.depth + len(rows) > self.config.max_events or self.stats.bytes + size > self.config.max_bytes:
-            self._next_seq = first_seq
-            return None
-        self._count(len(rows), size, sum(r[3] for r in rows))
-        if "capacity" in self.stats.alarms and self.stats.bytes < 0.9 * self.config.max_bytes:
-            self._alarm("capacity", None)
-        conn.executemany("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", rows)
-        return results
-
-    def _insert_call(self, conn: sqlite3.Connection, pending: list[_Pending]) -> tuple[list[Accepted], int]:
-        """Insert one caller's events, all or none (a savepoint), evicting telemetry if the cap needs it."""
-        conn.execute("SAVEPOINT call")
-        saved = (self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from)
-        evicted = 0
-        try:
-            rows = []
-            for p in pending:
-                row = self._row(p)
-                evicted += self._make_room(conn, len(row[5]), p.critical, p.kind)
-                self._count(1, len(row[5]), row[3])
-                rows.append(row)
-            conn.executemany("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", rows)
-        except OutboxFull:
-            conn.execute("ROLLBACK TO call")
-            conn.execute("RELEASE call")
-            self._next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self._evict_from = saved
-            self.stats.refused_total += len(pending)
-            raise
-        conn.execute("RELEASE call")
-        return [Accepted(id=r[1], seq=r[0]) for r in rows], evicted
-
-    def _over_cap(self, extra_bytes: int) -> bool:
-        c = self.config
-        return self.stats.depth + 1 > c.max_events or self.stats.bytes + extra_bytes > c.max_bytes
-
-    def _make_room(self, conn: sqlite3.Connection, size: int, critical: bool, kind: str) -> int:
-        if not self._over_cap(size):
-            if "capacity" in self.stats.alarms and self.stats.bytes < 0.9 * self.config.max_bytes:
-                self._alarm("capacity", None)
-            return 0
-        evicted = 0
-        while self._over_cap(size):
-            # Oldest telemetry first, from where the last search stopped (no index: a rowid range scan).
-            victims = conn.execute(
-                "SELECT seq, length(payload) FROM outbox WHERE seq >= ? AND critical=0 ORDER BY seq LIMIT 256",
-                (self._evict_from,),
-            ).fetchall()
-            if not victims:
-                # Rows not inserted yet (later in this call) all have higher seqs than any row in the table.
-                self._evict_from = (conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0) + 1
-                break
-            for seq, length in victims:
-                if not self._over_cap(size):
-                    break
-                conn.execute("DELETE FROM outbox WHERE seq=?", (seq,))
-                self._evict_from = seq + 1
-                self.stats.depth -= 1
-                self.stats.bytes -= length
-                evicted += 1
-        if self._over_cap(size):
-            if not critical:
-                self._alarm("capacity", "outbox full of undelivered sales/price events; telemetry refused")
-                raise OutboxFull(f"outbox full: {kind!r} refused (only critical events are accepted now)")
-            # Critical events are never refused for the cap, only by a full disk.
-            self._alarm("capacity", "outbox over its cap with critical events; telemetry refused")
-        elif evicted:
-            self._alarm("capacity", "outbox at its cap: oldest telemetry is being evicted")
-        return evicted
-
-    def _delete(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
-        deleted = 0
-        for i in range(0, len(seqs), 500):
-            chunk = seqs[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            row = conn.execute(
-                f"SELECT count(*), coalesce(sum(length(payload)),0), coalesce(sum(critical),0) "
-                f"FROM outbox WHERE seq IN ({marks})",
-                chunk,
-            ).fetchone()
-            conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
-            self.stats.depth -= row[0]
-            self.stats.bytes -= row[1]
-            self.stats.critical -= row[2]
-            deleted += row[0]
-        return deleted
 
 
 def _set_results(items: list[tuple[asyncio.Future[Any], Any]], new_event: asyncio.Event) -> None:

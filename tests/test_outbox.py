@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from storelink.config import StorageConfig
-from storelink.outbox import EventRejected, Outbox, OutboxError, OutboxFull, _Pending
+from storelink.outbox import EventRejected, Outbox, OutboxError, OutboxFull
+from storelink.outbox_rows import PendingEvent
 
 
 def make(tmp_path: Path, **kw: object) -> Outbox:
@@ -168,7 +169,7 @@ async def test_the_writer_survives_a_row_it_cannot_store(tmp_path: Path) -> None
     the writer thread goes on."""
     ob = make(tmp_path)
     loop = asyncio.get_running_loop()
-    bad = _Pending("f" * 32, time.time(), "sale", "till-\ud800", b"{}", True)  # cannot be encoded as UTF-8
+    bad = PendingEvent("f" * 32, time.time(), "sale", "till-\ud800", b"{}", True)  # cannot be encoded as UTF-8
     calls = [([ob._pending("sale", "till-1", {"n": 1})], loop.create_future()), ([bad], loop.create_future()),
              ([ob._pending("sale", "till-1", {"n": 2})], loop.create_future())]
     for pending, fut in calls:  # one batch: queued before the writer takes any of them
