@@ -181,3 +181,25 @@ async def test_the_writer_survives_a_row_it_cannot_store(tmp_path: Path) -> None
     assert (await ob.put("sale", "till-1", {"n": 3})).seq == 3
     assert ob.stats.refused_total == 1 and [e.seq for e in ob.read_after(0, 10)] == [1, 2, 3]
     ob.close()
+
+
+async def test_a_bad_row_costs_neither_the_waiting_deletes_nor_the_next_seq(tmp_path: Path) -> None:
+    """Lazy deletes wait in the writer for the next insert commit; when that batch fails on a row, the deletes are
+    committed on their own and the good calls one by one, with the seq the failed batch had taken given back."""
+    ob = make(tmp_path)
+    delivered = [await ob.put("sale", "till-1", {"n": i}) for i in range(3)]
+    ob.ack([a.seq for a in delivered])
+    loop = asyncio.get_running_loop()
+    bad = PendingEvent("e" * 32, time.time(), "sale", "till-\ud800", b"{}", True)  # cannot be encoded as UTF-8
+    calls = [([bad], loop.create_future()), ([ob._pending("sale", "till-1", {"n": 3})], loop.create_future())]
+    for pending, fut in calls:
+        ob._queue.put(("put", (pending, fut, loop)))
+    results = await asyncio.gather(*(fut for _p, fut in calls), return_exceptions=True)
+    assert isinstance(results[0], OutboxError) and not isinstance(results[0], OutboxFull)
+    assert results[1][0].seq == 4  # type: ignore[index]
+    assert ob.stats.depth == 1 and ob.stats.delivered_total == 3 and ob.stats.refused_total == 1
+    assert [e.seq for e in ob.read_after(0, 10)] == [4]
+    ob.close()
+    ob = make(tmp_path)
+    assert ob.stats.depth == 1 and (await ob.put("sale", "till-1", {})).seq == 5
+    ob.close()
