@@ -80,7 +80,7 @@ def _subcommands() -> list[Subcommand]:
         ("run", "run the gateway until SIGTERM/SIGINT", _args_run, cmd_run),
     ]
     from storelink.drivers.sim.demo import SUBCOMMAND as demo
-    from storelink.hq import SUBCOMMAND as hq
+    from storelink.hq.cli import SUBCOMMAND as hq
     from storelink.update.cli import SUBCOMMAND as update
 
     subs.append(demo)

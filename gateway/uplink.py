@@ -34,6 +34,16 @@ from storelink.config import MqttConfig
 from storelink.contract import OFFLINE, StatusPayload, Topics
 from storelink.downlink import HANDLER_TIMEOUT, Downlink, DownlinkRouter, Handler, Route
 from storelink.mqtt_loop import LoopNetwork
+from storelink.mqtt_problems import (
+    SPECIFIC_CERT_PROBLEMS,
+    Endpoint,
+    LinkProblem,
+    SocketErrorTrap,
+    problem_closed_before_connack,
+    problem_from_connack,
+    problem_from_disconnect,
+    problem_from_exception,
+)
 from storelink.outbox import Outbox, StoredEvent, iso_ts
 
 log = logging.getLogger(__name__)
@@ -58,6 +68,7 @@ class Uplink:
         self.connected_since: float | None = None
         self.disconnected_since: float | None = time.time()
         self.last_error: str | None = None
+        self.problem: str | None = None  # the code of the connection problem (storelink.mqtt_problems), for alerts
         self.last_progress = time.monotonic()  # the watchdog reads this
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected_evt = asyncio.Event()
@@ -84,6 +95,10 @@ class Uplink:
     def _make_client(self) -> mqtt.Client:
         cfg = self.cfg
         v5 = cfg.protocol == "5"
+        t = cfg.tls
+        self._endpoint = Endpoint(cfg.host, cfg.port, "mqtt", t is not None, t.ca if t else None,
+                                  t.cert if t else None, 5.0, cfg.protocol)
+        self._connack_seen = False  # did the broker answer CONNECT on this connection? (paho's callbacks, on the loop)
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id or f"storelink-{self.topics.store_id}",
@@ -91,8 +106,10 @@ class Uplink:
             clean_session=None if v5 else False,
             reconnect_on_failure=False,  # paho reconnects only in its own loop; _stay_connected() does it here
         )
-        if log.isEnabledFor(logging.DEBUG):  # paho logs an ERROR per reconnect attempt; ours says it once
-            client.enable_logger(logging.getLogger("paho"))
+        # paho logs an ERROR per reconnect attempt (ours says why, once); the trap keeps its socket errors, which
+        # are the only trace of a broker hanging up on our certificate (storelink.mqtt_problems).
+        self._socket_errors = SocketErrorTrap(logging.getLogger("paho") if log.isEnabledFor(logging.DEBUG) else None)
+        client.enable_logger(self._socket_errors.logger)
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
@@ -135,8 +152,9 @@ class Uplink:
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
             return  # a client replaced by reconfigure(): its news is stale
+        self._connack_seen = True
         if reason.is_failure:
-            self._set_disconnected(f"broker refused connection: {reason}")
+            self._set_disconnected(problem_from_connack(reason, self._endpoint))
             return  # the broker closes the connection; _stay_connected() tries again after a backoff
         self._attempt = 0
         client.publish(self.topics.status, self._birth_payload(), qos=1, retain=True)
@@ -148,12 +166,20 @@ class Uplink:
             self._subscribed(mid, [str(c) for c in codes if c.is_failure])
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
-        if client is self._client and not self._stopping:
-            self._set_disconnected(f"disconnected: {reason}")
+        if client is not self._client or self._stopping:
+            return
+        socket_error = self._socket_errors.take()
+        if self._connack_seen:
+            problem = problem_from_disconnect(reason, socket_error)
+        else:  # hung up before answering CONNECT: a refused client certificate, a TLS or protocol mismatch
+            problem = problem_closed_before_connack(self._endpoint, socket_error)
+        self._connack_seen = False
+        self._set_disconnected(problem)
 
-    def _connect_failed(self, client: mqtt.Client, _err: Exception) -> None:
+    def _connect_failed(self, client: mqtt.Client, err: BaseException) -> None:
+        """DNS, TCP or the TLS handshake failed: connecting runs in a worker thread, which hands its exception here."""
         if client is self._client and not self._stopping:
-            self._set_disconnected(f"cannot reach broker {self.cfg.host}:{self.cfg.port}")
+            self._set_disconnected(problem_from_exception(err, self._endpoint))
 
     def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
@@ -195,13 +221,16 @@ class Uplink:
         self.connected_since = time.time()
         self.disconnected_since = None
         self.last_error = None
+        self.problem = None
         self._connected_evt.set()
         log.info("uplink connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, session_present)
 
-    def _set_disconnected(self, why: str) -> None:
-        if not self.connected and (self.last_error or "").startswith("broker refused") \
-                and why.startswith("disconnected"):
-            why = self.last_error or why  # the refusal says why; the disconnect that follows it does not
+    def _set_disconnected(self, problem: LinkProblem) -> None:
+        if not self.connected and (self.last_error or "").startswith("broker refused") and problem.code == "lost":
+            return  # the refusal says why; the disconnect that follows it does not
+        if problem.code == "client_cert_refused" and self.problem in SPECIFIC_CERT_PROBLEMS:
+            return  # the same refusal without the broker's TLS alert: keep the reason it gave before
+        why = problem.message
         if self.connected or self.last_error != why:
             log.warning("uplink %s", why)
         if self.connected:
@@ -209,6 +238,7 @@ class Uplink:
         self.connected = False
         self.connected_since = None
         self.last_error = why
+        self.problem = problem.code
         self._connected_evt.clear()
 
     def _subscribed(self, mid: int, refusals: list[str]) -> None:
@@ -317,6 +347,7 @@ class Uplink:
             "refused_subscriptions": sorted(self._refused_subs),
             "downlink": dict(self.downlink.counts),
             "last_error": self.last_error,
+            "problem": self.problem,
         }
 
     async def run(self) -> None:
@@ -371,7 +402,8 @@ class Uplink:
             self._inflight.clear()
         self._pubacks.clear()  # the old client's mids would match the new client's
         self._attempt = 0
-        self._set_disconnected(f"reconnecting to {cfg.host}:{cfg.port} with new settings")
+        self._set_disconnected(LinkProblem("reconfiguring", f"reconnecting to {cfg.host}:{cfg.port} with new "
+                                                            "settings"))
         self._client = self._make_client()  # from here on the old client's callbacks are ignored
         self._window_evt.set()
         if self._loop is not None:

@@ -19,4 +19,8 @@ fi
 
 echo "== ruff"; .venv/bin/ruff check gateway drivers tests bench
 echo "== mypy"; bash scripts/typecheck.sh
-echo "== pytest"; .venv/bin/pytest -q -p no:cacheprovider "$@"
+# Files run side by side in STORELINK_TEST_WORKERS processes (default 3, also on 2 cores: most tests wait on
+# brokers, gateways and timers rather than the CPU); a file's tests stay together in one worker (--dist loadfile)
+# because they share module fixtures. STORELINK_TEST_WORKERS=0 runs everything in this process.
+echo "== pytest"
+.venv/bin/pytest -q -p no:cacheprovider -n "${STORELINK_TEST_WORKERS:-3}" --dist loadfile "$@"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import shutil
 import subprocess
@@ -47,10 +48,34 @@ def mqtt_contract() -> Iterator[None]:
     assert not problems, "messages that break the MQTT contract (storelink.contract):\n" + "\n".join(problems[:20])
 
 
+# Under pytest-xdist (scripts/test.sh runs the suite in parallel) the counts live in the workers: each hands its own
+# to the controller when it finishes, which adds them up for the summary.
+_from_workers: dict[str, Any] = {"contract_checked": 0, "fuzz_stats": {}}
+
+
+def _fuzz_stats() -> dict[str, tuple[int, float]]:
+    fuzz = sys.modules.get("tests.fuzz_helpers")  # only when the fuzzing suite ran here
+    return dict(getattr(fuzz, "FUZZ_STATS", {}))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker
+        workeroutput["contract_checked"] = contract_check.take()[0]
+        workeroutput["fuzz_stats"] = _fuzz_stats()
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook, run in the controller as each worker ends
+def pytest_testnodedown(node: Any, error: object) -> None:
+    output = getattr(node, "workeroutput", {})
+    _from_workers["contract_checked"] += output.get("contract_checked", 0)
+    _from_workers["fuzz_stats"].update(output.get("fuzz_stats", {}))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    checked, _problems = contract_check.take()
+    checked = contract_check.take()[0] + _from_workers["contract_checked"]
     terminalreporter.write_line(f"MQTT contract: {checked} messages received by test subscribers validated")
-    _fuzz_summary(terminalreporter)
+    _fuzz_summary(terminalreporter, {**_from_workers["fuzz_stats"], **_fuzz_stats()})
 
 
 @pytest.fixture
@@ -93,26 +118,31 @@ def fuzz_minutes(request: pytest.FixtureRequest) -> float:
     return float(request.config.getoption("--fuzz-minutes"))
 
 
-def _fuzz_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    fuzz = sys.modules.get("tests.fuzz_helpers")  # only when the fuzzing suite ran
-    FUZZ_STATS = getattr(fuzz, "FUZZ_STATS", {})
-    if FUZZ_STATS:
+def _fuzz_summary(terminalreporter: pytest.TerminalReporter, stats: dict[str, tuple[int, float]]) -> None:
+    if stats:
         terminalreporter.section("fuzzing: cases per surface")
-        for name, (cases, seconds) in sorted(FUZZ_STATS.items()):
+        for name, (cases, seconds) in sorted(stats.items()):
             terminalreporter.write_line(f"{name:<22} {cases:>6} cases {seconds:>7.1f} s")
-        total = sum(s for _c, s in FUZZ_STATS.values())
-        terminalreporter.write_line(f"{'total':<22} {sum(c for c, _s in FUZZ_STATS.values()):>6} cases {total:>7.1f} s")
+        total = sum(s for _c, s in stats.values())
+        terminalreporter.write_line(f"{'total':<22} {sum(c for c, _s in stats.values()):>6} cases {total:>7.1f} s")
 
 
 @pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """storelink[all] and its pinned dependencies as wheels, built once for the image and plain-Debian tests
-    (image/chroot-test.sh takes it through STORELINK_TEST_WHEELHOUSE)."""
-    root = Path(__file__).resolve().parent.parent
-    out = tmp_path_factory.mktemp("wheelhouse")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--wheel-dir",
-                    str(out), "-c", str(root / "image/requirements.lock"), f"{root}[all]"], check=True, timeout=600)
-    shutil.copy(root / "image/requirements.lock", out)
+    (image/chroot-test.sh takes it through STORELINK_TEST_WHEELHOUSE). Once per run, not per xdist worker: the
+    first worker to need it builds it in the run's shared temporary directory while the others wait on a lock."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent
+    out = shared / "wheelhouse"
+    with (shared / "wheelhouse.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "requirements.lock").exists():  # copied last: its presence means the build finished
+            root = Path(__file__).resolve().parent.parent
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+                            "--wheel-dir", str(out), "-c", str(root / "image/requirements.lock"), f"{root}[all]"],
+                           check=True, timeout=600)
+            shutil.copy(root / "image/requirements.lock", out)
     return out
 
 

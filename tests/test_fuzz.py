@@ -32,6 +32,7 @@ import tomli_w
 from hypothesis import strategies as st
 
 from storelink.cli import cmd_check_config
+from storelink.hq.config import HqOverrides, load_hq_config
 from storelink.hq.prices import cmd_publish
 from storelink.remote.signing import sign
 from tests.fuzz_helpers import documents, json_value, mutated, run_surface, signable, text, tokens
@@ -485,17 +486,17 @@ def test_fuzz_price_csv(store: Store, tmp_path: Path, budget: float) -> None:
     key.write_text(store.key.private_b64)
     path = tmp_path / "prices.csv"
     version = int(time.time())
+    hq_config = load_hq_config(None, HqOverrides(broker=f"127.0.0.1:{store.broker.port}", signing_key=key))
 
     def check(data: bytes) -> None:
         nonlocal version
         version += 1
         path.write_bytes(data)
-        args = argparse.Namespace(file=path, store=STORE, group=None, key=str(key), version=version, batch_id="",
-                                  currency="EUR", mode="full", effective_at="", broker=f"127.0.0.1:{store.broker.port}",
-                                  wait=0.0, no_wait=True)
+        args = argparse.Namespace(file=path, store=STORE, group=None, version=version, batch_id="", currency="EUR",
+                                  mode="full", effective_at="", wait=0.0, no_wait=True)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cmd_publish(args)
+            code = cmd_publish(args, hq_config)
         assert code in (0, 1), (code, err.getvalue()[:300])
         if code == 1:
             assert "nothing was published" in err.getvalue() and "  - " in err.getvalue(), err.getvalue()[:300]

@@ -1,11 +1,12 @@
 """The appliance image, as far as it can be built here: image/chroot-test.sh debootstraps a Debian root, installs
-the wheel with the same script the pi-gen stage runs, and provisions it from a fake boot partition. These tests
-check what the SD card would hold: files, owners, modes, enabled units, and no secrets left on the boot side.
+the wheel with the same script the pi-gen stage runs, and provisions it from a boot partition that holds what
+`storelink hq enroll` wrote for the store. These tests check what the SD card would hold (files, owners, modes,
+enabled units, no secrets left on the boot side) and that the provisioned store connects to a broker set up with
+`storelink hq broker-config`, with its own certificate.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -17,30 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
 
 from storelink import __version__
+from tests.fleet import Fleet
+from tests.helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "image/chroot-test.sh"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first run debootstraps (minutes)
 
-GOOD_CONFIG = """\
-store_id = "store-0042"
-[mqtt]
-host = "broker.example.invalid"
-port = 8883
-[mqtt.tls]
-ca = "/etc/storelink/tls/ca.pem"
-cert = "/etc/storelink/tls/client.pem"
-key = "/etc/storelink/tls/client.key"
-[storage]
-path = "/var/lib/storelink/storelink.db"
+STORE = "store-0042"
+# What head office's enrolment template says for this store's hardware (enrol fills in the rest).
+TEMPLATE = """\
 [http]
-listen = "127.0.0.1:8080"
+listen = "127.0.0.1:{http_port}"
+[mqtt]
+reconnect_min = 0.5
+reconnect_max = 2.0
 """
 
 
@@ -49,6 +43,7 @@ class Image:
     root: Path
     boot_files: dict[str, bytes]
     seconds: float
+    fleet: Fleet | None = None  # head office that enrolled the store on the boot partition (none: a plain install)
 
     @property
     def boot(self) -> Path:
@@ -77,28 +72,16 @@ class Image:
         raise AssertionError(f"{name} not in {db}")
 
 
-def make_boot_files() -> dict[str, bytes]:
-    """What the installer copies to the boot partition: config, CA, client cert and key, head-office keys."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "store-0042")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    ho_key = ed25519.Ed25519PrivateKey.generate().public_key()
-    return {
-        "storelink.toml": GOOD_CONFIG.encode(),
-        "ca.pem": cert.public_bytes(serialization.Encoding.PEM),
-        "client.pem": cert.public_bytes(serialization.Encoding.PEM),
-        "client.key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()),
-        "trust/head-office-2026.pub": ho_key.public_bytes(serialization.Encoding.PEM,
-                                                          serialization.PublicFormat.SubjectPublicKeyInfo),
-        "README-installer.txt": b"not ours: provisioning must leave this in place\n",
-    }
+def make_boot_files(fleet: Fleet) -> dict[str, bytes]:
+    """What the installer copies to the boot partition: the bundle `storelink hq enroll` wrote, plus a file of
+    the installer's own that provisioning must leave alone."""
+    (fleet.root / "store-template.toml").write_text(TEMPLATE.format(http_port=free_port()))
+    fleet.set_up()
+    bundle = fleet.bundle(STORE)
+    files = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
+    assert sorted(files) == ["ca.pem", "client.key", "client.pem", "storelink.toml",
+                             *[f"trust/{p.name}" for p in sorted((bundle / "trust").iterdir())]]
+    return {**files, "README-installer.txt": b"not ours: provisioning must leave this in place\n"}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +90,8 @@ def image(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterato
     assert shutil.which("debootstrap"), "debootstrap is missing: scripts/test.sh installs it"
     work = tmp_path_factory.mktemp("image")
     boot_src = work / "bootfiles"
-    files = make_boot_files()
+    fleet = Fleet(work / "hq", {STORE: ["north"]})
+    files = make_boot_files(fleet)
     for rel, data in files.items():
         (boot_src / rel).parent.mkdir(parents=True, exist_ok=True)
         (boot_src / rel).write_bytes(data)
@@ -118,7 +102,7 @@ def image(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterato
     steps = [line for line in result.stdout.splitlines() if line.startswith("==")]
     print(f"chroot-test.sh took {seconds:.0f} s: {steps}")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    yield Image(work / "root", files, seconds)
+    yield Image(work / "root", files, seconds, fleet)
     proc = work / "root/proc"
     if os.path.ismount(proc):
         subprocess.run(["umount", "-l", str(proc)], check=False)
@@ -178,10 +162,13 @@ def test_installed_files_owners_and_modes(image: Image) -> None:
     assert mode_owner(r / "etc/storelink") == (0o750, 0, gid)
     assert mode_owner(r / "var/lib/storelink") == (0o750, uid, gid)
     assert mode_owner(r / "var/lib/storelink/update") == (0o770, uid, gid)
-    for rel in ("storelink.toml", "tls/ca.pem", "tls/client.pem", "tls/client.key", "trust/head-office-2026.pub"):
+    for boot_name in image.boot_files:
+        if boot_name == "README-installer.txt":
+            continue
+        rel = boot_name if boot_name.startswith("trust/") or boot_name == "storelink.toml" else f"tls/{boot_name}"
         path = r / "etc/storelink" / rel
         assert mode_owner(path) == (0o640, 0, gid), rel
-        assert path.read_bytes() == image.boot_files[rel.replace("tls/", "")], rel
+        assert path.read_bytes() == image.boot_files[boot_name], rel
     assert mode_owner(r / "etc/storelink/tls") == (0o750, 0, gid)
     # Nothing world-readable under /etc/storelink, and the gateway cannot rewrite its own config or keys.
     for path in (r / "etc/storelink").rglob("*"):
@@ -200,7 +187,8 @@ def test_secrets_removed_from_the_boot_partition(image: Image) -> None:
 
 def test_bad_config_is_reported_and_secrets_still_leave(image: Image) -> None:
     image.boot.mkdir(parents=True, exist_ok=True)
-    (image.boot / "storelink.toml").write_text(GOOD_CONFIG.replace("port = 8883", "port = 8883\nprot = 1"))
+    good = image.boot_files["storelink.toml"].decode()
+    (image.boot / "storelink.toml").write_text(good.replace("[mqtt]\n", "[mqtt]\nprot = 1\n", 1))
     (image.boot / "client.key").write_bytes(image.boot_files["client.key"])
     result = image.provision()
     assert result.returncode != 0
@@ -223,3 +211,36 @@ def test_provisioning_with_nothing_to_do_changes_nothing(image: Image) -> None:
     assert result.returncode == 0, result.stderr
     assert "nothing to provision" in result.stderr
     assert before == {p: p.stat().st_mtime_ns for p in (image.root / "etc/storelink").rglob("*")}
+
+
+def test_the_enrolled_store_connects_with_its_certificate(image: Image) -> None:
+    """First boot done: the gateway in the image, as the storelink user, reaches head office's TLS broker."""
+    fleet = image.fleet
+    assert fleet is not None
+    broker = fleet.broker()
+    watcher = fleet.client(fleet.pki / "hq-ops.pem", fleet.pki / "hq-ops.key")
+    watcher.subscribe(f"storelink/{STORE}/status")
+    proc_dir = image.root / "proc"
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc_dir)], check=True)
+    gateway = subprocess.Popen(
+        ["chroot", str(image.root), "/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "setpriv", "--reuid=storelink",
+         "--regid=storelink", "--init-groups", "--", "/opt/storelink/current/bin/storelink", "run", "--config",
+         "/etc/storelink/storelink.toml"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def online() -> bool:
+            assert gateway.poll() is None, gateway.communicate()[0][-3000:]
+            births = [json.loads(p) for p in watcher.got(f"storelink/{STORE}/status") if p]
+            return any(b.get("state") == "online" and b.get("store_id") == STORE for b in births)
+
+        wait_for(online, 60, what="the store's birth message at head office")
+    finally:
+        gateway.terminate()
+        try:
+            out = gateway.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            out = gateway.communicate()[0]
+        subprocess.run(["umount", "-l", str(proc_dir)], check=False)
+        watcher.close()
+        broker.stop()
+    assert "uplink connected" in out, out[-3000:]

@@ -102,6 +102,7 @@ def test_page_in_headless_chromium(tmp_path: Path, gateway: GatewayProcess, mosq
             mosquitto.stop()
             expect(page.locator("#uplink-state")).to_have_text("Offline", timeout=15_000)
             expect(page.locator("#verdict")).to_contain_text("Head office unreachable")
+            expect(page.locator("#verdict")).to_contain_text(f"connection refused by 127.0.0.1:{mosquitto.port}")
             gateway.post("/api/v1/events", {"kind": "till.sale", "device": "till1", "data": {}})
             expect(page.locator("#outbox-depth")).to_have_text("1 waiting", timeout=10_000)
 

@@ -57,7 +57,8 @@ async def test_switch_broker_live_loses_nothing(tmp_path: Path, mosquitto: Mosqu
         # A dead broker: the uplink says so; switching back recovers.
         dead = MqttConfig.model_validate({**gw.config.mqtt.model_dump(), "port": free_port()})
         await gw.uplink.reconfigure(dead)
-        await _until(lambda: "cannot reach" in (gw.uplink.last_error or ""), "a dead-broker error")
+        await _until(lambda: "connection refused by 127.0.0.1" in (gw.uplink.last_error or ""), "a dead-broker error")
+        assert gw.uplink.status()["problem"] == "refused"
         assert not gw.uplink.connected
         await gw.uplink.reconfigure(gw.config.mqtt)
         await _until(lambda: gw.uplink.connected, "reconnect to broker A")

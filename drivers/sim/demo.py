@@ -39,7 +39,6 @@ def demo_extensions() -> list[DemoExtension]:
 
 
 STORE_ID = "store-demo"
-PAUSE_S = 10.0  # between rounds of the story
 
 
 def free_port() -> int:
@@ -160,8 +159,8 @@ async def run_demo(args: argparse.Namespace) -> int:
                         rounds += 1
                         say(f"-- round {rounds} -- status page {url} · token {token}")
                         await story.round()
-                        say(f"-- next round in {PAUSE_S:g} s; meanwhile try the head-office commands above --\n")
-                        await asyncio.sleep(PAUSE_S)
+                        say(f"-- next round in {args.pause:g} s; meanwhile try the head-office commands above --\n")
+                        await asyncio.sleep(args.pause)
 
                 async def watch(notices: Notices) -> None:
                     while True:
@@ -195,6 +194,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:8080", help="status page address (default %(default)s)")
     p.add_argument("--broker-port", type=int, default=0, help="the demo broker's port (default: a free one)")
     p.add_argument("--seconds", type=float, default=0, help="stop by itself after this long (0: run until Ctrl-C)")
+    p.add_argument("--pause", type=float, default=10.0, metavar="SECONDS",
+                   help="pause between rounds of the story, when the broker is up for pasted commands "
+                        "(default %(default)g)")
     p.add_argument("--verbose", action="store_true", help="also print every MQTT message and the gateway's log")
 
 

@@ -1,8 +1,8 @@
-"""`storelink hq`: head-office commands. keygen, publish-prices (validate, sign, chunk, publish, follow), status.
+"""`storelink hq` price commands: keygen, publish-prices (validate, sign, chunk, publish, follow), status.
 
     storelink hq keygen --out hq-prices.key
-    storelink hq publish-prices prices.csv --store store-0042 --key hq-prices.key [--version N] [--broker HOST:PORT]
-    storelink hq status [--broker HOST:PORT]
+    storelink hq publish-prices prices.csv --store store-0042 [--key hq-prices.key] [--version N] [--config hq.toml]
+    storelink hq status [--config hq.toml | --broker HOST:PORT]
 """
 
 from __future__ import annotations
@@ -18,34 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
+from storelink.contract import Topics
 from storelink.hq.batch import CsvProblems, build_batch, read_csv
-
-PREFIX = "storelink"
-
-
-def _client(broker: str, name: str) -> mqtt.Client:
-    host, _, port = broker.rpartition(":")
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"storelink-hq-{name}-{os.getpid()}",
-                         protocol=mqtt.MQTTv5)
-    user, password = os.environ.get("STORELINK_HQ_USERNAME"), os.environ.get("STORELINK_HQ_PASSWORD")
-    if user:
-        client.username_pw_set(user, password)
-    client.connect(host or "127.0.0.1", int(port or 1883))
-    return client
+from storelink.hq.config import HqConfig, HqConfigError
+from storelink.hq.connect import HqClient, connect
 
 
 class Follower:
     """Collects retained state and events for the stores we care about."""
 
-    def __init__(self, client: mqtt.Client, filters: list[str]):
+    def __init__(self, client: HqClient, filters: list[str]):
         self.lock = threading.Lock()
         self.messages: list[tuple[str, dict[str, Any]]] = []
-        self.subscribed = threading.Event()
         client.on_message = self._on_message
-        client.on_subscribe = lambda *_a: self.subscribed.set()
-        client.subscribe([(f, 1) for f in filters])
+        client.subscribe_confirmed(filters)
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -63,7 +50,7 @@ class Follower:
 
 
 # -- keygen ---------------------------------------------------------------------------------------------------
-def cmd_keygen(args: argparse.Namespace) -> int:
+def cmd_keygen(args: argparse.Namespace, _cfg: HqConfig) -> int:
     from storelink.remote.signing import keygen
 
     out: Path = args.out
@@ -81,9 +68,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 # -- publish-prices -------------------------------------------------------------------------------------------
-def cmd_publish(args: argparse.Namespace) -> int:
-    from storelink.remote.signing import load_private_key
-
+def cmd_publish(args: argparse.Namespace, cfg: HqConfig) -> int:
     try:
         items = read_csv(args.file)
     except CsvProblems as err:
@@ -94,44 +79,39 @@ def cmd_publish(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"{args.file}: {err.strerror or err}", file=sys.stderr)
         return 1
-    try:
-        key = load_private_key(Path(args.key).read_text().strip())
-    except (OSError, ValueError) as err:
-        print(f"{args.key}: {err}", file=sys.stderr)
-        return 1
+    key = cfg.signing_key()
     version = args.version or int(time.time())
     batch_id = args.batch_id or f"{args.store or args.group}-v{version}"
-    effective = datetime.fromisoformat(args.effective_at) if args.effective_at else None
+    try:
+        effective = datetime.fromisoformat(args.effective_at) if args.effective_at else None
+    except ValueError:
+        raise HqConfigError(f"--effective-at: not an ISO 8601 time: {args.effective_at!r}") from None
+    if effective is not None and effective.tzinfo is None:
+        raise HqConfigError(f"--effective-at: give a timezone (e.g. {args.effective_at}+01:00 or ...Z)")
     b = build_batch(items, version=version, batch_id=batch_id, store=args.store, group=args.group,
                     currency=args.currency, key=key, mode=args.mode, effective_at=effective)
     size = sum(len(m) for m in b.messages)
     print(f"{len(items)} items valid; batch {batch_id} version {version}: {len(b.messages) - 1} chunk(s), "
           f"{size / 1024:.0f} KiB signed")
-    client = _client(args.broker, "publish")
-    client.loop_start()
+    client = connect(cfg, "publish")
     try:
         follower = None
         if args.store:
-            base = f"{PREFIX}/{args.store}"
-            follower = Follower(client, [f"{base}/events/+", f"{base}/prices/state"])
-            follower.subscribed.wait(10)
-            topic = f"{base}/prices/batch"
+            store = Topics(args.store, cfg.topic_prefix)
+            follower = Follower(client, [f"{store.base}/events/+", store.prices_state])
+            topic = store.prices_batch
         else:
-            topic = f"{PREFIX}/groups/{args.group}/prices/batch"
-        infos = [client.publish(topic, m, qos=1) for m in b.messages]
-        for info in infos:
-            info.wait_for_publish(60)
+            topic = Topics("-", cfg.topic_prefix).group_prices_batch(args.group)
+        client.publish_confirmed(topic, b.messages)
         print(f"published to {topic}")
         if args.store:
-            client.publish(f"{PREFIX}/{args.store}/prices/desired",
-                           json.dumps({"version": version, "batch_id": batch_id}), qos=1, retain=True
-                           ).wait_for_publish(10)
+            client.publish_confirmed(store.prices_desired, [json.dumps({"version": version, "batch_id": batch_id})],
+                                     retain=True)
         if follower is None or args.no_wait:
             return 0
         return _follow(follower, batch_id, version, args.wait)
     finally:
-        client.loop_stop()
-        client.disconnect()
+        client.close()
 
 
 def _follow(follower: Follower, batch_id: str, version: int, wait: float) -> int:
@@ -171,11 +151,11 @@ def _follow(follower: Follower, batch_id: str, version: int, wait: float) -> int
 
 
 # -- status ---------------------------------------------------------------------------------------------------
-def fleet_rows(messages: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def fleet_rows(messages: list[tuple[str, dict[str, Any]]], prefix: str = "storelink") -> list[dict[str, Any]]:
     stores: dict[str, dict[str, Any]] = {}
     for topic, body in messages:
         parts = topic.split("/")
-        if len(parts) < 3 or parts[1] == "groups":
+        if len(parts) < 3 or parts[0] != prefix or parts[1] == "groups":
             continue
         row = stores.setdefault(parts[1], {"store": parts[1]})
         if parts[2] == "status":
@@ -193,17 +173,15 @@ def fleet_rows(messages: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any
     return sorted(stores.values(), key=lambda r: r["store"])
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    client = _client(args.broker, "status")
-    client.loop_start()
+def cmd_status(args: argparse.Namespace, cfg: HqConfig) -> int:
+    client = connect(cfg, "status")
     try:
-        follower = Follower(client, [f"{PREFIX}/+/status", f"{PREFIX}/+/prices/state"])
-        follower.subscribed.wait(10)
+        prefix = cfg.topic_prefix
+        follower = Follower(client, [f"{prefix}/+/status", f"{prefix}/+/prices/state"])
         time.sleep(args.listen)  # retained messages arrive right after SUBSCRIBE
-        rows = fleet_rows(follower.take())
+        rows = fleet_rows(follower.take(), prefix)
     finally:
-        client.loop_stop()
-        client.disconnect()
+        client.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -216,35 +194,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         version = r.get("version") if r.get("version") is not None else "-"
         print(f"{r['store']:<20} {r.get('online') or '?':<8} {version:>11} {r.get('pending', '-'):<22}"
               f" {r.get('devices', 0):>7} {r.get('drift', 0):>5}  {note}")
-    print(f"{len(rows)} store(s)")
+    print(f"{len(rows)} store(s) on {cfg.broker.address} under {prefix}/")
     return 0
 
 
 # -- argparse -------------------------------------------------------------------------------------------------
-def add_price_subcommands(sub: Any) -> None:
-    """keygen, publish-prices and status in the `storelink hq` subparsers (storelink.hq assembles the group)."""
-    k = sub.add_parser("keygen", help="create a head-office Ed25519 signing key")
+def add_parsers(sub: Any, connection: argparse.ArgumentParser, signing: argparse.ArgumentParser,
+                local: argparse.ArgumentParser) -> None:
+    """Parent parsers: `connection` --config and the broker flags, `signing` --key, `local` --config alone."""
+    k = sub.add_parser("keygen", parents=[local], help="create a head-office Ed25519 signing key")
     k.add_argument("--out", type=Path, default=Path("hq-prices.key"))
     k.add_argument("--force", action="store_true")
     k.set_defaults(hq_handler=cmd_keygen)
-    pub = sub.add_parser("publish-prices", help="validate, sign, chunk and publish a price list; follow the store")
+    pub = sub.add_parser("publish-prices", parents=[connection, signing],
+                         help="validate, sign, chunk and publish a price list; follow the store")
     pub.add_argument("file", type=Path, help="CSV: sku,price[,gtin,unit_price,unit_basis,description,promo_*]")
     to = pub.add_mutually_exclusive_group(required=True)
     to.add_argument("--store")
     to.add_argument("--group")
-    pub.add_argument("--key", required=True, help="private key file from `storelink hq keygen`")
     pub.add_argument("--version", type=int, default=0, help="price version (default: the current Unix time)")
     pub.add_argument("--batch-id", default="")
     pub.add_argument("--currency", default="EUR")
     pub.add_argument("--mode", choices=["full", "delta"], default="full",
                      help="full: the file is the whole price list; delta: only these SKUs change")
     pub.add_argument("--effective-at", default="", help="ISO 8601 with timezone; default: at once")
-    pub.add_argument("--broker", default="127.0.0.1:1883")
     pub.add_argument("--wait", type=float, default=120.0, help="seconds to follow the store (default 120)")
     pub.add_argument("--no-wait", action="store_true")
     pub.set_defaults(hq_handler=cmd_publish)
-    st = sub.add_parser("status", help="fleet table: which store runs which price version")
-    st.add_argument("--broker", default="127.0.0.1:1883")
+    st = sub.add_parser("status", parents=[connection], help="fleet table: which store runs which price version")
     st.add_argument("--listen", type=float, default=1.5, help="seconds to collect retained messages")
     st.add_argument("--json", action="store_true")
     st.set_defaults(hq_handler=cmd_status)

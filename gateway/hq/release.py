@@ -8,7 +8,8 @@
     storelink hq release rollback ROLLOUT        every store the rollout reached goes back to its previous release
 
 The bundle is served by any HTTPS server (the stores resume interrupted downloads with Range requests); head
-office only sends each store a signed ``update`` command with the URL, size and SHA-256.
+office only sends each store a signed ``update`` command with the URL, size and SHA-256. The broker, TLS identity,
+topic prefix and signing key come from hq.toml (storelink.hq.config), as for every `storelink hq` command.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from storelink.hq.config import HqConfig
+from storelink.hq.connect import connect
 from storelink.hq.rollout import Rollout, RolloutError, load_rings, run_rollout
 from storelink.system.schema import rollback_problems
 from storelink.update.manifest import WHEEL_RE, BundleError, file_sha256, verify_bundle, write_bundle
 
-PREFIX = "storelink"
 _ARCH_RE = re.compile(r"(x86_64|aarch64|armv7l|armv6l|i686)$")
 
 
@@ -85,9 +87,10 @@ def build_release(wheelhouse: Path, key: Any, out_dir: Path, *, extras: str = "a
     return out
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace, cfg: HqConfig) -> int:
+    key = cfg.signing_key()
     try:
-        out = build_release(args.wheelhouse, _key(args.key), args.out, extras=args.extras, notes=args.notes)
+        out = build_release(args.wheelhouse, key, args.out, extras=args.extras, notes=args.notes)
     except (BundleError, OSError, ValueError) as err:
         print(f"{getattr(err, 'reason', None) or err}\nno bundle was written", file=sys.stderr)
         return 1
@@ -96,31 +99,25 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 # -- talking to the stores ------------------------------------------------------------------------------------
-def _key(path: str) -> Any:
-    from storelink.remote.signing import load_private_key
-
-    return load_private_key(Path(path).read_text().strip())
-
-
 class Fleet:
-    """One MQTT connection: retained update/state of every store, and signed commands with replies."""
+    """One MQTT connection: retained update/state of every store, and signed commands with replies. Each store
+    answers on its own ``cmd-reply/update`` (the only place its broker ACL lets it answer), matched by correlation
+    data (MQTT 5) or ``correlation_id`` (3.1.1)."""
 
-    def __init__(self, broker: str, key: Any = None, listen: float = 0.0):
-        from storelink.hq.prices import _client
-
+    def __init__(self, cfg: HqConfig, key: Any = None, listen: float = 0.0):
         self.key = key
+        self.prefix = cfg.topic_prefix
+        self.v5 = cfg.broker.protocol == "5"
         self.lock = threading.Lock()
         self.states: dict[str, dict[str, Any]] = {}
-        self.replies: dict[bytes, dict[str, Any]] = {}
-        self.reply_topic = f"hq/replies/{uuid.uuid4().hex[:12]}"
-        self.client = _client(broker, "release")
-        subscribed = threading.Event()
+        self.replies: dict[str, dict[str, Any]] = {}
+        self.client = connect(cfg, "release")
         self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *_a: subscribed.set()
-        self.client.loop_start()
-        self.client.subscribe([(f"{PREFIX}/+/update/state", 1), (self.reply_topic, 1)])
-        if not subscribed.wait(10):
-            raise RolloutError("the broker did not confirm the subscriptions within 10 s")
+        try:
+            self.client.subscribe_confirmed([f"{self.prefix}/+/update/state", f"{self.prefix}/+/cmd-reply/update"])
+        except BaseException:
+            self.client.close()
+            raise
         time.sleep(listen)  # the retained states of every store arrive right after SUBSCRIBE
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
@@ -131,10 +128,11 @@ class Fleet:
         if not isinstance(body, dict):
             return
         with self.lock:
-            if msg.topic == self.reply_topic:
+            if msg.topic.endswith("/cmd-reply/update"):
                 corr = getattr(getattr(msg, "properties", None), "CorrelationData", None)
-                if corr:
-                    self.replies[bytes(corr)] = body
+                key = bytes(corr).decode(errors="replace") if corr else body.get("correlation_id")
+                if isinstance(key, str):
+                    self.replies[key] = body
             else:
                 self.states[msg.topic.split("/")[1]] = body
 
@@ -148,13 +146,16 @@ class Fleet:
 
         from storelink.remote.signing import sign
 
+        reply_topic, corr = f"{self.prefix}/{store}/cmd-reply/update", uuid.uuid4().hex
         body = sign({"kind": "storelink.command", "store_id": store, "command": "update", "id": uuid.uuid4().hex,
-                     "issued_at": time.time(), "args": args}, self.key)
-        corr = uuid.uuid4().bytes
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic, props.CorrelationData = self.reply_topic, corr
-        self.client.publish(f"{PREFIX}/{store}/cmd/update", json.dumps(body), qos=1,
-                            properties=props).wait_for_publish(10)
+                     "issued_at": time.time(), "args": args, "reply_to": reply_topic, "correlation_id": corr},
+                    self.key)
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic, props.CorrelationData = reply_topic, corr.encode()
+        self.client.publish_confirmed(f"{self.prefix}/{store}/cmd/update", [json.dumps(body)], properties=props,
+                                      timeout=10)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             with self.lock:
@@ -164,8 +165,7 @@ class Fleet:
         return None
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.client.close()
 
 
 # -- publish / resume / rollback / status ----------------------------------------------------------------------
@@ -190,8 +190,8 @@ def _previous_rollout_schemas(directory: Path) -> dict[str, Any] | None:
     return (last.data.get("schemas") if last and last.data.get("status") == "done" else None)
 
 
-def cmd_publish(args: argparse.Namespace) -> int:
-    key = _key(args.key)
+def cmd_publish(args: argparse.Namespace, cfg: HqConfig) -> int:
+    key = cfg.signing_key()
     try:
         verified = verify_bundle(args.bundle, [key.public_key()])
     except BundleError as err:
@@ -205,7 +205,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print("release " + manifest.version + " cannot be rolled back past: " + "; ".join(blocked)
               + "\nrefusing without --allow-irreversible; nothing was published", file=sys.stderr)
         return 1
-    fleet = Fleet(args.broker, key, args.listen)
+    fleet = Fleet(cfg, key, args.listen)
     try:
         rings, threshold = _targets(args, fleet)
         rollout = Rollout(args.rollouts / f"{manifest.version}-{int(time.time())}.json", {
@@ -228,7 +228,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0 if status == "done" else 3
 
 
-def cmd_resume(args: argparse.Namespace) -> int:
+def cmd_resume(args: argparse.Namespace, cfg: HqConfig) -> int:
     try:
         rollout = Rollout.load(args.rollouts, args.rollout)
         if rollout.data["status"] != "halted":
@@ -236,7 +236,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         rollout.data["status"], rollout.data["reason"] = "running", None
         rollout.data["ring"] += 1  # the halted ring stays as it is; the next one goes ahead
         rollout.save()
-        fleet = Fleet(args.broker, _key(args.key), args.listen)
+        fleet = Fleet(cfg, cfg.signing_key(), args.listen)
     except RolloutError as err:
         print(str(err), file=sys.stderr)
         return 1
@@ -246,10 +246,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         fleet.close()
 
 
-def cmd_rollback(args: argparse.Namespace) -> int:
+def cmd_rollback(args: argparse.Namespace, cfg: HqConfig) -> int:
     try:
         rollout = Rollout.load(args.rollouts, args.rollout)
-        fleet = Fleet(args.broker, _key(args.key), args.listen)
+        fleet = Fleet(cfg, cfg.signing_key(), args.listen)
     except RolloutError as err:
         print(str(err), file=sys.stderr)
         return 1
@@ -272,10 +272,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace, cfg: HqConfig) -> int:
     rollout = Rollout.load(args.rollouts, args.rollout) if args.rollout else (
         Rollout.latest(args.rollouts) if args.rollouts.is_dir() else None)
-    fleet = Fleet(args.broker, listen=args.listen)
+    fleet = Fleet(cfg, listen=args.listen)
     try:
         live = fleet.snapshot()
     finally:
@@ -303,27 +303,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_release_subcommand(sub: Any) -> None:
-    """`storelink hq release ...` (registered in gateway/hq/prices.py's `hq` group)."""
+def add_parsers(sub: Any, connection: argparse.ArgumentParser, signing: argparse.ArgumentParser,
+                local: argparse.ArgumentParser) -> None:
+    """`storelink hq release ...`; the parent parsers as in storelink.hq.cli."""
     rel = sub.add_parser("release", help="software releases: build, publish (rings), status, resume, rollback")
     rs = rel.add_subparsers(dest="release_command", required=True)
 
     def common(p: argparse.ArgumentParser, key: bool = True) -> None:
-        p.add_argument("--broker", default="127.0.0.1:1883")
         p.add_argument("--rollouts", type=Path, default=Path("storelink-rollouts"), help="rollout records")
         p.add_argument("--listen", type=float, default=1.5, help="seconds to collect retained states")
         if key:
-            p.add_argument("--key", required=True, help="head-office private key file")
             p.add_argument("--ring-timeout", type=float, default=3600.0, help="seconds a ring may take")
 
-    b = rs.add_parser("build", help="sign a wheelhouse into a release bundle")
+    b = rs.add_parser("build", parents=[local, signing], help="sign a wheelhouse into a release bundle")
     b.add_argument("wheelhouse", type=Path)
-    b.add_argument("--key", required=True)
     b.add_argument("--out", type=Path, default=Path("dist"))
     b.add_argument("--extras", default="all", help="the storelink extras the appliance installs")
     b.add_argument("--notes", default="")
     b.set_defaults(hq_handler=cmd_build)
-    p = rs.add_parser("publish", help="announce a bundle to stores with a signed command, ring by ring")
+    p = rs.add_parser("publish", parents=[connection, signing],
+                      help="announce a bundle to stores with a signed command, ring by ring")
     p.add_argument("bundle", type=Path)
     p.add_argument("--url", required=True, help="HTTPS URL the stores download the bundle from")
     to = p.add_mutually_exclusive_group(required=True)
@@ -338,11 +337,12 @@ def add_release_subcommand(sub: Any) -> None:
     p.set_defaults(hq_handler=cmd_publish)
     for name, handler, text in (("resume", cmd_resume, "go on with a halted rollout's next ring"),
                                 ("rollback", cmd_rollback, "send every store the rollout reached back")):
-        q = rs.add_parser(name, help=text)
+        q = rs.add_parser(name, parents=[connection, signing], help=text)
         q.add_argument("rollout")
         common(q)
         q.set_defaults(hq_handler=handler)
-    s = rs.add_parser("status", help="each store's release and update state, and the rollout's progress")
+    s = rs.add_parser("status", parents=[connection],
+                      help="each store's release and update state, and the rollout's progress")
     s.add_argument("rollout", nargs="?")
     s.add_argument("--json", action="store_true")
     common(s, key=False)

@@ -71,8 +71,7 @@ class PriceDb:
         self._writer: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prices-db")
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
+        self._generation = 0  # bumped by close(): a thread's reader from before is replaced on its next use
 
     def open(self) -> None:
         """Open and create the schema (call from a worker thread or before the loop runs)."""
@@ -97,10 +96,10 @@ class PriceDb:
 
         self._pool.submit(_close).result()
         self._pool.shutdown(wait=True)
-        with self._readers_lock:
-            for conn in self._readers:
-                conn.close()
-            self._readers.clear()
+        # Readers are not closed here: a reader belongs to its thread and may be in the middle of a query (a
+        # status build in a worker thread, a LOOKUP on the loop), and closing a connection another thread is
+        # using crashes the process. Each thread closes its own old reader when it next reads (reader()).
+        self._generation += 1
 
     # -- writes -------------------------------------------------------------------------------------------
     def _in_txn(self, fn: Callable[..., T], *args: Any) -> T:
@@ -118,11 +117,12 @@ class PriceDb:
     def reader(self) -> sqlite3.Connection:
         """This thread's read connection (WAL readers never wait for the writer)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = open_db(self.path, synchronous=self.synchronous, read_only=True)
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
+        if conn is not None and self._local.generation == self._generation:
+            return conn
+        if conn is not None:
+            conn.close()  # opened before the last close(); this thread is its only user
+        conn = open_db(self.path, synchronous=self.synchronous, read_only=True)
+        self._local.conn, self._local.generation = conn, self._generation
         return conn
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:

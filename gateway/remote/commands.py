@@ -5,7 +5,8 @@ request may carry ``reply_to`` and ``correlation_id`` in its JSON; without any r
 ``{base}/cmd-reply/{name}`` so that no error is ever silent. Read-only commands (``ping``, ``status``) may be
 sent unsigned; commands that change something must be a signed envelope (storelink.remote.signing) whose payload names
 this store and this command, carries a unique id and is recent (``[remote] command_max_age``): a recorded
-command cannot be replayed. The status page calls ``Commands.execute`` directly behind the ``http.token``.
+command cannot be replayed, not even after a restart (storelink.remote.replay keeps the used ids on disk). The
+status page calls ``Commands.execute`` directly behind the ``http.token``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from storelink.outbox import iso_ts
 from storelink.parts import BasePart, Subscription
 from storelink.prices.part import PricesPart
 from storelink.remote.models import CommandRequest, CommandResponse, SignedCommand
+from storelink.remote.replay import Replayed, ReplayGuard
 from storelink.remote.signing import SignatureError, verify
 from storelink.system.logs import exception_summary, loggable_id
 from storelink.uplink import Uplink
@@ -104,7 +106,7 @@ class Commands(BasePart):
         self.devices = devices
         self.prices = prices
         self.gateway_status = status
-        self._seen_ids: dict[str, float] = {}  # signed command id -> when it may be forgotten
+        self.replay = ReplayGuard(config.current.storage.path.parent / "replay-guard.json")
         self.counts: dict[tuple[str, str], int] = {}  # (command, outcome) -> n, for /metrics
         self.table: dict[str, Command] = {
             "ping": Command(NoArgs, False, self._ping, "answers pong"),
@@ -117,6 +119,9 @@ class Commands(BasePart):
 
     def subscriptions(self) -> list[Subscription]:
         return [Subscription(self.topics.command_filter, self.on_command, timeout=COMMAND_TIMEOUT + 30)]
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.replay.load)  # commands wait for the part to run, so for the record
 
     # -- shared by MQTT and HTTP -------------------------------------------------------------------------------
     async def execute(self, name: str, raw_args: Any) -> Any:
@@ -149,6 +154,11 @@ class Commands(BasePart):
             req: SignedCommand | CommandRequest
             if isinstance(body, dict) and "sig" in body:
                 req = self._verify_signed(name, body)
+                try:  # durable: on disk before the command runs
+                    await asyncio.to_thread(self.replay.accept, req.id, req.issued_at,
+                                            self.config.current.remote.command_max_age)
+                except Replayed as err:
+                    raise CommandError("unauthorized", str(err)) from None
                 signed = True
             else:
                 try:
@@ -220,13 +230,6 @@ class Commands(BasePart):
         if cmd.command != name:
             raise CommandError("unauthorized", f"signed for command {safe_json.echo(cmd.command)}, sent as "
                                f"{safe_json.echo(name)}")
-        now, max_age = time.time(), config.remote.command_max_age
-        if not -60 <= now - cmd.issued_at <= max_age:  # a minute of clock skew either way
-            raise CommandError("unauthorized", f"issued_at is outside the last {max_age:g}s: refused as a replay")
-        self._seen_ids = {k: v for k, v in self._seen_ids.items() if v > now}
-        if cmd.id in self._seen_ids:
-            raise CommandError("unauthorized", f"command id {cmd.id} was already used: refused as a replay")
-        self._seen_ids[cmd.id] = now + max_age + 120
         return cmd
 
     # -- the commands ------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ function el(tag, text, cls) {
 
 function verdict(s) {
   const problems = [];
-  if (!s.uplink.connected) problems.push(["bad", `Head office unreachable ${s.uplink.offline_since ? "since " + ago(s.uplink.offline_since) : ""}. Sales and events are kept safely and sent later.`]);
+  // last_error says what to fix in plain words (storelink.mqtt_problems): a certificate, the address, a refusal.
+  if (!s.uplink.connected) problems.push(["bad", `Head office unreachable ${s.uplink.offline_since ? "since " + ago(s.uplink.offline_since) : ""}${s.uplink.last_error ? ": " + s.uplink.last_error : ""}. Sales and events are kept safely and sent later.`]);
   const refused = s.uplink.refused_subscriptions || [];
   if (s.uplink.connected && refused.length) problems.push(["bad", `The broker does not let this store read ${refused.join(", ")}: price changes and commands from head office cannot arrive.`]);
   const alarms = Object.values(s.outbox.alarms || {});
