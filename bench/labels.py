@@ -80,8 +80,7 @@ async def esl_run(work: Path, n: int, parallel: int) -> tuple[float, float, floa
         t0 = time.perf_counter()
         await driver.price_prepare(Change(2, [dataclasses.replace(i, price=i.price + 10) for i in change.changed]))
         t_steady = time.perf_counter() - t0
-        assert driver._session is not None
-        await driver._session.close()
+        await driver.ap.close()
         contents = [(macs[i.sku], render_tag_content(i, "EUR", 2, cfg.layout)) for i in change.changed]
         limit = asyncio.Semaphore(parallel)
         async with aiohttp.ClientSession() as http:

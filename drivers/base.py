@@ -18,7 +18,7 @@ import errno
 import inspect
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -95,6 +95,11 @@ class PriceBookView(Protocol):
 
     def is_stale(self, device_id: str) -> bool:
         """True while a till is behind the active version (it must be brought up to date before it sells)."""
+        ...
+
+    def version_for(self, device_id: str) -> int:
+        """The version a till should run now: the active one, or an older one while its COMMIT is held back (a
+        till without holds is committed to a price increase only once the labels show it)."""
         ...
 
     async def alookup(self, code: str) -> dict[str, Any] | None:
@@ -203,6 +208,12 @@ class Driver(abc.ABC):
 # Drivers that show or charge prices (tills, shelf-label systems, label printers) implement PriceTarget; the
 # price coordinator (gateway/prices) drives them through a two-phase change. Every method must be idempotent:
 # after a crash the coordinator re-drives the decision in its journal, so commit/abort may arrive twice.
+#
+# The founding promise is that a till never charges more than the shelf shows. Labels change late (a tag checks
+# in, a label is printed and swapped), so from the moment labels may change until each one is known to show the
+# price in force, a till charges min(old, new) for the items of the change: `transition_prices`. Tills get them
+# through TillPriceTarget.price_hold / price_commit and are released by price_final; label targets say what they
+# are known to show per item (LabelPriceTarget.price_label_states).
 
 
 class PriceItem(Protocol):
@@ -229,6 +240,15 @@ class PriceChange(Protocol):
     def currency(self) -> str: ...
     @property
     def changed(self) -> Sequence[PriceItem]: ...  # items whose shown/charged price differs from the active version
+    @property
+    def transition_prices(self) -> Mapping[str, int]:
+        """SKU -> what a till may charge at most while the labels change: min(old, new) (tills only)."""
+        ...
+    @property
+    def effective_at(self) -> float | None:
+        """Unix time the change takes effect (None: at once). Labels that can show a valid-from (paper labels
+        printed ahead, marked with it) prepare ahead; labels that cannot (ESL) change at price_commit."""
+        ...
 
 
 class PrepareFailed(Exception):
@@ -244,11 +264,13 @@ class PriceTarget(Protocol):
         ...
 
     async def price_commit(self, version: int) -> None:
-        """Switch to `version` (tills); labels: nothing to switch, the content is already on its way."""
+        """Switch to `version` (tills: at most the transition prices until price_final); labels: nothing to
+        switch for content already on its way, or push content held back for a scheduled change."""
         ...
 
     async def price_abort(self, version: int) -> None:
-        """Drop a staged `version` (tills) / put the old content back (labels)."""
+        """Drop a staged `version` (tills: the holds stay until price_final) / put the old content back (labels:
+        recorded durably and delivered by the driver when the device is reachable again)."""
         ...
 
     async def price_confirmed(self, version: int) -> bool:
@@ -260,28 +282,75 @@ class PriceTarget(Protocol):
         ...
 
 
+class TillPriceTarget(PriceTarget, Protocol):
+    """A till. `price_can_hold` says whether it keeps holds (HoldingTillTarget: its own price table is capped at
+    the transition prices); a till that cannot (an older till, a POS that imports price files) is committed only
+    once the labels show the new prices when the change raises a price (it keeps the old, lower price meanwhile)."""
+
+    @property
+    def price_can_hold(self) -> bool | None:
+        """True/False (for a till that connects: what it said in HELLO), None when it is not connected."""
+        ...
+
+
+@runtime_checkable
+class HoldingTillTarget(TillPriceTarget, Protocol):
+    """A till that can keep holds (it is sent these only while its `price_can_hold` is True)."""
+
+    async def price_hold(self, version: int) -> None:
+        """From now on charge at most the staged version's transition prices (before any label changes)."""
+        ...
+
+    async def price_final(self, version: int, keep: list[str]) -> None:
+        """The labels show `version`'s outcome: drop its holds except for the SKUs in `keep`."""
+        ...
+
+
+LabelShows = Literal["new", "old", "unknown"]
+"""What a label is known to display for an item of a version: that version's content, the content from before
+it, or either (a print job that may have reached the printer, a device that is gone)."""
+
+
+class LabelPriceTarget(PriceTarget, Protocol):
+    async def price_label_states(self, version: int) -> dict[str, LabelShows]:
+        """For every SKU of `version` this device carries a label for: what that label is known to show now."""
+        ...
+
+    async def price_restored(self, version: int) -> bool:
+        """After price_abort(version): True once every label of the version is known to show its old content."""
+        ...
+
+    async def price_reprint(self, request_id: str, change: PriceChange) -> int:
+        """Print/push the labels of `change.changed` again as a job of its own (at-least-once, like printing),
+        even where the device already shows them; returns how many labels were queued."""
+        ...
+
+
 PRICE_TARGET_METHODS = ("price_prepare", "price_commit", "price_abort", "price_confirmed", "price_reported_version")
+ROLE_METHODS = {"till": (), "label": ("price_label_states", "price_restored", "price_reprint")}
+HOLD_METHODS = ("price_hold", "price_final")  # a till has both (HoldingTillTarget) or neither
 
 
 def price_target_problem(cls: type[Driver]) -> str | None:
-    """Why a driver class that declares a ``price_role`` does not implement PriceTarget, or None when it does.
+    """Why a driver class that declares a ``price_role`` does not implement PriceTarget (and TillPriceTarget or
+    LabelPriceTarget for its role), or None when it does.
 
     Checked when the driver is loaded, so the price coordinator can rely on the protocol instead of probing."""
     if cls.price_role is None:
         return None
     if cls.price_role not in ("till", "label"):
         return f"price_role must be 'till' or 'label', not {cls.price_role!r}"
-    missing = [m for m in PRICE_TARGET_METHODS if not inspect.iscoroutinefunction(getattr(cls, m, None))]
-    if missing:
-        return f"declares price_role {cls.price_role!r} but has no async {', '.join(missing)} (PriceTarget)"
+    role = ROLE_METHODS[cls.price_role]
+    if cls.price_role == "till" and any(hasattr(cls, m) for m in HOLD_METHODS):
+        role = HOLD_METHODS
+    for protocol, methods in (("PriceTarget", PRICE_TARGET_METHODS),
+                              ("HoldingTillTarget" if cls.price_role == "till" else "LabelPriceTarget", role)):
+        missing = [m for m in methods if not inspect.iscoroutinefunction(getattr(cls, m, None))]
+        if missing:
+            return f"declares price_role {cls.price_role!r} but has no async {', '.join(missing)} ({protocol})"
+    if cls.price_role == "till" and not isinstance(getattr(cls, "price_can_hold", None), property):
+        return "declares price_role 'till' but has no property price_can_hold (TillPriceTarget)"
     return None
-
-
-@runtime_checkable
-class RestoreConfirming(Protocol):
-    """A label target that can tell when its old content is back after an abort (ESL: the tags checked in)."""
-
-    async def price_restored(self, version: int) -> bool: ...
 
 
 @runtime_checkable

@@ -3,7 +3,10 @@
 A push is (version, tag): the content sent, the tag's content hash before the push, and whether the tag has
 confirmed it (the access point reports `pending` back to 0 and a different `hash`). The store survives restarts
 so the price coordinator can ask `confirmed(v)` again after a crash, and an abort can put the previous content
-back: every tag remembers the last content it confirmed.
+back: every tag remembers the last content it confirmed. A restore counts once the tag shows the previous
+content again (`pending` 0 and the hash from before the push), not when the access point took it. A push of a
+scheduled change is `planned` with its content until the change takes effect. A reprint (the content in force,
+pushed again on request) is a row of `reprints` until the tag has fetched it.
 
 All methods are blocking; the driver calls them through ``asyncio.to_thread``.
 """
@@ -15,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from storelink.drivers.base import LabelShows
 from storelink.system.sqlite import Synchronous, open_db, transaction
 
 SCHEMA = """
@@ -47,7 +51,18 @@ CREATE TABLE IF NOT EXISTS shown (
     content TEXT NOT NULL,
     hash TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reprints (
+    mac TEXT PRIMARY KEY,
+    sku TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    content TEXT NOT NULL,
+    request TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    uploaded_at REAL,
+    confirmed_at REAL
+);
 """
+ADDED_COLUMNS = ("restore_uploaded_at REAL",)  # pushes: when the previous content went back to the AP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +82,10 @@ class EslState:
         self._lock = threading.Lock()
         self._db = open_db(path, synchronous=synchronous)
         self._db.executescript(SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(pushes)")}
+        for column in ADDED_COLUMNS:
+            if column.split()[0] not in have:
+                self._db.execute(f"ALTER TABLE pushes ADD COLUMN {column}")
 
     def close(self) -> None:
         with self._lock:
@@ -84,15 +103,15 @@ class EslState:
                 "SET state=excluded.state, updated=excluded.updated WHERE versions.state != 'aborted'",
                 (version, state, time.time()))
 
-    def plan(self, version: int, tags: list[tuple[str, str]]) -> set[str]:
-        """Record which (mac, sku) the version must reach before anything is sent, so a tag whose upload failed
-        still counts as unconfirmed. Returns the MACs the AP already took (a repeated prepare skips them)."""
+    def plan(self, version: int, tags: list[tuple[str, str, str]]) -> set[str]:
+        """Record which (mac, sku, content) the version must reach before anything is sent, so a tag whose upload
+        failed still counts as unconfirmed. Returns the MACs the AP already took (a repeated prepare skips them)."""
         now = time.time()
         with self._lock:
             with transaction(self._db) as db:
                 db.executemany(
                     "INSERT OR IGNORE INTO pushes (version, mac, sku, content, hash_before, state, pushed_at) "
-                    "VALUES (?, ?, ?, '', '', 'planned', ?)", [(version, mac, sku, now) for mac, sku in tags])
+                    "VALUES (?, ?, ?, ?, '', 'planned', ?)", [(version, mac, sku, c, now) for mac, sku, c in tags])
                 rows = db.execute("SELECT mac FROM pushes WHERE version=? AND uploaded_at IS NOT NULL",
                                         (version,)).fetchall()
         return {r[0] for r in rows}
@@ -183,16 +202,34 @@ class EslState:
                                  (version, now))
                 db.execute("UPDATE pushes SET state='cancelled' WHERE version=? AND state='planned'",
                                  (version,))
+                # a tag that confirmed a later version since shows that: nothing of this one to put back
+                db.execute("UPDATE pushes SET state='restored' WHERE version=? AND state IN ('pushed', "
+                                 "'confirmed') AND EXISTS (SELECT 1 FROM shown s WHERE s.mac=pushes.mac "
+                                 "AND s.version > pushes.version)", (version,))
                 db.execute("UPDATE pushes SET state='restore_pending' WHERE version=? "
                                  "AND state IN ('pushed', 'confirmed') AND previous_content IS NOT NULL", (version,))
                 db.execute("UPDATE pushes SET state='no_restore' WHERE version=? "
                                  "AND state IN ('pushed', 'confirmed') AND previous_content IS NULL", (version,))
 
-    def restores_pending(self) -> list[Push]:
+    def planned(self, version: int) -> list[tuple[str, str, str]]:
+        """(mac, sku, content) of a scheduled version's tags not yet pushed."""
+        with self._lock:
+            rows = self._db.execute("SELECT mac, sku, content FROM pushes WHERE version=? AND state='planned' "
+                                    "ORDER BY mac", (version,)).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def restores_pending(self, uploaded: bool = False) -> list[Push]:
+        """Restores still to upload (uploaded=False), or uploaded and waiting for the tag (uploaded=True)."""
         with self._lock:
             rows = self._db.execute("SELECT version, mac, sku, content, hash_before, previous_content, state, "
-                                    "pushed_at FROM pushes WHERE state='restore_pending'").fetchall()
+                                    "pushed_at FROM pushes WHERE state='restore_pending' AND restore_uploaded_at IS "
+                                    + ("NOT NULL" if uploaded else "NULL")).fetchall()
         return [Push(*r) for r in rows]
+
+    def restore_uploaded(self, version: int, mac: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE pushes SET restore_uploaded_at=? WHERE version=? AND mac=?",
+                             (time.time(), version, mac))
 
     def no_restore(self, version: int) -> list[str]:
         with self._lock:
@@ -201,8 +238,8 @@ class EslState:
         return [r[0] for r in rows]
 
     def restored(self, version: int, mac: str) -> None:
-        """The previous content went back to the tag: it is again what the tag should show (its hash then is
-        the one the tag had before the aborted push)."""
+        """The tag shows the previous content again: it is again what the tag should show (its hash is the one
+        the tag had before the aborted push)."""
         with self._lock:
             with transaction(self._db) as db:
                 row = db.execute(
@@ -212,6 +249,50 @@ class EslState:
                     db.execute("UPDATE pushes SET state='restored' WHERE version=? AND mac=?", (version, mac))
                     db.execute("UPDATE shown SET content=?, hash=?, version=? WHERE mac=?",
                                      (row[0], row[1], row[2], mac))
+
+    def label_states(self, version: int) -> dict[str, LabelShows]:
+        """SKU -> what the tag of each item of `version` is known to show: "new" (this version or a later one
+        confirmed), "old" (content from before it: never uploaded, not fetched yet, or restored) or "unknown"
+        (uploaded, and the abort's restore not confirmed yet)."""
+        with self._lock:
+            vstate = self._db.execute("SELECT state FROM versions WHERE version=?", (version,)).fetchone()
+            rows = self._db.execute(
+                "SELECT p.sku, p.state, p.uploaded_at, p.hash_after, s.version FROM pushes p "
+                "LEFT JOIN shown s ON s.mac=p.mac WHERE p.version=?", (version,)).fetchall()
+        aborted = vstate is not None and vstate[0] == "aborted"
+        out: dict[str, LabelShows] = {}
+        for sku, state, uploaded_at, hash_after, shown_version in rows:
+            if not aborted:
+                confirmed = state == "confirmed" or (shown_version is not None and shown_version >= version)
+                out[sku] = "new" if confirmed else "old"  # not confirmed: the tag had not fetched it when last seen
+            elif state in ("restored", "cancelled", "planned") or uploaded_at is None:
+                out[sku] = "old"
+            else:  # restore_pending / no_restore of a push the AP took
+                out[sku] = "new" if hash_after is not None else "unknown"
+        return out
+
+    # reprints ------------------------------------------------------------------------------------------------
+    def request_reprints(self, request: str, version: int, tags: list[tuple[str, str, str]]) -> None:
+        """(mac, sku, content) to push again; recorded before the uploads (at-least-once)."""
+        now = time.time()
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO reprints (mac, sku, version, content, request, requested_at) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (mac) DO UPDATE SET sku=excluded.sku, version=excluded.version, content=excluded.content, "
+                "request=excluded.request, requested_at=excluded.requested_at, uploaded_at=NULL, confirmed_at=NULL",
+                [(mac, sku, version, content, request, now) for mac, sku, content in tags])
+
+    def reprints(self, uploaded: bool) -> list[tuple[str, str]]:
+        """(mac, content) of reprints not confirmed: still to upload, or uploaded and waiting for the tag."""
+        with self._lock:
+            rows = self._db.execute("SELECT mac, content FROM reprints WHERE confirmed_at IS NULL AND uploaded_at IS "
+                                    + ("NOT NULL" if uploaded else "NULL")).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def reprint_done(self, mac: str, uploaded: bool) -> None:
+        col = "confirmed_at" if uploaded else "uploaded_at"
+        with self._lock:
+            self._db.execute(f"UPDATE reprints SET {col}=? WHERE mac=?", (time.time(), mac))
 
     def shown(self) -> dict[str, tuple[str, int | None, str]]:
         """mac -> (sku, version, hash) of the content each tag last confirmed."""

@@ -6,10 +6,12 @@ renders for the tag); `GET /get_db?mac=` returns the tag record with `hash` (MD5
 confirmed only when the tag's `pending` is back to 0 and its `hash` differs from the hash before the push.
 There is no staged "switch now" in OpenEPaperLink: the price coordinator has to wait for these confirmations.
 
-As a PriceTarget (price_role "label"): prepare pushes new content to the tags of the changed items (items
-without a tag are skipped); confirmed(v) is true once every tag of v confirmed; abort pushes the content each
-tag showed before (retried by the driver's loop until the AP takes it). `tag_states()` reads every tag's
-current hash for the reconciliation audit.
+As a LabelPriceTarget (price_role "label"): prepare pushes new content to the tags of the changed items (items
+without a tag are skipped); a scheduled change (OpenEPaperLink has no valid-from) is only checked and rendered
+ahead and pushed at commit. confirmed(v) is true once every tag of v confirmed; abort pushes the content each
+tag showed before (retried by the driver's loop until the AP takes it; restored once the tag shows it);
+label_states / restored say per item what each tag is known to show; reprint pushes the content in force again
+(retried until the tag fetched it). `tag_states()` reads every tag's current hash for the reconciliation audit.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import aiohttp
 from pydantic import Field, field_validator, model_validator
 
 from storelink.drivers.base import (
@@ -32,12 +33,13 @@ from storelink.drivers.base import (
     DeviceContext,
     Driver,
     Health,
+    LabelShows,
     PrepareFailed,
     PriceChange,
     PriceItem,
-    plain_error,
 )
 from storelink.drivers.esl_state import EslState, Push
+from storelink.drivers.openepaperlink_ap import AccessPoint, AccessPointError
 from storelink.drivers.price_text import format_money, unit_price_text
 from storelink.validation import StrictModel
 
@@ -141,10 +143,6 @@ def render_tag_content(item: PriceItem, currency: str, version: int, layout: Tag
     return json.dumps(elements, ensure_ascii=False, separators=(",", ":"))
 
 
-class AccessPointError(ConnectionError):
-    """The AP is unreachable, answered with an error status, or sent something that is not a tag record."""
-
-
 class OpenEPaperLink(Driver):
     config_model: ClassVar[type[DeviceConfig]] = OpenEPaperLinkConfig
     price_role = "label"
@@ -156,8 +154,7 @@ class OpenEPaperLink(Driver):
         self.tags = config.tag_map()
         self._state: EslState | None = None
         self._state_lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
-        self._limit = asyncio.Semaphore(config.max_parallel)
+        self.ap = AccessPoint(config.url, config.request_timeout, config.max_parallel)
         self._wake = asyncio.Event()
         self._announced: set[int] = set()
 
@@ -172,73 +169,6 @@ class OpenEPaperLink(Driver):
         path = self.cfg.state_path or self.ctx.data_dir / f"esl-{self.cfg.id}.db"
         return await asyncio.to_thread(EslState, path, self.ctx.storage_sync)
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout))
-        return self._session
-
-    async def _request(self, method: str, path: str, **kw: Any) -> tuple[int, str]:
-        async with self._limit:
-            try:
-                async with self.session().request(method, self.cfg.url + path, **kw) as resp:
-                    return resp.status, await resp.text()
-            except (aiohttp.ClientError, TimeoutError, OSError) as err:
-                raise AccessPointError(f"access point {self.cfg.url} unreachable: {plain_error(err)}") from err
-
-    async def get_tag(self, mac: str) -> dict[str, Any]:
-        status, text = await self._request("GET", "/get_db", params={"mac": mac})
-        records = self._tag_records(status, text, f"get_db?mac={mac}")
-        if not records:
-            raise AccessPointError(f"tag {mac} is not known to the access point")
-        return records[0]
-
-    async def all_tags(self) -> dict[str, dict[str, Any]]:
-        """Every tag record, following the AP's paging (`pos` and `continu`)."""
-        out: dict[str, dict[str, Any]] = {}
-        pos: int | None = 0
-        while pos is not None:
-            status, text = await self._request("GET", "/get_db", params={"pos": str(pos)} if pos else None)
-            body = self._json(status, text, "get_db")
-            for rec in self._tag_records(status, text, "get_db"):
-                out[rec["mac"]] = rec
-            nxt = body.get("continu")
-            pos = int(nxt) if isinstance(nxt, int) and nxt > pos else None
-        return out
-
-    def _json(self, status: int, text: str, what: str) -> dict[str, Any]:
-        if status != 200:
-            raise AccessPointError(f"{what}: HTTP {status} {text[:100]!r}")
-        try:
-            body = json.loads(text)
-        except ValueError as err:
-            raise AccessPointError(f"{what}: not JSON: {text[:100]!r}") from err
-        if not isinstance(body, dict) or "error" in body:
-            raise AccessPointError(f"{what}: {str(body)[:100]}")
-        return body
-
-    def _tag_records(self, status: int, text: str, what: str) -> list[dict[str, Any]]:
-        tags = self._json(status, text, what).get("tags")
-        if not isinstance(tags, list):
-            raise AccessPointError(f"{what}: no tag list in the answer")
-        for rec in tags:
-            if not (isinstance(rec, dict) and isinstance(rec.get("mac"), str) and isinstance(rec.get("hash"), str)
-                    and isinstance(rec.get("pending"), int)):
-                raise AccessPointError(f"{what}: malformed tag record {str(rec)[:100]}")
-        return tags
-
-    async def upload(self, mac: str, content: str) -> None:
-        status, text = await self._request("POST", "/jsonupload", data={"mac": mac, "json": content})
-        if status != 200:
-            raise AccessPointError(f"jsonupload to {mac}: HTTP {status} {text.strip()[:100]!r}")
-
-    async def _current_content(self, mac: str) -> str | None:
-        """What the AP holds for a tag this gateway never wrote (the AP serves /current/{MAC}.json)."""
-        with contextlib.suppress(AccessPointError):
-            status, text = await self._request("GET", f"/current/{mac}.json")
-            if status == 200 and text.strip().startswith("["):
-                return text
-        return None
-
     # the loop -----------------------------------------------------------------------------------------------
     async def run(self) -> None:
         state = await self.state()
@@ -246,13 +176,15 @@ class OpenEPaperLink(Driver):
             while True:
                 try:
                     await self._restore(state)
+                    await self._reprint(state)
                     pushes = await asyncio.to_thread(state.unconfirmed)
-                    if pushes:
+                    waiting = await asyncio.to_thread(self._waiting_for_tags, state)
+                    if pushes or waiting:
                         await self._refresh(state, pushes)
                     elif self.tags:
-                        await self.get_tag(next(iter(self.tags.values())))
+                        await self.ap.get_tag(next(iter(self.tags.values())))
                     else:
-                        await self.all_tags()
+                        await self.ap.all_tags()
                     self.ctx.seen()
                     self._report_stale(await asyncio.to_thread(state.unconfirmed))
                 except AccessPointError as err:
@@ -262,8 +194,7 @@ class OpenEPaperLink(Driver):
                         await self._wake.wait()
                 self._wake.clear()
         finally:
-            if self._session is not None:
-                await self._session.close()
+            await self.ap.close()
 
     def _report_stale(self, pushes: list[Push]) -> None:
         now = time.time()
@@ -275,13 +206,21 @@ class OpenEPaperLink(Driver):
         else:
             self.ctx.set_health(Health.OK)
 
+    @staticmethod
+    def _waiting_for_tags(state: EslState) -> set[str]:
+        """MACs whose restore or reprint the AP took and the tag has not fetched yet."""
+        return {p.mac for p in state.restores_pending(uploaded=True)} | {m for m, _c in state.reprints(uploaded=True)}
+
     async def _refresh(self, state: EslState, pushes: list[Push]) -> None:
-        """Ask the AP about the pushes still unconfirmed; a tag with pending 0 and a new hash has its content."""
-        if len(pushes) > 20:
-            records = await self.all_tags()
+        """Ask the AP about the pushes still unconfirmed; a tag with pending 0 and a new hash has its content (a
+        restore: pending 0 and the hash from before the aborted push; a reprint: pending 0)."""
+        restores = await asyncio.to_thread(state.restores_pending, True)
+        reprints = await asyncio.to_thread(state.reprints, True)
+        if len(pushes) + len(restores) + len(reprints) > 20:
+            records = await self.ap.all_tags()
         else:
-            macs = sorted({p.mac for p in pushes})
-            got = await asyncio.gather(*(self.get_tag(m) for m in macs), return_exceptions=True)
+            macs = sorted({p.mac for p in pushes} | {p.mac for p in restores} | {m for m, _c in reprints})
+            got = await asyncio.gather(*(self.ap.get_tag(m) for m in macs), return_exceptions=True)
             for r in got:
                 if isinstance(r, BaseException) and not isinstance(r, AccessPointError):
                     raise r
@@ -294,6 +233,14 @@ class OpenEPaperLink(Driver):
             if rec and rec["pending"] == 0 and rec["hash"] != p.hash_before:
                 await asyncio.to_thread(state.confirm, p.version, p.mac, rec["hash"])
                 versions.add(p.version)
+        for p in restores:
+            rec = records.get(p.mac)
+            if rec and rec["pending"] == 0 and rec["hash"] == p.hash_before:
+                await asyncio.to_thread(state.restored, p.version, p.mac)
+        for mac, _content in reprints:
+            rec = records.get(mac)
+            if rec and rec["pending"] == 0:
+                await asyncio.to_thread(state.reprint_done, mac, True)
         for v in sorted(versions - self._announced):
             if await asyncio.to_thread(state.all_confirmed, v):
                 self._announced.add(v)
@@ -302,8 +249,13 @@ class OpenEPaperLink(Driver):
     async def _restore(self, state: EslState) -> None:
         for p in await asyncio.to_thread(state.restores_pending):
             assert p.previous_content is not None
-            await self.upload(p.mac, p.previous_content)
-            await asyncio.to_thread(state.restored, p.version, p.mac)
+            await self.ap.upload(p.mac, p.previous_content)
+            await asyncio.to_thread(state.restore_uploaded, p.version, p.mac)
+
+    async def _reprint(self, state: EslState) -> None:
+        for mac, content in await asyncio.to_thread(state.reprints, False):
+            await self.ap.upload(mac, content)
+            await asyncio.to_thread(state.reprint_done, mac, False)
 
     # PriceTarget --------------------------------------------------------------------------------------------
     async def price_prepare(self, change: PriceChange) -> None:
@@ -311,48 +263,79 @@ class OpenEPaperLink(Driver):
         if await asyncio.to_thread(state.version_state, change.version) == "aborted":
             raise PrepareFailed(f"{self.cfg.id}: price version {change.version} was aborted here")
         await asyncio.to_thread(state.set_version, change.version, "prepared")
-        mine = [(i, self.tags[i.sku]) for i in change.changed if i.sku in self.tags]
-        done = await asyncio.to_thread(state.plan, change.version, [(m, i.sku) for i, m in mine])
-        todo = [(i, m) for i, m in mine if m not in done]
+        mine = [(i.sku, self.tags[i.sku], render_tag_content(i, change.currency, change.version, self.cfg.layout))
+                for i in change.changed if i.sku in self.tags]
+        done = await asyncio.to_thread(state.plan, change.version, [(m, sku, c) for sku, m, c in mine])
+        if change.effective_at is not None and change.effective_at > time.time():
+            # no valid-from on a tag: check the AP knows every tag now, push at commit (effective_at)
+            await self._check_tags(mine)
+            log.info("version %d: %d tag(s) checked; content goes out at its effective time", change.version,
+                     len(mine), extra={"device": self.cfg.id})
+            return
+        await self._push(change.version, [(sku, m, c) for sku, m, c in mine if m not in done], len(mine))
+
+    async def _check_tags(self, mine: list[tuple[str, str, str]]) -> None:
+        try:
+            records = await self.ap.all_tags()
+        except AccessPointError as err:
+            self.ctx.set_health(Health.OFFLINE, str(err))
+            raise PrepareFailed(f"{self.cfg.id}: {err}") from err
+        unknown = [f"{sku}@{m}" for sku, m, _c in mine if m not in records]
+        if unknown:
+            raise PrepareFailed(f"{self.cfg.id}: {len(unknown)} tag(s) not known to the access point: "
+                                + ", ".join(unknown[:5]))
+
+    async def _push(self, version: int, todo: list[tuple[str, str, str]], total: int) -> None:
+        """Upload (sku, mac, content) to the tags, recording each tag's hash and previous content first."""
+        state = await self.state()
 
         # Many tags: one paged sweep of the AP's database reads every hash before the pushes (far fewer requests
         # than one get_db per tag); a few tags: ask for each.
         failed: list[str] = []
         try:
             if len(todo) > 20:
-                records = await self.all_tags()
+                records = await self.ap.all_tags()
             else:
-                got = await asyncio.gather(*(self.get_tag(m) for _i, m in todo), return_exceptions=True)
-                records = {m: r for (_i, m), r in zip(todo, got, strict=True) if isinstance(r, dict)}
-                failed += [f"{i.sku}@{m}: {r}" for (i, m), r in zip(todo, got, strict=True) if isinstance(r, Exception)]
+                got = await asyncio.gather(*(self.ap.get_tag(m) for _s, m, _c in todo), return_exceptions=True)
+                records = {m: r for (_s, m, _c), r in zip(todo, got, strict=True) if isinstance(r, dict)}
+                failed += [f"{sku}@{m}: {r}" for (sku, m, _c), r in zip(todo, got, strict=True)
+                           if isinstance(r, Exception)]
         except AccessPointError as err:
             self.ctx.set_health(Health.OFFLINE, str(err))
             raise PrepareFailed(f"{self.cfg.id}: {err}") from err
-        failed += [f"{i.sku}@{m}: tag {m} is not known to the access point" for i, m in todo
-                   if m not in records and not any(f.startswith(f"{i.sku}@{m}:") for f in failed)]
-        todo = [(i, m) for i, m in todo if m in records]
+        failed += [f"{sku}@{m}: tag {m} is not known to the access point" for sku, m, _c in todo
+                   if m not in records and not any(f.startswith(f"{sku}@{m}:") for f in failed)]
+        todo = [t for t in todo if t[1] in records]
         known = set((await asyncio.to_thread(state.shown)).keys())
-        found = await asyncio.gather(*(self._current_content(m) for _i, m in todo if m not in known))
-        found_by_mac = dict(zip([m for _i, m in todo if m not in known], found, strict=True))
-        contents = {m: render_tag_content(i, change.currency, change.version, self.cfg.layout) for i, m in todo}
-        await asyncio.to_thread(state.record_pushes, change.version, [
-            (m, i.sku, contents[m], records[m]["hash"], found_by_mac.get(m)) for i, m in todo])
-        results = await asyncio.gather(*(self.upload(m, contents[m]) for _i, m in todo), return_exceptions=True)
+        found = await asyncio.gather(*(self.ap.current_content(m) for _s, m, _c in todo if m not in known))
+        found_by_mac = dict(zip([m for _s, m, _c in todo if m not in known], found, strict=True))
+        await asyncio.to_thread(state.record_pushes, version, [
+            (m, sku, content, records[m]["hash"], found_by_mac.get(m)) for sku, m, content in todo])
+        results = await asyncio.gather(*(self.ap.upload(m, c) for _s, m, c in todo), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
-        await asyncio.to_thread(state.mark_uploaded, change.version,
-                                [m for (_i, m), r in zip(todo, results, strict=True) if r is None])
-        failed += [f"{i.sku}@{m}: {r}" for (i, m), r in zip(todo, results, strict=True) if isinstance(r, Exception)]
+        await asyncio.to_thread(state.mark_uploaded, version,
+                                [m for (_s, m, _c), r in zip(todo, results, strict=True) if r is None])
+        failed += [f"{sku}@{m}: {r}" for (sku, m, _c), r in zip(todo, results, strict=True) if isinstance(r, Exception)]
         if failed:
             self.ctx.set_health(Health.DEGRADED, failed[0])
-            raise PrepareFailed(f"{self.cfg.id}: {len(failed)} of {len(mine)} tag(s) not updated: "
+            raise PrepareFailed(f"{self.cfg.id}: {len(failed)} of {total} tag(s) not updated: "
                                 + "; ".join(failed[:5]))
-        log.info("version %d: content pushed to %d tag(s)", change.version, len(todo), extra={"device": self.cfg.id})
+        log.info("version %d: content pushed to %d tag(s)", version, len(todo), extra={"device": self.cfg.id})
         self._wake.set()
 
     async def price_commit(self, version: int) -> None:
-        await asyncio.to_thread((await self.state()).set_version, version, "committed")
+        """Commit; a scheduled version's content goes to its tags now. Raises while the AP does not take it
+        (the coordinator delivers the commit again until it does)."""
+        state = await self.state()
+        planned = await asyncio.to_thread(state.planned, version)
+        if planned:
+            try:
+                await self._push(version, [(sku, m, c) for m, sku, c in planned], len(planned))
+            except PrepareFailed as err:
+                raise AccessPointError(str(err)) from err
+        await asyncio.to_thread(state.set_version, version, "committed")
 
     async def price_abort(self, version: int) -> None:
         state = await self.state()
@@ -368,6 +351,24 @@ class OpenEPaperLink(Driver):
             log.warning("version %d aborted; old content not back yet: %s", version, err,
                         extra={"device": self.cfg.id})
             self._wake.set()
+
+    async def price_label_states(self, version: int) -> dict[str, LabelShows]:
+        """From this gateway's record of the tags (the loop keeps it current; nudged here to look now)."""
+        states = await asyncio.to_thread((await self.state()).label_states, version)
+        if any(v != "new" for v in states.values()):
+            self._wake.set()
+        return states
+
+    async def price_restored(self, version: int) -> bool:
+        return all(v == "old" for v in (await self.price_label_states(version)).values())
+
+    async def price_reprint(self, request_id: str, change: PriceChange) -> int:
+        tags = [(self.tags[i.sku], i.sku, render_tag_content(i, change.currency, change.version, self.cfg.layout))
+                for i in change.changed if i.sku in self.tags]
+        await asyncio.to_thread((await self.state()).request_reprints, request_id, change.version, tags)
+        log.info("reprint %s: %d tag(s) queued", request_id, len(tags), extra={"device": self.cfg.id})
+        self._wake.set()
+        return len(tags)
 
     async def price_confirmed(self, version: int) -> bool:
         state = await self.state()
@@ -391,7 +392,7 @@ class OpenEPaperLink(Driver):
         """Every mapped tag as the AP sees it now beside what this gateway last confirmed on it: `drift` is true
         when a tag with nothing pending shows another hash (content changed behind the gateway's back)."""
         shown = await asyncio.to_thread((await self.state()).shown)
-        records = await self.all_tags()
+        records = await self.ap.all_tags()
         out = []
         for sku, mac in sorted(self.tags.items()):
             rec = records.get(mac)

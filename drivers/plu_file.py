@@ -177,6 +177,12 @@ class PluFileDriver(Driver):
         return state if isinstance(state, dict) else {}
 
     # -- PriceTarget ------------------------------------------------------------------------------------------
+    @property
+    def price_can_hold(self) -> bool:
+        """A POS that imports a price file keeps no holds: the price coordinator commits it to a change that raises
+        a price only once the labels show it (docs/till-protocol.md, "Older tills")."""
+        return False
+
     async def price_prepare(self, change: PriceChange) -> None:
         items = None
         if self.cfg.contents == "full":

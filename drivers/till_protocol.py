@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import Field
@@ -17,7 +19,8 @@ from pydantic import Field
 from storelink import safe_json
 from storelink.validation import StrictModel
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2 adds HOLD / FINAL and PREPARE's transition_price (docs/till-protocol.md)
+HOLDS_SINCE = 2  # the first protocol version whose tills keep holds (charge at most the transition prices)
 DEFAULT_PORT = 7700
 # A till's line is a sale or a lookup: 64 KiB is ~500 sale lines. Longer lines are discarded, not buffered, so a
 # misbehaving peer cannot make the gateway hold megabytes.
@@ -172,9 +175,41 @@ class Sale(StrictModel):
     extra: dict[str, Any] = Field(default_factory=dict, description="POS-specific fields, passed through")
 
 
-def item_to_wire(item: Any) -> dict[str, Any]:
-    """A PriceItem (drivers.base) as the till protocol carries it."""
-    return {
+def item_to_wire(item: Any, transition_price: int | None = None) -> dict[str, Any]:
+    """A PriceItem (drivers.base) as the till protocol carries it; `transition_price` only for protocol 2."""
+    wire = {
         "sku": item.sku, "gtin": item.gtin, "price": item.price, "unit_price": item.unit_price,
         "unit_basis": item.unit_basis, "description": item.description,
     }
+    if transition_price is not None:
+        wire["transition_price"] = transition_price
+    return wire
+
+
+def iso_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def prepare_messages(change: Any, holds: bool, per_part: int) -> Iterator[dict[str, Any]]:
+    """A PriceChange (drivers.base) as the PREPARE parts of at most `per_part` items each; a till that keeps holds
+    (protocol 2) is also told each item's `transition_price` and the change's `effective_at`. Each part's wire form
+    is built when it is taken: v1 of a 100,000-item book is one part in memory per till, not the book."""
+    caps = change.transition_prices
+    parts = max(1, -(-len(change.changed) // per_part))
+    extra: dict[str, Any] = {}
+    if holds:
+        extra["effective_at"] = iso_time(change.effective_at) if change.effective_at else None
+    for k in range(parts):
+        chunk = [item_to_wire(i, caps.get(i.sku) if holds else None)
+                 for i in change.changed[k * per_part:(k + 1) * per_part]]
+        yield {"type": "PREPARE", "version": change.version, "batch_id": change.batch_id,
+               "currency": change.currency, "part": k + 1, "parts": parts, "items": chunk, **extra}
+
+
+def negotiate(hello: dict[str, Any]) -> int:
+    """The protocol both sides speak: the till's `protocol` (1 when absent), at most ours. ProtocolError when it
+    is not a positive integer."""
+    value = hello.get("protocol", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ProtocolError(BAD_REQUEST, "'protocol' must be a positive integer", hello.get("id"))
+    return min(value, PROTOCOL_VERSION)

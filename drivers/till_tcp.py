@@ -2,8 +2,9 @@
 
 One ``[[devices]]`` entry per till, matched by ``till_id`` to the HELLO the till sends when it connects to the
 gateway's till port. The till sends SALE (answered only once the sale is durable in the outbox) and LOOKUP
-(answered from the "prices" service); the gateway drives price changes with PREPARE / COMMIT / ABORT (the
-``PriceTarget`` protocol, price_role "till").
+(answered from the "prices" service); the gateway drives price changes with PREPARE / HOLD / COMMIT / FINAL /
+ABORT (the ``TillPriceTarget`` protocol, price_role "till"). A till that says protocol 1 in HELLO gets no HOLD or
+FINAL; the price coordinator then holds its COMMIT back while that would charge more than the shelf shows.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class TillTcpDriver(Driver):
         self.connected_since: float | None = None
         self.reported_version: int | None = None
         self.staged_version: int | None = None
+        self.protocol: int | None = None  # negotiated in HELLO, None while no till is connected
         self._sold_stale = False  # warned once per stretch of sales while stale, not per sale
         self.counts = {"sales": 0, "lookups": 0, "bad_input": 0, "connections": 0}
 
@@ -118,8 +120,9 @@ class TillTcpDriver(Driver):
         return {
             "till_id": self.till_id, "listen": self.cfg.listen,
             "peer": self._conn.peer if self._conn else None,
-            "connected_since": _iso(self.connected_since) if self._conn and self.connected_since else None,
-            "reported_version": self.reported_version, "staged_version": self.staged_version, **self.counts,
+            "connected_since": tp.iso_time(self.connected_since) if self._conn and self.connected_since else None,
+            "reported_version": self.reported_version, "staged_version": self.staged_version,
+            "protocol": self.protocol if self._conn else None, **self.counts,
         }
 
     def _refresh_health(self) -> None:
@@ -144,19 +147,20 @@ class TillTcpDriver(Driver):
         ):
             raise tp.ProtocolError(tp.UNAUTHORIZED, "HELLO carries no valid secret for this till", rid,
                                    log_detail="wrong or missing secret")
+        protocol = tp.negotiate(hello)
         self._note_versions(hello, rid)
         if self._conn is not None:
             log.warning("till %s reconnected from %s; dropping its old connection from %s", self.till_id,
                         conn.peer, self._conn.peer, extra={"device": self.device_id})
             self._conn.close("replaced by a new connection from the same till")
-        self._conn, self._problem = conn, None
+        self._conn, self._problem, self.protocol = conn, None, protocol
         self.connected_since = time.time()
         self.counts["connections"] += 1
         self._connected.set()
-        log.info("till %s connected from %s (version %s)", self.till_id, conn.peer, self.reported_version,
-                 extra={"device": self.device_id})
+        log.info("till %s connected from %s (version %s, protocol %d)", self.till_id, conn.peer,
+                 self.reported_version, protocol, extra={"device": self.device_id})
         reply = {"type": "OK", "re": rid, "store_id": self.ctx.store_id, "device": self.device_id,
-                 "protocol": tp.PROTOCOL_VERSION, "gateway": GATEWAY_VERSION, "ping_s": self.cfg.ping_interval}
+                 "protocol": protocol, "gateway": GATEWAY_VERSION, "ping_s": self.cfg.ping_interval}
         stale = self._stale()
         if stale is not None:  # told at once: the audit brings the till up to date within `stale_check` seconds
             reply["stale"] = stale
@@ -171,6 +175,7 @@ class TillTcpDriver(Driver):
             conn.close("connection ended")
             if self._conn is conn:
                 self._conn = None
+                self.protocol = None
                 self._connected.clear()
                 log.info("till %s disconnected", self.till_id, extra={"device": self.device_id})
                 self._refresh_health()
@@ -231,7 +236,7 @@ class TillTcpDriver(Driver):
             return {}
         if kind == "HELLO":  # a till may repeat HELLO to report its versions
             self._note_versions(msg, rid)
-            return {"store_id": self.ctx.store_id, "device": self.device_id, "protocol": tp.PROTOCOL_VERSION}
+            return {"store_id": self.ctx.store_id, "device": self.device_id, "protocol": self.protocol}
         raise tp.ProtocolError(tp.UNKNOWN_TYPE, f"unknown message type {safe_json.echo(kind, 32)}", rid)
 
     async def _sale(self, msg: dict[str, Any], rid: Any) -> dict[str, Any]:
@@ -291,8 +296,9 @@ class TillTcpDriver(Driver):
         book = self.ctx.prices
         if book is None:
             return None
-        active = book.active_version
-        behind = active > 0 and (self.reported_version or 0) < active
+        # the version this till should run now: the book's, or an older one while its COMMIT is held back
+        expected = book.version_for(self.device_id)
+        behind = expected > 0 and (self.reported_version or 0) < expected
         return book.is_stale(self.device_id) or behind
 
     def _note_versions(self, msg: dict[str, Any], rid: Any) -> None:
@@ -350,14 +356,15 @@ class TillTcpDriver(Driver):
             self._refresh_health()
         return reply
 
+    @property
+    def price_can_hold(self) -> bool | None:
+        return None if self._conn is None or self.protocol is None else self.protocol >= tp.HOLDS_SINCE
+
     async def price_prepare(self, change: PriceChange) -> None:
-        n = self.cfg.prepare_chunk
-        parts = max(1, -(-len(change.changed) // n))
         try:
-            for k in range(parts):  # each part's wire form built when it is sent: one part in memory, not the book
-                chunk = [tp.item_to_wire(i) for i in change.changed[k * n:(k + 1) * n]]
-                await self._request({"type": "PREPARE", "version": change.version, "batch_id": change.batch_id,
-                                     "currency": change.currency, "part": k + 1, "parts": parts, "items": chunk})
+            # each part's wire form built when it is sent: one part in memory, not the whole book per till
+            for message in tp.prepare_messages(change, bool(self.price_can_hold), self.cfg.prepare_chunk):
+                await self._request(message)
         except TillRejected as err:
             raise PrepareFailed(f"till {self.till_id} refused version {change.version}: {err}") from None
         except (TimeoutError, ConnectionError) as err:
@@ -371,6 +378,14 @@ class TillTcpDriver(Driver):
         self.reported_version = got if isinstance(got, int) else version
         if self.staged_version == version:
             self.staged_version = None
+
+    async def price_hold(self, version: int) -> None:
+        """HOLD: the till charges at most the staged version's transition prices. Raises like price_commit."""
+        await self._request({"type": "HOLD", "version": version})
+
+    async def price_final(self, version: int, keep: list[str]) -> None:
+        """FINAL: the labels show the outcome of `version`; its holds end except for `keep`."""
+        await self._request({"type": "FINAL", "version": version, "keep": keep})
 
     async def price_abort(self, version: int) -> None:
         """A till that is away cannot charge a staged version; the ABORT is sent when it reconnects."""
@@ -393,7 +408,3 @@ class TillTcpDriver(Driver):
             except (TimeoutError, ConnectionError, TillRejected, tp.ProtocolError) as err:
                 log.info("till %s: VERSION failed (%s); using the last reported version", self.till_id, err)
         return self.reported_version
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

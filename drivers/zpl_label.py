@@ -69,8 +69,10 @@ def barcode_command(gtin: str | None, module_dots: int, height_dots: int) -> tup
     return f"{by}^BEN,{height_dots},Y,N^FD{parsed.as_gtin_13()[:12]}^FS", None
 
 
-def render_label(item: PriceItem, currency: str, version: int, layout: LabelLayout) -> tuple[bytes, list[str]]:
-    """One shelf label as a complete ^XA...^XZ format (UTF-8, ^CI28), and any problems met rendering it."""
+def render_label(item: PriceItem, currency: str, version: int, layout: LabelLayout,
+                 valid_from: str | None = None) -> tuple[bytes, list[str]]:
+    """One shelf label as a complete ^XA...^XZ format (UTF-8, ^CI28), and any problems met rendering it.
+    `valid_from` (a label printed ahead of a scheduled change) is printed on it, so the shelf is changed then."""
     problems: list[str] = []
     w, h, m = layout.dots(layout.width_mm), layout.dots(layout.height_mm), layout.dots(layout.margin_mm)
     inner = w - 2 * m
@@ -98,6 +100,9 @@ def render_label(item: PriceItem, currency: str, version: int, layout: LabelLayo
         if code:
             # right half of the label, under the price, so a long name never overlaps the bars
             lines.append(f"^FO{m + inner // 2},{y_unit + small_h + 4}{code}")
+    if valid_from:
+        lines.append(f"^FO{m + inner // 2},{m + 2 * name_h + 4}^A0N,{tiny_h},{tiny_h}^FH_^FD"
+                     f"{_field_text('valid from ' + valid_from)}^FS")
     # price version and SKU printed small: a store clerk can tell at a glance which price list a label is from
     lines.append(
         f"^FO{m},{h - m - tiny_h}^A0N,{tiny_h},{tiny_h}^FH_^FD{_field_text(item.sku)}  v{version}^FS"

@@ -9,9 +9,11 @@ Jobs live in a SQLite queue (drivers/label_queue.py) beside the gateway's databa
 is marked printed only after its bytes were written and later `~HS` answers (two in a row) show the printer
 healthy with nothing left in its buffer. Delivery is at-least-once (see label_queue for why).
 
-As a PriceTarget (price_role "label"): prepare renders and queues the changed items' labels; confirmed(v)
-is true once every label of v is printed; abort cancels v's unsent labels and queues the previous label again
-for items whose new label was (or may have been) printed.
+As a LabelPriceTarget (price_role "label"): prepare renders and queues the changed items' labels (a scheduled
+change's labels are printed ahead, marked "valid from" its effective time); confirmed(v) is true once every
+label of v is printed; abort cancels v's unsent labels and queues the previous label again for items whose new
+label was (or may have been) printed; label_states / restored say per item what the shelf is known to show;
+reprint queues the labels in force again as jobs of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -33,6 +36,7 @@ from storelink.drivers.base import (
     DeviceContext,
     Driver,
     Health,
+    LabelShows,
     PrepareFailed,
     PriceChange,
     Requirement,
@@ -66,6 +70,8 @@ class ZplPrinterConfig(DeviceConfig):
     retry_interval: float = Field(2.0, gt=0, le=600, description="seconds between checks while in trouble")
     confirm_interval: float = Field(0.3, gt=0, le=10, description="seconds between ~HS while labels print")
     batch: int = Field(20, ge=1, le=500, description="labels written per connection")
+    swap_seconds: float = Field(300.0, ge=0, le=86400, description="seconds after its valid-from time until a label "
+                                "printed ahead counts as on the shelf (until then tills keep the old price if lower)")
     queue_path: Path | None = Field(None, description="job queue file; default zpl-{id}.db beside the gateway db")
 
     @model_validator(mode="after")
@@ -81,6 +87,10 @@ class PrinterUnreachable(ConnectionError):
     """No connection (refused, unplugged) or no ~HS answer in time."""
 
 
+class PrinterNotConnected(PrinterUnreachable):
+    """Not even connected: not a byte of the labels can have reached the printer."""
+
+
 class _TcpLink:
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
@@ -91,7 +101,7 @@ class _TcpLink:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(self.host, self.port)
         except (OSError, TimeoutError) as err:
-            raise PrinterUnreachable(f"cannot connect to {self.host}:{self.port}: {plain_error(err)}") from err
+            raise PrinterNotConnected(f"cannot connect to {self.host}:{self.port}: {plain_error(err)}") from err
         try:
             writer.write(data + HOST_STATUS_QUERY)
             async with asyncio.timeout(timeout):
@@ -253,7 +263,8 @@ class ZplPrinter(Driver):
             status = parse_host_status(answer)
         except (PrinterUnreachable, HostStatusError) as err:
             # The bytes may or may not have arrived; they are sent again once the printer answers (at-least-once).
-            await asyncio.to_thread(queue.requeue_sent, f"write failed: {err}")
+            await asyncio.to_thread(queue.requeue_sent, f"write failed: {err}",
+                                    not isinstance(err, PrinterNotConnected))
             self.ctx.set_health(Health.OFFLINE, str(err))
             await self.ctx.emit("label", {"event": "print_failed", "labels": len(jobs), "error": str(err)})
             await self._pause(self.cfg.retry_interval)
@@ -279,7 +290,19 @@ class ZplPrinter(Driver):
             "jobs": self._queue.counts() if self._queue else None}
 
     # PriceTarget --------------------------------------------------------------------------------------------
+    def _render(self, change: PriceChange, valid_from: str | None = None) -> tuple[list[NewLabel], list[str]]:
+        labels: list[NewLabel] = []
+        problems: list[str] = []
+        for item in change.changed:
+            payload, item_problems = render_label(item, change.currency, change.version, self.cfg.layout,
+                                                  valid_from)
+            problems += item_problems
+            labels.append(NewLabel(item.sku, payload, "; ".join(item_problems) or None))
+        return labels, problems
+
     async def price_prepare(self, change: PriceChange) -> None:
+        ahead = change.effective_at is not None and change.effective_at > time.time()
+        valid_from = _local_time(change.effective_at) if ahead and change.effective_at is not None else None
         problems: list[str] = []  # the first 50 (reported); each label keeps its own in its note
         count = 0
 
@@ -288,14 +311,16 @@ class ZplPrinter(Driver):
             # book) never sit in memory together, and the loop does not render.
             nonlocal count
             for item in change.changed:
-                payload, item_problems = render_label(item, change.currency, change.version, self.cfg.layout)
+                payload, item_problems = render_label(item, change.currency, change.version, self.cfg.layout,
+                                                      valid_from)
                 count += len(item_problems)
                 problems.extend(item_problems[:50 - len(problems)])
                 yield NewLabel(item.sku, payload, "; ".join(item_problems) or None)
 
         queue = await self.queue()
         try:
-            added = await asyncio.to_thread(queue.prepare, change.version, labels())
+            added = await asyncio.to_thread(queue.prepare, change.version, labels(),
+                                            change.effective_at if ahead else None)
         except (ValueError, sqlite3.Error) as err:
             raise PrepareFailed(f"{self.cfg.id}: cannot queue labels for version {change.version}: {err}") from err
         if problems:
@@ -309,20 +334,43 @@ class ZplPrinter(Driver):
         await asyncio.to_thread((await self.queue()).commit, version)
 
     async def price_abort(self, version: int) -> None:
-        cancelled, restored, unknown = await asyncio.to_thread((await self.queue()).abort, version)
+        cancelled, restored, unknown, void = await asyncio.to_thread((await self.queue()).abort, version)
         if unknown:
             log.warning("version %d aborted; no earlier label known for %d printed item(s): %s", version,
                         len(unknown), ", ".join(unknown[:20]), extra={"device": self.cfg.id})
-        if cancelled or restored or unknown:
+        if void:
+            log.warning("version %d aborted before its valid-from time: throw its labels printed ahead away",
+                        version, extra={"device": self.cfg.id})
+        if cancelled or restored or unknown or void:
             await self.ctx.emit("label", {"event": "aborted", "version": version, "cancelled": cancelled,
-                                          "restore_queued": restored, "no_earlier_label": unknown[:50]})
+                                          "restore_queued": restored, "no_earlier_label": unknown[:50],
+                                          "void": void})
         self._wake.set()
 
+    async def price_label_states(self, version: int) -> dict[str, LabelShows]:
+        return await asyncio.to_thread((await self.queue()).label_states, version, self.cfg.swap_seconds)
+
+    async def price_restored(self, version: int) -> bool:
+        return all(v == "old" for v in (await self.price_label_states(version)).values())
+
+    async def price_reprint(self, request_id: str, change: PriceChange) -> int:
+        labels, _problems = await asyncio.to_thread(self._render, change)
+        n = await asyncio.to_thread((await self.queue()).reprint, change.version, labels, request_id)
+        log.info("reprint %s: %d label(s) queued", request_id, n, extra={"device": self.cfg.id})
+        self._wake.set()
+        return n
+
     async def price_confirmed(self, version: int) -> bool:
-        return await asyncio.to_thread((await self.queue()).confirmed, version)
+        return await asyncio.to_thread((await self.queue()).confirmed, version, self.cfg.swap_seconds)
 
     async def price_reported_version(self) -> int | None:
         return await asyncio.to_thread((await self.queue()).latest_confirmed)
 
     async def price_labels_left(self, version: int) -> tuple[int, int]:
         return await asyncio.to_thread((await self.queue()).labels_left, version)
+
+
+def _local_time(ts: float) -> str:
+    """The store's local time, as the person changing the shelf reads it (seconds only when not on the minute)."""
+    when = datetime.fromtimestamp(ts)
+    return when.strftime("%Y-%m-%d %H:%M" if when.second == 0 else "%Y-%m-%d %H:%M:%S")

@@ -202,12 +202,50 @@ class LastBatch(StrictModel):
     at: str | None
 
 
+class LabelBatchShows(StrictModel):
+    """What a label device is known to display for one open batch (per item: new, old, either)."""
+
+    batch_id: str
+    version: int
+    outcome: Literal["committed", "aborted"]
+    shows: dict[Literal["new", "old", "unknown"], int] | None = Field(
+        description="items by what their label is known to show (from the last item-by-item look)")
+    past_deadline: bool
+
+
+class LabelUndelivered(StrictModel):
+    batch_id: str
+    version: int
+    action: Literal["commit", "abort"]
+
+
+class LabelShowsState(StrictModel):
+    batches: list[LabelBatchShows] = []
+    undelivered: list[LabelUndelivered] = []
+
+
 class PriceDeviceState(StrictModel):
     role: Literal["till", "label"]
     version: int | None
-    state: Literal["current", "stale", "pending", "unknown"]
+    state: Literal["current", "stale", "pending", "unknown", "holding", "held_back", "confirming", "restoring",
+                   "undelivered", "drift"]
     batch_state: str | None
     drift: str | None
+    shows: LabelShowsState | None = Field(None, description="labels only: what it is known to display")
+
+
+class ScheduledBatch(StrictModel):
+    batch_id: str
+    version: int
+    effective_at: str | None
+    decided_at: str | None
+
+
+class ClockReport(StrictModel):
+    synchronised: bool | None = Field(description="None: the kernel could not tell")
+    source: Literal["adjtimex", "config"]
+    detail: str
+    checked_at: float
 
 
 class PricesStatePayload(StrictModel):
@@ -220,10 +258,12 @@ class PricesStatePayload(StrictModel):
     active_since: str | None
     items: int
     pending: PendingBatch | None
+    scheduled: list[ScheduledBatch] = Field(description="decided, waiting for their effective_at, in order")
     transition: list[TransitionState]
     last: LastBatch | None
     devices: dict[str, PriceDeviceState]
     drift: int
+    clock: ClockReport
     updated_at: str
 
 

@@ -48,6 +48,12 @@ def mqtt_contract() -> Iterator[None]:
     assert not problems, "messages that break the MQTT contract (storelink.contract):\n" + "\n".join(problems[:20])
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files with `slow` tests first (a stable sort, so the order is otherwise the files' own): with the files
+    spread over xdist workers, a two-minute file that starts last would be the run's tail."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # Under pytest-xdist (scripts/test.sh runs the suite in parallel) the counts live in the workers: each hands its own
 # to the controller when it finishes, which adds them up for the summary.
 _from_workers: dict[str, Any] = {"contract_checked": 0, "fuzz_stats": {}}

@@ -157,8 +157,11 @@ class GatewayProcess:
             self.proc = subprocess.Popen([STORELINK, "run", "--config", str(self.config)], stdout=log,
                                          stderr=log, env=env)
         if wait:
-            wait_for(self._ready, 20, what="storelink to answer /api/v1/status")
+            self.wait_ready()
         return self
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        wait_for(self._ready, timeout, what="storelink to answer /api/v1/status")
 
     def wait_online(self, timeout: float = 15, what: str = "the uplink connected and subscribed") -> None:
         """Until the broker has granted every subscription: a command or price batch sent earlier could be lost."""

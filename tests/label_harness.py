@@ -29,6 +29,8 @@ class Change:
     changed: list[Any]
     currency: str = "EUR"
     batch_id: str = "b-test"
+    transition_prices: dict[str, int] = dataclasses.field(default_factory=dict)
+    effective_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

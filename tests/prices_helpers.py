@@ -69,13 +69,21 @@ class Publisher:
 
 
 def prices_config(key: KeyPair, extra: str = "", deadline: float = 20.0) -> str:
+    """[trust] and [prices] with short test timings; `key = value` lines in `extra` replace the defaults."""
     import os
 
-    if os.environ.get("STORELINK_TEST_DEBUG"):
-        extra = '[logging]\nlevel = "DEBUG"\n' + extra
-    return (f'[trust]\npublic_keys = ["{key.public_b64}"]\n'
-            f"[prices]\nprepare_deadline = {deadline}\ncommit_retry = 0.3\nconfirm_poll = 0.3\nstale_check = 0.5\n"
-            f"abort_hold = 1.0\naudit_interval = 3600\n{extra}")
+    keys = {"prepare_deadline": str(deadline), "commit_retry": "0.3", "confirm_poll": "0.3", "stale_check": "0.5",
+            "abort_hold": "1.0", "audit_interval": "3600", "resend_grace": "1"}
+    rest: list[str] = []
+    for line in extra.splitlines():
+        if rest or line.startswith("["):  # the first table header ends the [prices] keys
+            rest.append(line)
+        elif "=" in line:
+            name, value = line.split("=", 1)
+            keys[name.strip()] = value.strip()
+    debug = '[logging]\nlevel = "DEBUG"\n' if os.environ.get("STORELINK_TEST_DEBUG") else ""
+    body = "".join(f"{k} = {v}\n" for k, v in keys.items())
+    return f'{debug}[trust]\npublic_keys = ["{key.public_b64}"]\n[prices]\n{body}' + "".join(f"{r}\n" for r in rest)
 
 
 def price_events(sub: Subscriber, kind: str, store: str = STORE) -> list[dict[str, Any]]:

@@ -92,8 +92,7 @@ async def test_busy_ap_and_unknown_tag_fail_prepare_with_the_reason(tmp_path: Pa
     ap.busy = True
     with pytest.raises(PrepareFailed, match="HTTP 409"):
         await driver.price_prepare(Change(2, ITEMS[:1]))
-    if driver._session:
-        await driver._session.close()
+    await driver.ap.close()
 
 
 async def test_tag_that_never_checks_in_blocks_confirmation(tmp_path: Path, ap: FakeAccessPoint) -> None:
@@ -135,16 +134,14 @@ async def test_abort_of_a_first_push_restores_what_the_ap_held(tmp_path: Path, a
     assert ap.tags[MACS["1001"]].content == '[{"text":[0,0,"set by hand","fonts/bahnschrift20","black"]}]'
     # the other tag never had content: nothing to restore, and that is reported
     assert ("label", {"event": "esl_no_restore", "version": 1, "skus": ["1002"]}) in ctx.events
-    if driver._session:
-        await driver._session.close()
+    await driver.ap.close()
 
 
 async def test_confirmation_state_survives_a_restart(tmp_path: Path, ap: FakeAccessPoint) -> None:
     ap.checkin_delay = 0.5
     driver, _ = make_driver(tmp_path, ap)
     await driver.price_prepare(Change(7, ITEMS))
-    if driver._session:
-        await driver._session.close()
+    await driver.ap.close()
     again, _ = make_driver(tmp_path, ap)  # a new process: what was pushed is known from the state file
     async with running(again):
         await until_async(lambda: again.price_confirmed(7))

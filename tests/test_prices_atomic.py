@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 from tests.prices_helpers import STORE, Publisher, batch, items, make_key, prices_config, wait_event
-from tests.store_floor import StoreFloor, devices_toml, money_to_minor
+from tests.store_floor import StoreFloor, devices_toml
 
 TAGGED = [f"SKU{i:06d}" for i in range(6)]
 MACS = {sku: f"00000B57A1B2C{i:03X}" for i, sku in enumerate(TAGGED)}
@@ -21,12 +21,14 @@ MACS = {sku: f"00000B57A1B2C{i:03X}" for i, sku in enumerate(TAGGED)}
 
 class Rig:
     def __init__(self, tmp_path: Path, mosquitto: Mosquitto, checkin: float = 0.2, print_seconds: float = 0.0,
-                 tills: int = 2):
+                 tills: int = 2, protocols: dict[str, int] | None = None, prices: str = "",
+                 tags: dict[str, str] | None = None, deadline: float = 20.0):
         self.key = make_key()
-        self.floor = StoreFloor([str(i + 1) for i in range(tills)], MACS, free_port(), checkin, print_seconds)
+        self.floor = StoreFloor([str(i + 1) for i in range(tills)], MACS if tags is None else tags, free_port(),
+                                checkin, print_seconds, protocols)
         self.http_port = free_port()
         self.config = write_config(tmp_path / "storelink.toml", STORE, mosquitto.port, self.http_port,
-                                   prices_config(self.key) + devices_toml(self.floor))
+                                   prices_config(self.key, prices, deadline) + devices_toml(self.floor))
         self.hq = Publisher(mosquitto.port)
         self.gw: GatewayProcess | None = None
 
@@ -36,13 +38,24 @@ class Rig:
             self.gw.wait_online()  # head office's price batches are not retained: the store must be listening
         return self.gw
 
+    def start_on_version_1(self, subscriber: Subscriber, count: int = 10, base: int = 1000) -> None:
+        """Gateway up, every till connected and every device answering, version 1 (`count` items at `base`)
+        confirmed on every till and label."""
+        self.start()
+        self.floor.start_tills()
+        self.wait_devices_ok()
+        self.hq.batch(batch(self.key, 1, items(count, base=base)))
+        wait_event(subscriber, "price.confirmed", version=1, timeout=40)
+
+    def wait_devices_ok(self, timeout: float = 20) -> None:
+        """Every till connected and every label device answering (a batch then takes them all in)."""
+        assert self.gw is not None
+        gw = self.gw
+        wait_for(lambda: all(d["state"] == "ok" for d in gw.get("/api/v1/status")[1]["devices"]), timeout,
+                 what="every device ok")
+
     def paper_price(self, sku: str) -> tuple[int, int] | None:
-        """(price, version) of the last label printed for `sku`."""
-        found = None
-        for fields in self.floor.printed_labels():
-            if fields and fields[-1].startswith(sku + " "):
-                found = (money_to_minor(fields[1]), int(fields[-1].rsplit("v", 1)[1]))
-        return found
+        return self.floor.paper(sku)
 
     def close(self) -> None:
         if self.gw is not None:
@@ -119,10 +132,13 @@ def test_a_refusing_till_aborts_everywhere(tmp_path: Path, mosquitto: Mosquitto,
         e = wait_event(subscriber, "price.aborted", version=2)
         assert "price file locked" in e["data"]["reason"]
         assert set(rig.floor.till_versions().values()) == {1}
-        assert rig.floor.lookup("1", "SKU000001")["price"] == 50  # type: ignore[index]  # min while labels restore
+        # tills prepare before any label changes: the refusal came first, so no label ever showed version 2
+        assert not [c for _m, c in rig.floor.ap.uploads if '"v2"' in c]
+        assert not [f for f in rig.floor.printed_labels() if f[-1].endswith("v2")]
         wait_for(lambda: rig.floor.lookup("1", "SKU000001")["price"] == 100, 20,  # type: ignore[index]
-                 what="old price once the abort hold is over")
-        wait_for(lambda: rig.floor.tag_price("SKU000001") == 100, 20, what="ESL tag shows the old price again")
+                 what="the old price once the labels are known to show it")
+        assert rig.floor.tag_price("SKU000001") == 100
+        wait_for(lambda: rig.floor.tills["1"].holds == {}, 10, what="till 1's holds released (FINAL)")
     finally:
         rig.close()
 

@@ -26,7 +26,8 @@ def test_offline_till_is_stale_until_caught_up_and_drift_is_reported(
         e = wait_event(subscriber, "price.committed", version=1)
         assert e["data"]["devices"]["till-2"] == "excluded"
         wait_for(lambda: _state(rig)["devices"]["till-2"]["state"] == "stale", 15, what="till-2 shown stale")
-        assert _state(rig)["devices"]["till-1"]["state"] == "current"
+        # holding (at most min(old, new)) until the labels confirm, then current
+        wait_for(lambda: _state(rig)["devices"]["till-1"]["state"] == "current", 15, what="till-1 current")
 
         rig.floor.start_tills(["2"])  # it comes back with no prices at all
         e = wait_event(subscriber, "price.caught_up", device="till-2", timeout=30)

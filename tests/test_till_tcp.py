@@ -137,6 +137,45 @@ async def test_price_change_is_staged_in_parts_then_committed_or_aborted(tmp_pat
         await sim.close()
 
 
+async def test_protocol_2_holds_the_transition_prices_until_final_and_protocol_1_never_sees_them(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    port = free_port()
+    devices = [_till(port), _till(port, "till-2", "2")]
+    async with running(gateway_config(tmp_path, mosquitto.port, devices)) as gw:
+        new = await _connected(gw, port)  # speaks protocol 2
+        old = await _connected(gw, port, "2", "till-2", protocol=1)
+        assert new.hello_reply is not None and new.hello_reply["protocol"] == 2
+        assert old.hello_reply is not None and old.hello_reply["protocol"] == 1
+        drv, legacy = _driver(gw), _driver(gw, "till-2")
+        assert drv.price_can_hold is True and legacy.price_can_hold is False
+        base = Change(1, [Item("up", 100), Item("down", 100)])
+        for d in (drv, legacy):
+            await d.price_prepare(base)
+            await d.price_commit(1)
+        change = Change(2, [Item("up", 150), Item("down", 80)], transition_prices={"up": 100, "down": 80})
+        await drv.price_prepare(change)
+        prepare = next(m for m in new.received if m["type"] == "PREPARE" and m["version"] == 2)
+        assert {i["sku"]: i["transition_price"] for i in prepare["items"]} == {"up": 100, "down": 80}
+        assert new.charge("down") == 100  # staged only: nothing charged differently yet
+        await drv.price_hold(2)
+        assert (new.charge("up"), new.charge("down")) == (100, 80)  # held: at most min(old, new)
+        await drv.price_commit(2)
+        assert new.version == 2 and (new.charge("up"), new.charge("down")) == (100, 80)
+        await drv.price_final(2, ["up"])  # the label of "up" is not known to show 150 yet
+        assert (new.charge("up"), new.charge("down")) == (100, 80)
+        await drv.price_final(2, [])
+        assert (new.charge("up"), new.charge("down")) == (150, 80) and new.holds == {}
+        await drv.price_final(2, [])  # repeated after a restart: harmless
+        # a protocol-1 till gets the same PREPARE without transition prices, and no HOLD/FINAL exists for it
+        await legacy.price_prepare(change)
+        prepare = next(m for m in old.received if m["type"] == "PREPARE" and m["version"] == 2)
+        assert all("transition_price" not in i for i in prepare["items"]) and "effective_at" not in prepare
+        with pytest.raises(TillRejected, match="unknown_type"):
+            await legacy.price_hold(2)
+        await new.close()
+        await old.close()
+
+
 async def test_silent_till_times_out_and_is_dropped_without_a_restart(tmp_path: Path, mosquitto: Mosquitto) -> None:
     port = free_port()
     cfg = gateway_config(tmp_path, mosquitto.port, [_till(port, ping_interval=1)])

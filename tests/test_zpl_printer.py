@@ -272,3 +272,75 @@ def test_config_needs_an_endpoint() -> None:
         ZplPrinterConfig.model_validate({"id": "p", "driver": "zpl_printer", "connection": "serial"})
     with pytest.raises(ValueError, match="extra"):
         ZplPrinterConfig.model_validate({"id": "p", "driver": "zpl_printer", "host": "h", "dpii": 300})
+
+
+async def test_label_states_after_an_abort_count_what_may_be_on_paper(tmp_path: Path, printer: FakeZplPrinter) -> None:
+    driver, _ = make_driver(tmp_path, printer.port)
+    async with running(driver):
+        await driver.price_prepare(Change(1, ITEMS))
+        await until_async(lambda: driver.price_confirmed(1))
+        assert await driver.price_label_states(1) == {"1001": "new", "1002": "new", "1003": "new"}
+        printer.core.print_seconds = 60  # v2 reaches the printer but takes its time to come out
+        await driver.price_prepare(Change(2, [Item("1001", "4006381333931", 219, "Organic whole milk 1 l")]))
+        assert await driver.price_label_states(2) in ({"1001": "old"}, {"1001": "unknown"})
+        await until(lambda: printer.core.pending, what="v2 in the printer's buffer")
+        assert await driver.price_label_states(2) == {"1001": "unknown"}  # written, not confirmed
+        await driver.price_abort(2)
+        # it was handed to the printer: it counts as printed until the old label is printed again
+        assert await driver.price_label_states(2) == {"1001": "new"} and not await driver.price_restored(2)
+        printer.core.hurry()
+        await until_async(lambda: driver.price_restored(2), what="the v1 label printed again")
+    assert [f[-1] for f in printer.core.printed_fields()][-2:] == ["1001  v2", "1001  v1"]
+
+
+async def test_a_change_printed_ahead_is_marked_and_void_when_aborted_before_it(
+        tmp_path: Path, printer: FakeZplPrinter) -> None:
+    import time
+
+    driver, ctx = make_driver(tmp_path, printer.port, swap_seconds=0)
+    async with running(driver):
+        ahead = Change(4, ITEMS[:1], effective_at=time.time() + 3600)
+        await driver.price_prepare(ahead)
+        await until(lambda: driver._queue and driver._queue.counts()["printed"] == 1, what="printed ahead")
+        assert printer.core.printed_fields()[0][-2].startswith("valid from ")
+        assert await driver.price_label_states(4) == {"1001": "old"}  # not on the shelf before its time
+        assert not await driver.price_confirmed(4)
+        await driver.price_abort(4)
+        assert await driver.price_restored(4)  # never on the shelf: nothing to put back
+        await asyncio.sleep(0.3)
+    assert len(printer.core.printed) == 1
+    assert any(k == "label" and e.get("void") for k, e in ctx.events)
+
+
+async def test_reprint_is_a_job_per_request_and_an_old_queue_file_is_migrated(
+        tmp_path: Path, printer: FakeZplPrinter) -> None:
+    import sqlite3
+
+    from storelink.drivers.label_queue import _V1_COLUMNS, LabelQueue
+
+    old = sqlite3.connect(tmp_path / "zpl-labels-1.db")  # the queue file of the previous release
+    old.executescript("""
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, version INTEGER NOT NULL, sku TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('new', 'restore')), payload BLOB NOT NULL, previous BLOB,
+            previous_version INTEGER, state TEXT NOT NULL CHECK (state IN ('queued', 'sent', 'printed', 'cancelled')),
+            attempts INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL, note TEXT,
+            UNIQUE (version, sku, kind));
+        CREATE INDEX jobs_state ON jobs (state, id);
+        CREATE TABLE versions (version INTEGER PRIMARY KEY, state TEXT NOT NULL, items INTEGER NOT NULL,
+            updated REAL NOT NULL);
+        INSERT INTO versions VALUES (1, 'committed', 1, 0);
+        INSERT INTO jobs (version, sku, kind, payload, state, attempts, created, updated)
+            VALUES (1, '1001', 'new', X'00', 'printed', 1, 0, 0);
+    """)
+    old.close()
+    queue = LabelQueue(tmp_path / "zpl-labels-1.db")
+    assert [(j["sku"], j["state"]) for j in queue.jobs()] == [("1001", "printed")]
+    assert "request" not in _V1_COLUMNS
+    queue.close()
+    driver, _ = make_driver(tmp_path, printer.port)
+    async with running(driver):
+        change = Change(1, ITEMS[:1])
+        assert await driver.price_reprint("r1", change) == 1
+        assert await driver.price_reprint("r1", change) == 0  # the same request again: already queued
+        assert await driver.price_reprint("r2", change) == 1  # another request: another job
+        await until(lambda: len(printer.core.printed) == 2, what="both reprints printed")

@@ -32,6 +32,8 @@ class Change:
     changed: list[Item] = field(default_factory=list)
     batch_id: str = "b-1"
     currency: str = "EUR"
+    transition_prices: dict[str, int] = field(default_factory=dict)
+    effective_at: float | None = None
 
 
 class FakeBook:
@@ -41,6 +43,9 @@ class FakeBook:
 
     def is_stale(self, _device: str) -> bool:
         return False
+
+    def version_for(self, _device: str) -> int:
+        return self.active_version
 
     async def alookup(self, _code: str) -> dict[str, Any] | None:
         return None

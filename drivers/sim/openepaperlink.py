@@ -1,11 +1,14 @@
 """A fake OpenEPaperLink access point for tests and `storelink demo`: the real HTTP endpoints and answer shapes
 (`POST /jsonupload`, `POST /imgupload`, `GET /get_db`, `GET /current/{MAC}.json`), with simulated tags that
-check in after a configurable delay (or never), and an AP that can go down and come back.
+check in after a configurable delay (or never), and an AP that can go down and come back (also on its own
+after a number of uploads: an AP that dies in the middle of a change), or answer slowly (`slow(seconds)`, ended
+for every waiting request at once by `hurry()`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,6 +49,9 @@ class FakeAccessPoint:
         self.port = int(self._sock.getsockname()[1])
         self.uploads: list[tuple[str, str]] = []
         self.busy = False  # the AP answers 409 "come back later" while not in its run state
+        self.stop_after_uploads: int | None = None  # take this many more uploads, then go away (stop())
+        self._delay = 0.0  # seconds every request takes before it is answered
+        self._hurry = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_checkin: list[object] = []  # callables(tag) the demo uses to print what a tag now shows
@@ -75,7 +81,24 @@ class FakeAccessPoint:
         if self._sock is not None:
             self._sock.close()
 
+    def slow(self, seconds: float) -> None:
+        """Answer every request only after `seconds` (an overloaded ESP32)."""
+        self._delay = seconds
+        self._hurry.clear()
+
+    def hurry(self) -> None:
+        """Answer at once again, also the requests already waiting."""
+        self._delay = 0.0
+        self._hurry.set()
+
+    async def _wait(self) -> None:
+        if self._delay:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._delay):
+                    await self._hurry.wait()
+
     async def close(self) -> None:
+        self.hurry()
         await self.stop()
         for t in list(self._tasks):
             t.cancel()
@@ -111,8 +134,16 @@ class FakeAccessPoint:
             return web.Response(status=400, text="Missing parameters")
         if mac not in self.tags:
             return web.Response(status=400, text="mac not found in tagDB")
+        await self._wait()
         self.uploads.append((mac, content))
         self._apply(mac, content)
+        if self.stop_after_uploads is not None:
+            self.stop_after_uploads -= 1
+            if self.stop_after_uploads <= 0:
+                self.stop_after_uploads = None
+                task = asyncio.get_running_loop().create_task(self.stop())  # after this answer went out
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         return web.Response(text="Ok, saved")
 
     async def _imgupload(self, request: web.Request) -> web.Response:
@@ -129,6 +160,7 @@ class FakeAccessPoint:
         return web.Response(text="Ok, saved")
 
     async def _get_db(self, request: web.Request) -> web.Response:
+        await self._wait()
         mac = request.query.get("mac")
         if mac is not None:
             if len(mac) not in (12, 16):

@@ -2,7 +2,9 @@
 try their integration against (``python -m storelink.drivers.sim.till --connect 127.0.0.1:7700 --till-id 1``).
 
 It connects, says HELLO with its price version, sends sales and lookups, and answers the gateway's PREPARE /
-COMMIT / ABORT / VERSION / PING like a real till: prices are staged per version and switched on COMMIT.
+HOLD / COMMIT / FINAL / ABORT / VERSION / PING like a real till with its own price table: prices are staged per
+version and switched on COMMIT, and `charge(sku)` is what it would ring up now (its table, capped by the holds of
+every version still in transition). `protocol=1` makes it an older till that knows neither HOLD nor FINAL.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from storelink.drivers import till_protocol as tp
@@ -24,13 +27,17 @@ log = logging.getLogger(__name__)
 
 class TillSimulator:
     def __init__(self, host: str, port: int, till_id: str, *, secret: str | None = None, version: int | None = None,
-                 answer_gateway: bool = True, refuse_prepare: str | None = None):
+                 answer_gateway: bool = True, refuse_prepare: str | None = None, protocol: int = tp.PROTOCOL_VERSION):
         self.host, self.port, self.till_id, self.secret = host, port, till_id, secret
+        self.protocol = protocol
         self.version = version  # the price version this till charges with
         self.answer_gateway = answer_gateway  # False: a till that hangs (tests of the gateway's timeouts)
         self.refuse_prepare = refuse_prepare  # an error text: refuse every PREPARE with it
+        self.refuse_commits = 0  # refuse this many COMMITs to come (a till busy with a sale), then take them
         self.prices: dict[str, dict[str, Any]] = {}
         self.staged: dict[int, list[dict[str, Any]]] = {}
+        self.holds: dict[int, dict[str, int]] = {}  # version -> sku -> at most this much while labels change
+        self.on_change: list[Callable[[TillSimulator], None]] = []  # after every gateway message (charge() may move)
         self.received: list[dict[str, Any]] = []  # every request the gateway sent
         self.hello_reply: dict[str, Any] | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -46,7 +53,7 @@ class TillSimulator:
         self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=16 * 1024 * 1024)
         self.closed.clear()
         self._task = asyncio.create_task(self._read_loop(), name=f"till-sim-{self.till_id}")
-        hello: dict[str, Any] = {"type": "HELLO", "till_id": self.till_id, "protocol": tp.PROTOCOL_VERSION,
+        hello: dict[str, Any] = {"type": "HELLO", "till_id": self.till_id, "protocol": self.protocol,
                                  "version": self.version, "staged": max(self.staged, default=None)}
         if self.secret:
             hello["secret"] = self.secret
@@ -117,7 +124,10 @@ class TillSimulator:
                     continue
                 self.received.append(msg)
                 if self.answer_gateway:
-                    await self.send_raw(tp.encode({"re": msg.get("id"), **self._answer(msg)}))
+                    answer = self._answer(msg)
+                    for callback in self.on_change:
+                        callback(self)
+                    await self.send_raw(tp.encode({"re": msg.get("id"), **answer}))
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -126,12 +136,28 @@ class TillSimulator:
                 if not fut.done():
                     fut.set_exception(ConnectionError("gateway closed the connection"))
 
+    def charge(self, sku: str) -> int | None:
+        """What this till rings up for `sku` now (None: it does not sell it): its own table, at most every hold."""
+        item = self.prices.get(sku)
+        if item is None:
+            return None
+        return min([int(item["price"])] + [h[sku] for h in self.holds.values() if sku in h])
+
+    def _hold(self, v: int) -> None:
+        caps = {i["sku"]: int(i["transition_price"]) for i in self.staged.get(v, [])
+                if i.get("transition_price") is not None}
+        if caps and v not in self.holds:
+            self.holds[v] = caps
+
     def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
         kind, v = msg.get("type"), msg.get("version")
         if kind == "PING":
             return {"type": "OK"}
         if kind == "VERSION":
-            return {"type": "OK", "version": self.version, "staged": max(self.staged, default=None)}
+            return {"type": "OK", "version": self.version, "staged": max(self.staged, default=None),
+                    **({"holding": sorted(self.holds)} if self.protocol >= tp.HOLDS_SINCE else {})}
+        if kind in ("HOLD", "FINAL") and self.protocol < tp.HOLDS_SINCE:
+            return {"type": "ERROR", "code": tp.UNKNOWN_TYPE, "error": f"unknown type {kind!r}"}
         if not isinstance(v, int):
             return {"type": "ERROR", "code": tp.BAD_REQUEST if kind else tp.UNKNOWN_TYPE, "error": "no version"}
         if kind == "PREPARE":
@@ -141,17 +167,35 @@ class TillSimulator:
                 self.staged[v] = []
             self.staged.setdefault(v, []).extend(msg.get("items") or [])
             return {"type": "OK", "version": v}
+        if kind == "HOLD":
+            if v not in self.staged and v not in self.holds:
+                return {"type": "ERROR", "code": tp.NOT_STAGED, "error": f"version {v} is not staged"}
+            self._hold(v)
+            return {"type": "OK", "version": v}
         if kind == "COMMIT":
-            if v == self.version:
+            if self.refuse_commits > 0:
+                self.refuse_commits -= 1
+                return {"type": "ERROR", "code": "busy", "error": "a sale is open; try again"}
+            if v == self.version and v not in self.staged:
                 return {"type": "OK", "version": v}  # repeated COMMIT: already on it
             if v not in self.staged:
                 return {"type": "ERROR", "code": tp.NOT_STAGED, "error": f"version {v} is not staged"}
+            if self.protocol >= tp.HOLDS_SINCE:
+                self._hold(v)  # the holds go on with the new prices, never after them
             for item in self.staged.pop(v):
                 self.prices[item["sku"]] = item
             self.version = v
             return {"type": "OK", "version": v}
+        if kind == "FINAL":
+            keep = set(msg.get("keep") or [])
+            left = {sku: p for sku, p in self.holds.get(v, {}).items() if sku in keep}
+            if left:
+                self.holds[v] = left
+            else:
+                self.holds.pop(v, None)
+            return {"type": "OK", "version": v}
         if kind == "ABORT":
-            self.staged.pop(v, None)
+            self.staged.pop(v, None)  # holds of v stay until FINAL v: the labels may still show v
             return {"type": "OK"}
         return {"type": "ERROR", "code": tp.UNKNOWN_TYPE, "error": f"unknown type {kind!r}"}
 

@@ -12,6 +12,7 @@ import contextlib
 import re
 import socket
 import time
+from collections.abc import Callable
 
 from storelink.drivers.zpl_label import HostStatus, host_status_answer
 
@@ -27,6 +28,7 @@ class FakeZplCore:
         self.status_queries = 0
         self.paper_out = self.head_open = self.paused = self.ribbon_out = False
         self.silent = False
+        self.on_print: list[Callable[[bytes], None]] = []  # called with each format as it comes out
         self._buf = b""
 
     @property
@@ -40,6 +42,8 @@ class FakeZplCore:
         now = time.monotonic()
         while self.pending and self.pending[0][0] <= now:
             self.printed.append(self.pending.pop(0)[1])
+            for callback in self.on_print:
+                callback(self.printed[-1])
             if self.pending:  # the next label starts only once this one is out
                 self.pending[0] = (max(self.pending[0][0], now + self.print_seconds), self.pending[0][1])
 

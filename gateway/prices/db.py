@@ -11,7 +11,12 @@ Tables (the journal is ``batches.phase`` + ``targets``):
   ``raw_chunks``: chunks that arrived before their manifest (unverified, bounded, dropped after a TTL).
 - ``changes``: a batch's diff against the book (old and new price per SKU); while the batch id is in
   ``transitions`` every lookup of those SKUs answers min(old, new).
-- ``targets``: each device's progress through a batch; ``devices``: each device's last known version.
+- ``targets``: each device's progress through a batch (for tills also the protocol it spoke, whether it holds
+  the transition prices and how many SKUs the last FINAL kept); ``devices``: each device's last known version
+  and, for labels, what it is known to show (``shows``).
+
+Columns added after the first release are in ``ADDED_COLUMNS`` (schema 2): the migration adds them to an older
+database with SQLite's ADD COLUMN; release 1 ignores them, so a rollback can still use the file.
 """
 
 from __future__ import annotations
@@ -62,6 +67,32 @@ CREATE TABLE IF NOT EXISTS devices(
   device TEXT PRIMARY KEY, role TEXT NOT NULL, version INTEGER, stale INTEGER NOT NULL DEFAULT 0,
   drift TEXT, updated_at REAL NOT NULL);
 """
+ADDED_COLUMNS = {
+    # labels_released: the first COMMIT round reached the tills, labels may change now; base_version: the version
+    # a scheduled batch's diff was computed against (the book plus the batches queued before it)
+    "batches": ("labels_released REAL", "base_version INTEGER"),
+    # protocol: what a till spoke when it prepared; held: it charges at most the transition prices (HOLD or
+    # COMMIT delivered); final_left: SKUs the last FINAL kept held (NULL: no FINAL yet); catchup: added by a
+    # catch-up, its holds cover every transition open at that time
+    "targets": ("protocol INTEGER", "held INTEGER NOT NULL DEFAULT 0", "final_left INTEGER",
+                "catchup INTEGER NOT NULL DEFAULT 0"),
+    # deadline: when labels that have not confirmed become drift; outcome gains 'drift' (only stragglers left)
+    "transitions": ("deadline REAL",),
+    "devices": ("shows TEXT",),  # JSON: what a label device is known to display
+}
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column.split()[0] not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    _add_columns(conn)
 
 
 class PriceDb:
@@ -80,7 +111,8 @@ class PriceDb:
     def _open(self) -> None:
         # A big transaction (a chunk of several MB) grows the WAL; after a checkpoint it is cut back to this.
         conn = open_db(self.path, synchronous=self.synchronous, journal_size_limit=WAL_SIZE_LIMIT)
-        ensure_schema(conn, "prices", lambda c: c.executescript(SCHEMA))  # versioned: see storelink.system.schema
+        # versioned (storelink.system.schema): schema 2 adds ADDED_COLUMNS, which release 1 still reads and writes
+        ensure_schema(conn, "prices", _create, {2: _add_columns})
         self._writer = conn
 
     @property

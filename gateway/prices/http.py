@@ -17,7 +17,8 @@ from storelink.prices.state import StatePublisher
 
 def routes(book: PriceBook, state_report: StatePublisher, ready: asyncio.Event) -> list[web.RouteDef]:
     async def state(_request: web.Request) -> web.Response:
-        return web.json_response(await state_report.refresh() if ready.is_set() else {"state": "starting"})
+        # built fresh, never published from here: a GET must not send a retained message
+        return web.json_response(await state_report.current() if ready.is_set() else {"state": "starting"})
 
     async def lookup(request: web.Request) -> web.Response:
         code = request.match_info["code"]

@@ -3,6 +3,11 @@
 Handlers are called by the uplink (one task per message; QoS 1 is acknowledged after the handler returns, so a
 chunk is on disk before the broker forgets it). CPU work (base64, zlib, item validation) runs in worker threads;
 SQLite work on the price database's writer thread; the asyncio loop only routes.
+
+A batch scheduled for later (``effective_at``) is refused (``clock_not_synchronised``) while the store's clock is
+not synchronised: the tills switch at effective_at by this clock. ``prices/desired`` and the batch travel on
+different topics, so a desired version ahead of the store waits ``resend_grace`` seconds for its batch before a
+resend is asked (the first batch of a fresh store would otherwise race its own desired version).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from storelink import safe_json
-from storelink.contract import Topics
+from storelink.contract import ClockReport, Topics
 from storelink.downlink import Downlink
 from storelink.prices.book import PriceBook
 from storelink.prices.db import PriceDb
@@ -31,7 +36,8 @@ Emit = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 class Intake:
     def __init__(self, db: PriceDb, cfg: PricesConfig, staging: Staging, book: PriceBook, topics: Topics,
-                 groups: list[str], emit: Emit, on_change: Callable[[], None], on_complete: Callable[[], None]):
+                 groups: list[str], emit: Emit, on_change: Callable[[], None], on_complete: Callable[[], None],
+                 clock: Callable[[], ClockReport]):
         self.db = db
         self.cfg = cfg
         self.staging = staging
@@ -41,6 +47,7 @@ class Intake:
         self.emit = emit
         self.on_change = on_change
         self.on_complete = on_complete
+        self.clock = clock
         self._route = asyncio.Lock()
         # Chunks arrive in a burst; decoding them all at once would hold every item in memory while they queue
         # for the single writer. Two at a time keeps the CPU and the writer busy and memory flat.
@@ -48,6 +55,8 @@ class Intake:
         self._reported: OrderedDict[tuple[str | None, str], None] = OrderedDict()
         self.desired: Desired | None = None
         self._asked: tuple[int, float] | None = None
+        self._behind_since: tuple[int, float] | None = None  # (desired version, monotonic) first seen ahead
+        self._recheck: asyncio.Task[None] | None = None
         self.last_chunk_at: float | None = None  # monotonic; the bench measures from here
         self.rejected_total = 0
         self.rejections: collections.Counter[tuple[str, str]] = collections.Counter()  # the gateway's, by the part
@@ -95,6 +104,12 @@ class Intake:
 
     async def _manifest(self, payload: bytes, source: str) -> None:
         manifest, raw = await asyncio.to_thread(self.staging.check_manifest, payload, source)
+        if manifest.effective_at is not None and manifest.effective_at.timestamp() > time.time():
+            clock = self.clock()
+            if not clock.synchronised:
+                raise Rejected(Reason.CLOCK, f"scheduled for {manifest.effective_at.isoformat()}, but this store's "
+                               f"clock is not known to be synchronised ({clock.detail}): refusing to schedule",
+                               manifest.batch_id, manifest.version)
         async with self._route:
             outcome: Outcome = await self.db.write(self.staging.accept_manifest, manifest, raw, source)
             parked = (await self.db.write(self.staging.take_parked, manifest.batch_id)
@@ -170,8 +185,17 @@ class Intake:
             IN_PROGRESS).fetchone()[0])
         have = max(self.book.active_version, int(newest or 0))
         if d.version <= have:
+            self._behind_since = None
             return
         now = time.monotonic()
+        if self._behind_since is None or self._behind_since[0] != d.version:
+            self._behind_since = (d.version, now)
+        waited = now - self._behind_since[1]
+        if waited < self.cfg.resend_grace:
+            # its batch may be on the way (another topic): look again once the grace is over
+            if self._recheck is None or self._recheck.done():
+                self._recheck = asyncio.create_task(self._check_later(self.cfg.resend_grace - waited))
+            return
         if self._asked is not None and self._asked[0] == d.version and now - self._asked[1] < self.cfg.resend_every:
             return
         self._asked = (d.version, now)
@@ -179,16 +203,28 @@ class Intake:
         await self.emit("price.resend_requested", {"active_version": self.book.active_version,
                                                    "desired_version": d.version, "desired_batch_id": d.batch_id})
 
+    async def _check_later(self, delay: float) -> None:
+        await asyncio.sleep(delay + 0.05)
+        self._recheck = None
+        try:
+            await self.check_behind()
+        except Exception:
+            log.exception("price resend check failed")
+
     async def run(self) -> None:
         """Housekeeping: drop batches that never completed; keep asking while behind."""
-        while True:
-            await asyncio.sleep(min(60.0, self.cfg.resend_every / 2))
-            try:
-                for bid in await self.db.write(self.staging.expire):
-                    await self.reject(Rejected(Reason.MALFORMED, "incomplete: not every chunk arrived in time", bid),
-                                      "store", False)
-                await self.check_behind()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("price intake housekeeping failed")
+        try:
+            while True:
+                await asyncio.sleep(min(60.0, self.cfg.resend_every / 2))
+                try:
+                    for bid in await self.db.write(self.staging.expire):
+                        await self.reject(Rejected(Reason.MALFORMED, "incomplete: not every chunk arrived in time",
+                                                   bid), "store", False)
+                    await self.check_behind()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("price intake housekeeping failed")
+        finally:
+            if self._recheck is not None:
+                self._recheck.cancel()

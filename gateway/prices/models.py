@@ -35,12 +35,19 @@ class PricesConfig(StrictModel):
                                          "only while their changes together hold at most this many items")
     commit_retry: float = Field(2.0, gt=0, description="seconds between re-sending COMMIT/ABORT to a target")
     confirm_poll: float = Field(2.0, gt=0, description="seconds between checks that labels show the new prices")
-    abort_hold: float = Field(600.0, ge=0, description="seconds lookups keep min(old, new) after an abort when a "
-                              "label system cannot confirm its old content is back")
+    label_deadline: float = Field(1800.0, gt=0, description="seconds after a commit until labels that have not "
+                                  "confirmed are reported as drift and the change completes without them")
+    abort_hold: float = Field(600.0, gt=0, description="the same deadline for labels putting their old content "
+                              "back after an abort")
+    clock_synchronised: Literal["auto"] | bool = Field(
+        "auto", description="whether the store's clock is synchronised (NTP); auto asks the kernel (adjtimex). "
+        "Scheduled changes (effective_at) are refused while it is not")
     stale_check: float = Field(5.0, gt=0, description="seconds between checks that every till is on the book's version")
     audit_interval: float = Field(300.0, ge=1, description="seconds between reconciliation audits")
     staging_ttl: float = Field(3600.0, gt=0, description="seconds an incomplete batch is kept before it is dropped")
     resend_every: float = Field(300.0, ge=1, description="seconds between resend requests while behind desired")
+    resend_grace: float = Field(10.0, ge=0, description="seconds a newer prices/desired waits for its batch to "
+                                "arrive before a resend is asked (the two travel on different topics)")
     max_items: int = Field(500_000, ge=1, description="largest batch accepted")
     max_staged_batches: int = Field(4, ge=1, description="incomplete batches held at once (older ones dropped)")
     max_parked_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024, description="bytes of chunks that arrived "
@@ -57,6 +64,7 @@ class Reason(enum.StrEnum):
     REPLAYED = "replayed"
     WRONG_TARGET = "wrong_target"
     TOO_LARGE = "too_large"
+    CLOCK = "clock_not_synchronised"  # a scheduled batch on a store whose clock is not synchronised
 
 
 class Promotion(StrictModel):
@@ -170,6 +178,8 @@ class Change:
     changed: list[BookItem]
     removed: list[str] = field(default_factory=list)
     full: bool = False  # True: `changed` is the whole price book (a stale device catching up)
+    transition_prices: dict[str, int] = field(default_factory=dict)  # sku -> min(old, new), for tills
+    effective_at: float | None = None  # unix time; None: at once
 
 
 BURNED = ("staged", "preparing", "commit_decided", "committed", "done", "aborting", "aborted")

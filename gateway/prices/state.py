@@ -1,9 +1,14 @@
 """The retained ``storelink/{store}/prices/state`` report (also the "prices" section of GET /api/v1/status).
 
 Rebuilt from the database whenever something changes (debounced), so what head office sees is what is on disk:
-active version, the batch in progress and its phase, the changes still in transition (items with their old, new
-and charged price, label devices and labels left), and each device's version and standing (``current``,
-``stale``, ``pending``, ``unknown``).
+active version, the batch in progress and its phase, the batches scheduled and when they take effect, the
+changes still in transition (items with their old, new and charged price, label devices and labels left), whether
+the clock is synchronised, and each device's version and standing. A till is ``current``, ``stale``, ``pending``
+(in the batch being prepared), ``holding`` (charges at most min(old, new) until the labels show a change) or
+``held_back`` (a till without holds, committed once the labels show a price increase); a label device is
+``current`` only when nothing of it is unconfirmed: else ``confirming`` / ``restoring`` (labels of a commit or an
+abort not yet known to show it), ``undelivered`` (it has not taken a commit or abort yet: away) or ``drift``
+(past the deadline), with ``shows`` saying what it is known to display per open batch.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from storelink.contract import (
+    ClockReport,
     LabelDeviceProgress,
+    LabelShowsState,
     LastBatch,
     PendingBatch,
     PriceDeviceState,
     PricesStatePayload,
+    ScheduledBatch,
     TransitionItem,
     TransitionState,
 )
@@ -32,6 +40,8 @@ log = logging.getLogger(__name__)
 
 
 Role = Literal["till", "label"]
+Standing = Literal["current", "stale", "pending", "unknown", "holding", "held_back", "confirming", "restoring",
+                   "undelivered", "drift"]
 
 
 def _ts(value: float | None) -> str | None:
@@ -55,7 +65,7 @@ def _transitions(conn: sqlite3.Connection, labels: LabelProgress) -> list[Transi
             "SELECT c.sku, COALESCE(b.description, s.description), c.old_price, c.new_price, c.kind FROM changes c "
             "LEFT JOIN book b ON b.sku=c.sku LEFT JOIN staged s ON s.batch_id=c.batch_id AND s.sku=c.sku "
             "WHERE c.batch_id=? ORDER BY c.sku LIMIT ?", (batch_id, TRANSITION_ITEMS)).fetchall()
-        # (a copy: the coordinator updates these on the loop while this runs in the database thread)
+        # (a copy: the settler updates these on the loop while this runs in the database thread)
         devices = {d: LabelDeviceProgress(**e) for d, e in list(labels.get(batch_id, {}).items())}
         lefts = [d.left for d in devices.values() if d.left is not None]
         out.append(TransitionState(
@@ -67,37 +77,61 @@ def _transitions(conn: sqlite3.Connection, labels: LabelProgress) -> list[Transi
     return out
 
 
+def _label_standing(shows: LabelShowsState | None) -> Standing:
+    if shows is None:
+        return "current"
+    if shows.undelivered:
+        return "undelivered"
+    if any(x.past_deadline for x in shows.batches):
+        return "drift"
+    if any(x.outcome == "aborted" for x in shows.batches):
+        return "restoring"
+    return "confirming" if shows.batches else "current"
+
+
 def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str, Role]], stale: set[str],
-                drift: dict[str, str], current: str | None, labels: LabelProgress | None = None
-                ) -> PricesStatePayload:
+                drift: dict[str, str], current: str | None, clock: ClockReport, held_back: dict[str, int],
+                labels: LabelProgress | None = None) -> PricesStatePayload:
     active = int(get_meta(conn, "active_version", "0") or 0)
+    now = time.time()
+    scheduled = conn.execute("SELECT batch_id, version, effective_at, decided_at FROM batches "
+                             "WHERE phase='commit_decided' AND effective_at > ? ORDER BY version", (now,)).fetchall()
     pending = conn.execute(
         "SELECT batch_id, version, phase, effective_at, chunks_done, chunks_total, item_count, changed, received_at "
-        f"FROM batches WHERE phase IN ({','.join('?' * len(IN_PROGRESS))}) ORDER BY version DESC LIMIT 1",
-        IN_PROGRESS).fetchone()
+        f"FROM batches WHERE phase IN ({','.join('?' * len(IN_PROGRESS))}) AND NOT (phase='commit_decided' "
+        "AND COALESCE(effective_at, 0) > ?) ORDER BY version DESC LIMIT 1", (*IN_PROGRESS, now)).fetchone()
     last = conn.execute("SELECT batch_id, version, phase, reason, updated_at FROM batches "
                         "WHERE phase IN ('done','aborted','rejected','superseded','expired') "
                         "ORDER BY updated_at DESC LIMIT 1").fetchone()
-    known = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT device, version, stale FROM devices")}
+    known = {r[0]: (r[1], r[2], r[3]) for r in conn.execute("SELECT device, version, stale, shows FROM devices")}
     in_batch: dict[str, str] = {}
-    if pending is not None:
+    if pending is not None and pending[2] in ("staging", "staged", "preparing"):
         in_batch = dict(conn.execute("SELECT device, state FROM targets WHERE batch_id=?", (pending[0],)).fetchall())
+    holding = {r[0] for r in conn.execute(
+        "SELECT DISTINCT t.device FROM targets t JOIN batches b ON b.batch_id=t.batch_id WHERE t.role='till' "
+        "AND t.held=1 AND (t.final_left IS NULL OR t.final_left > 0) AND b.phase IN ('done','aborted','committed')")}
     out_devices: dict[str, PriceDeviceState] = {}
-    standing: Literal["current", "stale", "pending", "unknown"]
+    standing: Standing
     for device, role in devices:
-        version, was_stale = known.get(device, (None, 0))
+        version, was_stale, shows_json = known.get(device, (None, 0, None))
+        shows = LabelShowsState.model_validate_json(shows_json) if shows_json else None
         if device in in_batch and in_batch[device] not in ("excluded",):
             standing = "pending"
         elif device in stale or (was_stale and role == "till"):
             standing = "stale"
+        elif role == "label":
+            standing = _label_standing(shows)
+        elif device in held_back:
+            standing = "held_back"
         elif version is None:
             standing = "unknown"
-        elif role == "till":
-            standing = "current" if version == active else "stale"
+        elif version != active:
+            standing = "stale"
         else:
-            standing = "current"
-        out_devices[device] = PriceDeviceState(role=role, version=version, state=standing,
-                                               batch_state=in_batch.get(device), drift=drift.get(device))
+            standing = "holding" if device in holding else "current"
+        out_devices[device] = PriceDeviceState(role=role, version=held_back.get(device, version), state=standing,
+                                               batch_state=in_batch.get(device), drift=drift.get(device),
+                                               shows=shows if role == "label" else None)
     return PricesStatePayload(
         store_id=store_id,
         active_version=active,
@@ -111,12 +145,15 @@ def build_state(conn: sqlite3.Connection, store_id: str, devices: list[tuple[str
             items=pending[6], changed=pending[7], received_at=_ts(pending[8]),
             running=current == pending[0],
         ),
+        scheduled=[ScheduledBatch(batch_id=r[0], version=r[1], effective_at=_ts(r[2]), decided_at=_ts(r[3]))
+                   for r in scheduled],
         transition=_transitions(conn, labels or {}),
         last=None if last is None else LastBatch(batch_id=last[0], version=last[1], outcome=last[2],
                                                  reason=last[3], at=_ts(last[4])),
         devices=out_devices,
         drift=len(drift),
-        updated_at=iso_ts(time.time()),
+        clock=clock,
+        updated_at=iso_ts(now),
     )
 
 
@@ -131,6 +168,10 @@ class StatePublisher:
 
     def mark(self) -> None:
         self._dirty.set()
+
+    async def current(self) -> dict[str, Any]:
+        """The state as it is on disk now (for GET /api/v1/prices/state: publishing is the run loop's job)."""
+        return (await self.db.read(self.build)).model_dump()
 
     async def refresh(self) -> dict[str, Any]:
         report = await self.db.read(self.build)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 from storelink.devices.supervisor import DeviceSupervisor
-from storelink.drivers.base import Health, PriceTarget
+from storelink.drivers.base import Health, HoldingTillTarget, LabelPriceTarget, PriceTarget, TillPriceTarget
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,31 @@ class Targets:
         if handle.driver_class.price_role is None:
             return None
         return cast(PriceTarget, handle.driver)  # checked against PriceTarget when its class was loaded
+
+    def till(self, device: str) -> TillPriceTarget | None:
+        """The live driver of `device` when it is a running till and not offline, else None."""
+        drv = self.driver(device)
+        handle = self.devices.devices.get(device)
+        if drv is None or handle is None or handle.driver_class.price_role != "till":
+            return None
+        return cast(TillPriceTarget, drv)  # checked against TillPriceTarget when its class was loaded
+
+    def holding(self, device: str) -> HoldingTillTarget | None:
+        """The live till `device` when it keeps holds now (HOLD/FINAL), else None."""
+        till = self.till(device)
+        return till if isinstance(till, HoldingTillTarget) and till.price_can_hold else None
+
+    def instance(self, device: str) -> LabelPriceTarget | None:
+        """The running label driver of `device` whatever its health: a label driver keeps an abort or a commit in
+        its own database and delivers it when its device answers again."""
+        handle = self.devices.devices.get(device)
+        if handle is None or handle.driver is None or handle.driver_class.price_role != "label":
+            return None
+        return cast(LabelPriceTarget, handle.driver)  # checked against LabelPriceTarget when its class was loaded
+
+    def configured(self, device: str) -> bool:
+        """Still in the config (a device removed while it had something to deliver is given up)."""
+        return device in self.devices.devices
 
     async def wait_driver(self, device: str, deadline: float) -> PriceTarget | None:
         """The live driver, waiting for it (a restarting driver, a till reconnecting) until `deadline`."""

@@ -83,12 +83,14 @@ class Command:
 
 @dataclass(frozen=True)
 class _ReprintChange:
-    """A PriceChange (drivers.base) that re-sends the active prices of some items to the label targets."""
+    """A PriceChange (drivers.base): the labels in force of some items, for LabelPriceTarget.price_reprint."""
 
     version: int
     batch_id: str
     currency: str
     changed: list[Any]
+    transition_prices: dict[str, int]
+    effective_at: float | None = None
 
 
 class Commands(BasePart):
@@ -253,36 +255,41 @@ class Commands(BasePart):
         return self.prices
 
     async def _reprint(self, args: ReprintArgs) -> dict[str, Any]:
+        """Queue the labels in force again on every label device, as reprint jobs of their own (the drivers
+        print/push them at-least-once, also where the same label was printed before). Under the price
+        coordinator's lock, so a reprint never interleaves with a change being prepared; the book is read in a
+        worker thread."""
         part = self._prices()
         book = part.book
         if book.active_version <= 0:
             raise CommandError("unavailable", "no active price list yet: nothing to print")
-        wanted = None if args.all else set(args.skus or [])
-        items = [it for it in book.iter_items() if wanted is None or it.sku in wanted]
-        missing = sorted(wanted - {it.sku for it in items}) if wanted is not None else []
-        if missing:
-            raise CommandError("bad_args", f"not in the active price list: {', '.join(missing[:20])}")
         labels = [t for t in part.targets.all() if t.role == "label"]
         if not labels:
             raise CommandError("unavailable", "no label printers or shelf-label systems are configured")
-        change = _ReprintChange(book.active_version, f"reprint-{uuid.uuid4().hex[:12]}", book.currency or "",
-                                items)
-        results: dict[str, str] = {}
-        for target in labels:
-            drv = part.targets.driver(target.device)
-            if drv is None:
-                results[target.device] = "offline"
-                continue
-            try:
-                await drv.price_prepare(change)
-                await drv.price_commit(change.version)
-                results[target.device] = "sent"
-            except Exception as err:
-                results[target.device] = f"failed: {err}"
-        if not any(r == "sent" for r in results.values()):
+        wanted = None if args.all else set(args.skus or [])
+        async with part.coordinator.lock:
+            items = await asyncio.to_thread(lambda: [it for it in book.iter_items()
+                                                     if wanted is None or it.sku in wanted])
+            missing = sorted(wanted - {it.sku for it in items}) if wanted is not None else []
+            if missing:
+                raise CommandError("bad_args", f"not in the active price list: {', '.join(missing[:20])}")
+            request = f"reprint-{uuid.uuid4().hex[:12]}"
+            change = _ReprintChange(book.active_version, request, book.currency or "", items, {})
+            results: dict[str, str] = {}
+            for target in labels:
+                drv = part.targets.instance(target.device)  # queued durably even while the device is away
+                if drv is None:
+                    results[target.device] = "not running"
+                    continue
+                try:
+                    n = await drv.price_reprint(request, change)
+                    results[target.device] = f"queued {n}"
+                except Exception as err:
+                    results[target.device] = f"failed: {err}"
+        if not any(r.startswith("queued") for r in results.values()):
             raise CommandError("failed", "no label device took the reprint: " +
                                "; ".join(f"{d}: {r}" for d, r in results.items()))
-        return {"items": len(items), "version": change.version, "devices": results}
+        return {"items": len(items), "version": change.version, "request": request, "devices": results}
 
     async def _resync(self, _args: NoArgs) -> dict[str, Any]:
         part = self._prices()

@@ -35,7 +35,7 @@ class Schema:
 # database's own MIGRATIONS, and raise `readable_by` only when the previous release could no longer use the file.
 SCHEMAS: dict[str, Schema] = {
     "outbox": Schema(version=1, readable_by=1, migrates_from=1),
-    "prices": Schema(version=1, readable_by=1, migrates_from=1),
+    "prices": Schema(version=2, readable_by=1, migrates_from=1),  # 2: journal columns of issue 12 (nullable)
     "kiosk": Schema(version=1, readable_by=1, migrates_from=1),
 }
 

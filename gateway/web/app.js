@@ -50,6 +50,13 @@ function verdict(s) {
   if (down.length) problems.push(["warn", `${down.length} device${down.length > 1 ? "s" : ""} not working: ${down.map((d) => d.device).join(", ")}`]);
   const stale = priceDevices(s).filter(([, d]) => d.state === "stale");
   if (stale.length) problems.push(["warn", `Prices not up to date on ${stale.map(([n]) => n).join(", ")}`]);
+  const drifting = priceDevices(s).filter(([, d]) => d.drift);
+  if (drifting.length) problems.push(["bad", `Shelf labels not confirmed: ${drifting.map(([n, d]) => `${n} (${d.drift})`).join("; ")}. Tills keep the lower price for those items until the labels show it.`]);
+  const away = priceDevices(s).filter(([, d]) => d.state === "undelivered");
+  if (away.length) problems.push(["warn", `Label system${away.length > 1 ? "s" : ""} ${away.map(([n]) => n).join(", ")} not reachable: a price change waits for ${away.length > 1 ? "them" : "it"}.`]);
+  const clock = (s.prices || {}).clock;
+  const lastReason = ((s.prices || {}).last || {}).reason || "";
+  if (clock && clock.synchronised === false && lastReason.startsWith("clock_not_synchronised")) problems.push(["warn", "The clock is not synchronised: a scheduled price change was refused."]);
   const cfg = (s.config || {}).last_result;
   if (cfg && (cfg.status === "rejected" || cfg.status === "rolled_back")) problems.push(["warn", `Last configuration change was ${cfg.status.replace("_", " ")}`]);
   if (!problems.length) return ["ok", "All good: connected to head office, everything working."];
@@ -127,6 +134,11 @@ function renderPrices(s) {
     add("Active since", ago(p.active_since));
     if (p.items !== undefined) add("Items", p.items);
     add("Update in progress", p.pending ? `version ${p.pending.version}: ${p.pending.phase}` : "none");
+    const scheduled = p.scheduled || [];
+    add("Scheduled", scheduled.length ? scheduled.map((x) => `version ${x.version} at ${new Date(x.effective_at).toLocaleString()}`).join("; ") : "none");
+    if (p.clock && p.clock.synchronised === false) add("Clock", "not synchronised: scheduled changes are refused");
+    const labels = priceDevices(s).filter(([, d]) => d.role === "label" && d.state !== "current");
+    if (labels.length) add("Labels", labels.map(([n, d]) => `${n}: ${d.state.replace("_", " ")}`).join(", "));
     if (p.last) add("Last update", `version ${p.last.version}: ${p.last.outcome}${p.last.reason ? " (" + p.last.reason + ")" : ""}`);
     const devs = priceDevices(s);
     const stale = devs.filter(([, d]) => d.state === "stale").map(([n]) => n);
