@@ -101,7 +101,8 @@ class Gateway:
         self.running_config = RunningConfig(config, config_path)
         self.started_at = time.time()
         self.outbox = Outbox(config.storage)
-        self.uplink = Uplink(config.mqtt, config.store_id, self.outbox, started_at=self.started_at)
+        self.uplink = Uplink(config.mqtt, config.store_id, self.outbox, started_at=self.started_at,
+                             groups=tuple(config.groups))
         self.topics = self.uplink.topics
         self.rejections: Rejections = collections.Counter()
         self.uplink.downlink.rejections = self.rejections

@@ -63,6 +63,11 @@ class Topics:
         return f"{self.base}/config/reported"
 
     @property
+    def outbox_state(self) -> str:
+        """Retained: what waits in the store's outbox and how much it ever evicted (OutboxStatePayload)."""
+        return f"{self.base}/outbox/state"
+
+    @property
     def update_state(self) -> str:
         """Retained: the release this store runs and where its last software update stands (UpdateState)."""
         return f"{self.base}/update/state"
@@ -114,12 +119,35 @@ class StatusPayload(StrictModel):
     version: str | None = None
     started_at: str | None = Field(default=None, description="when the gateway started, ISO 8601 UTC")
     protocol: Literal["5", "3.1.1"] | None = None
+    groups: list[Identifier] | None = Field(default=None, description="the store's price groups (config `groups`), "
+                                            "in the birth and the Last Will: head office matches group batches by it")
 
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
 
-OFFLINE = StatusPayload(state="offline").encode()  # the Last Will, and what a clean stop publishes itself
+OUTBOX_REPORT_EVERY = 30.0  # seconds between two retained outbox/state reports while connected
+
+
+class OutboxStatePayload(StrictModel):
+    """Retained on ``{base}/outbox/state``, every ``OUTBOX_REPORT_EVERY`` seconds while connected."""
+
+    depth: int = Field(ge=0, description="events waiting to be delivered")
+    bytes: int = Field(ge=0)
+    critical: int = Field(ge=0, description="of them, never evictable (sales, price and config events)")
+    oldest_undelivered_at: str | None = Field(description="acceptance time of the oldest waiting event")
+    next_seq: int = Field(ge=1, description="the seq the next event gets")
+    evicted_total: int = Field(ge=0, description="telemetry evicted since the outbox was created (durable)")
+    alarms: dict[str, str] = Field(description="outbox alarms raised now: capacity, storage")
+    ts: str = Field(description="when this report was made")
+
+
+class EvictionReport(StrictModel):
+    """``data`` of an ``outbox.evicted`` event: seq ranges evicted under the cap since the previous report."""
+
+    ranges: list[tuple[int, int]] = Field(description="inclusive [first, last] seq ranges, at most 1,000")
+    count: int = Field(ge=1, description="seqs in the ranges")
+    evicted_total: int = Field(ge=1, description="evictions reported so far, this report included")
 
 
 class EventPayload(StrictModel):
@@ -317,6 +345,7 @@ def uplink_payloads(topics: Topics, kind: str = "+", device: str = "+", name: st
         (topics.event(kind), EventPayload),
         (topics.device_state(device), DeviceStatePayload),
         (topics.prices_state, PricesStatePayload),
+        (topics.outbox_state, OutboxStatePayload),
         (topics.config_reported, ConfigReported),
         (topics.update_state, UpdateState),
         (topics.command_reply(name), CommandResponse),

@@ -15,7 +15,8 @@ own that is not fsync'd. A delete lost to a crash or a power cut only re-sends e
 ``meta`` row's ``next_seq`` when the newest rows were deleted; that row is written only by a commit that deletes
 the newest row, in the same transaction, so every state a crash can leave knows the highest seq ever used. A
 rolled-back batch (disk full) gives its numbers back. The only gaps head office can ever see are telemetry
-events evicted under the size cap, and those are counted and reported.
+events evicted under the size cap, and those are reported exactly, in ``outbox.evicted`` events
+(storelink.evictions), committed with the next insert or, when none comes, in a commit of their own.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import sqlite_utils
+
 from storelink import safe_json
 from storelink.config import StorageConfig
+from storelink.evictions import EvictionLog, create_evicted_table
 from storelink.outbox_rows import (
     Accepted,
     EventRejected,
@@ -59,14 +63,6 @@ MAX_EVENT_DEPTH = safe_json.MAX_DEPTH
 PAGE_SIZE = 1024  # a lone event's commit is one page of WAL (+24 bytes); a 4 KiB page would cost two disk pages
 DELETE_DELAY = 1.0  # seconds a delivered event may wait for its delete when no insert commit comes along
 DELETE_BATCH = 1000  # delivered events that get a delete commit of their own at once
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, kind TEXT NOT NULL,
-    critical INTEGER NOT NULL, ts FLOAT NOT NULL, payload BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);
--- An index page written by every insert, which eviction no longer needs. Dropped at every open, not by a schema
--- migration: the previous release (same schema version, it reads this file as it is) creates it again.
-DROP INDEX IF EXISTS outbox_by_class;
-"""
 _FLUSH = ("flush", None)  # the writer's own wake-up: delivered events have waited DELETE_DELAY
 
 
@@ -93,6 +89,24 @@ def kind_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
     return is_match
 
 
+def _create_tables(conn: sqlite3.Connection) -> None:
+    """The outbox's schema; run once per open (ensure_schema), never per event."""
+    db = sqlite_utils.Database(conn, recursive_triggers=False)  # no pragma of its own on the writer's connection
+    db["outbox"].create(  # type: ignore[union-attr]
+        {"seq": int, "id": str, "kind": str, "critical": int, "ts": float, "payload": bytes},
+        pk="seq",
+        not_null={"id", "kind", "critical", "ts", "payload"},
+        if_not_exists=True,
+    )
+    db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)  # type: ignore[union-attr]
+    # An index page written by every insert, which eviction no longer needs. Dropped at every open, not by a schema
+    # migration: the previous release (same schema version, it reads this file as it is) creates it again.
+    conn.execute("DROP INDEX IF EXISTS outbox_by_class")
+    # Additive, and made on every open (ensure_schema runs this after any migration): code that does not know the
+    # table (a rollback) ignores it and reads the file as before, so the schema version stays where it is.
+    create_evicted_table(conn)
+
+
 class Outbox:
     def __init__(self, config: StorageConfig, *, on_alarm: Callable[[str, str | None], None] | None = None):
         self.config = config
@@ -104,7 +118,8 @@ class Outbox:
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
-        self._rows = OutboxRows(config, self.stats, self._alarm)  # writer thread only, like _conn
+        self.evictions = EvictionLog()  # the writer thread's: which seqs were evicted, and their reports
+        self._rows = OutboxRows(config, self.stats, self._alarm, self.evictions)  # writer thread only, like _conn
         self._acked: list[int] = []  # delivered, not yet deleted (writer thread only)
         self._acked_at = 0.0  # monotonic time the oldest of them arrived
         self._new_event = asyncio.Event()
@@ -123,7 +138,9 @@ class Outbox:
         except DatabaseSettingsError as err:
             raise OutboxError(str(err)) from None
         # Versioned (storelink.system.schema): a release rolled back after an update still reads this file.
-        ensure_schema(conn, "outbox", lambda c: c.executescript(SCHEMA))
+        ensure_schema(conn, "outbox", _create_tables)
+        self.evictions.open(conn)
+        self.stats.evicted_total = self.evictions.state.total
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
         self._rows.meta_seq = row[0] if row else 0
@@ -173,10 +190,12 @@ class Outbox:
             data_json = safe_json.dumps_text(data, max_bytes=MAX_EVENT_BYTES, max_depth=MAX_EVENT_DEPTH)
         except safe_json.JsonRejected as err:
             raise EventRejected(f"event data cannot be stored: {err.reason}") from None
+        return PendingEvent(self._new_id(), time.time(), kind, device, data_json, self.is_critical(kind))
+
+    def _new_id(self) -> str:
         # A random per-process prefix and a counter: unique across restarts and gateways like a uuid4, without
         # paying for os.urandom on every event (12 us here, a fifth of the enqueue cost).
-        event_id = f"{self._id_prefix}{next(self._id_counter):012x}"
-        return PendingEvent(event_id, time.time(), kind, device, data_json, self.is_critical(kind))
+        return f"{self._id_prefix}{next(self._id_counter):012x}"
 
     async def put(self, kind: str, device: str, data: Any) -> Accepted:
         return (await self.put_many([(kind, device, data)]))[0]
@@ -263,12 +282,20 @@ class Outbox:
             "oldest_undelivered_age_s": round(time.time() - oldest, 3) if oldest else None,
             "accepted_total": s.accepted_total,
             "delivered_total": s.delivered_total,
-            "evicted_total": s.evicted_total,
+            "evicted_total": s.evicted_total,  # since the outbox was created (durable), reported to head office
             "refused_total": s.refused_total,
             "next_seq": self._rows.next_seq,
             "cap": {"max_bytes": self.config.max_bytes, "max_events": self.config.max_events},
             "alarms": dict(s.alarms),
         }
+
+    def report(self) -> dict[str, Any]:
+        """Blocking: the retained ``{base}/outbox/state`` payload (contract.OutboxStatePayload)."""
+        oldest = self.oldest_ts() if self._reader is not None else None
+        s = self.stats
+        return {"depth": s.depth, "bytes": s.bytes, "critical": s.critical,
+                "oldest_undelivered_at": iso_ts(oldest) if oldest else None, "next_seq": self._rows.next_seq,
+                "evicted_total": s.evicted_total, "alarms": dict(s.alarms), "ts": iso_ts(time.time())}
 
     # -- the writer thread ----------------------------------------------------------------------------------
     def _alarm(self, name: str, message: str | None) -> None:
@@ -286,9 +313,9 @@ class Outbox:
         stop = False
         while not stop:
             try:
-                item: tuple[str, Any] | None = self._queue.get(timeout=self._delete_wait())
+                item: tuple[str, Any] | None = self._queue.get(timeout=self._wait())
             except queue.Empty:
-                item = _FLUSH
+                item = _FLUSH  # a lazy delete or an eviction report is due
             self._busy_since = time.monotonic()
             puts: list[Any] = []
             n = 0
@@ -310,8 +337,8 @@ class Outbox:
                 except queue.Empty:
                     break
             try:
-                if puts:
-                    self._commit(puts)  # the waiting deletes go along, in the same fsync
+                if puts or self.evictions.due():
+                    self._commit(puts)  # the waiting deletes go along, in the same fsync; a report is durable
                 elif self._acked and (stop or len(self._acked) >= DELETE_BATCH or self._delete_wait() == 0):
                     self._commit_deletes()
             except Exception as err:  # never let one batch end the thread: every later caller would hang
@@ -326,6 +353,11 @@ class Outbox:
         if not self._acked:
             return None
         return max(0.0, self._acked_at + DELETE_DELAY - time.monotonic())
+
+    def _wait(self) -> float | None:
+        """Seconds the writer may sleep: until a lazy delete or an eviction report is due, whichever comes first."""
+        waits = [w for w in (self._delete_wait(), self.evictions.wait()) if w is not None]
+        return min(waits) if waits else None
 
     def _commit_singly(self, puts: list[Any]) -> None:
         """After an unexpected failure: the waiting deletes, then each call, each in its own transaction, so only
@@ -373,7 +405,7 @@ class Outbox:
         acks = self._acked
         snapshot = self._rows.snapshot()
         results: list[tuple[Any, list[Accepted] | BaseException]] = []
-        evicted = delivered = 0
+        delivered = 0
         meta = self._rows.meta_seq
         try:
             with transaction(self._conn) as conn:
@@ -385,12 +417,13 @@ class Outbox:
                 else:  # near the cap: call by call, each all or nothing, evicting telemetry as it goes
                     for pending, fut, loop in puts:
                         try:
-                            accepted, ev = self._rows.insert_call(conn, pending)
-                            evicted += ev
-                            results.append(((fut, loop), accepted))
+                            results.append(((fut, loop), self._rows.insert_call(conn, pending)))
                         except OutboxFull as err:
                             results.append(((fut, loop), err))
-                if acks or evicted:
+                if self.evictions.due():
+                    self._rows.report_evictions(conn, self._new_id())
+                self.evictions.save(conn, snapshot[5])
+                if acks or self.evictions.state.total != snapshot[5].total:
                     meta = self._rows.keep_seq_mark(conn)
         except sqlite3.Error as err:
             self._rows.restore(snapshot)
@@ -410,7 +443,7 @@ class Outbox:
             self._rows.meta_seq = meta
             self._acked = []
             self.stats.commits_total += 1
-            self.stats.evicted_total += evicted
+            self.stats.evicted_total = self.evictions.state.total
             self.stats.delivered_total += delivered
             self.stats.accepted_total += sum(len(r) for _f, r in results if isinstance(r, list))
             if "storage" in self.stats.alarms:
@@ -425,6 +458,11 @@ class Outbox:
             try:
                 loop.call_soon_threadsafe(_set_results, items, self._new_event)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+        if not results and self._loop is not None:  # a report committed on its own: wake the drain for it
+            try:
+                self._loop.call_soon_threadsafe(self._new_event.set)
+            except RuntimeError:
                 pass
 
 

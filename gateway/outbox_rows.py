@@ -9,16 +9,21 @@ transaction rolled back puts them back with :meth:`OutboxRows.restore`.
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from storelink import safe_json
 from storelink.config import StorageConfig
 from storelink.contract import EventPayload
+from storelink.evictions import EVICTION_KIND, EvictionLog, EvictState
 
-Snapshot = tuple[int, int, int, int, int]  # next_seq, depth, bytes, critical, evict_from
+Snapshot = tuple[int, int, int, int, int, EvictState]  # next_seq, depth, bytes, critical, evict_from, evictions
+log = logging.getLogger("storelink.outbox")
 
 
 class OutboxError(Exception):
@@ -84,19 +89,21 @@ def iso_ts(ts: float) -> str:
 
 
 class OutboxRows:
-    def __init__(self, config: StorageConfig, stats: OutboxStats, alarm: Callable[[str, str | None], None]):
-        self.config, self.stats, self._alarm = config, stats, alarm
+    def __init__(self, config: StorageConfig, stats: OutboxStats, alarm: Callable[[str, str | None], None],
+                 evictions: EvictionLog):
+        self.config, self.stats, self._alarm, self.evictions = config, stats, alarm, evictions
         self.next_seq = 1
         self.meta_seq = 0  # next_seq as the meta row has it on disk
         self.evict_from = 0  # no telemetry row has a lower seq (eviction's place in the rowid order)
 
     def snapshot(self) -> Snapshot:
         s = self.stats
-        return (self.next_seq, s.depth, s.bytes, s.critical, self.evict_from)
+        return (self.next_seq, s.depth, s.bytes, s.critical, self.evict_from, self.evictions.state)
 
     def restore(self, saved: Snapshot) -> None:
         """After a rollback: the numbers and counters as they were before the transaction."""
-        self.next_seq, self.stats.depth, self.stats.bytes, self.stats.critical, self.evict_from = saved
+        s = self.stats
+        self.next_seq, s.depth, s.bytes, s.critical, self.evict_from, self.evictions.state = saved
 
     def keep_seq_mark(self, conn: sqlite3.Connection) -> int:
         """After deletes: when the newest row went, the meta row keeps next_seq (same transaction)."""
@@ -139,16 +146,15 @@ class OutboxRows:
         conn.executemany("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", rows)
         return results
 
-    def insert_call(self, conn: sqlite3.Connection, pending: list[PendingEvent]) -> tuple[list[Accepted], int]:
+    def insert_call(self, conn: sqlite3.Connection, pending: list[PendingEvent]) -> list[Accepted]:
         """Insert one caller's events, all or none (a savepoint), evicting telemetry if the cap needs it."""
         conn.execute("SAVEPOINT call")
         saved = self.snapshot()
-        evicted = 0
         try:
             rows = []
             for p in pending:
                 row = self.row(p)
-                evicted += self.make_room(conn, len(row[5]), p.critical, p.kind)
+                self.make_room(conn, len(row[5]), p.critical, p.kind)
                 self.count(1, len(row[5]), row[3])
                 rows.append(row)
             conn.executemany("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", rows)
@@ -159,17 +165,17 @@ class OutboxRows:
             self.stats.refused_total += len(pending)
             raise
         conn.execute("RELEASE call")
-        return [Accepted(id=r[1], seq=r[0]) for r in rows], evicted
+        return [Accepted(id=r[1], seq=r[0]) for r in rows]
 
     def over_cap(self, extra_bytes: int) -> bool:
         c = self.config
         return self.stats.depth + 1 > c.max_events or self.stats.bytes + extra_bytes > c.max_bytes
 
-    def make_room(self, conn: sqlite3.Connection, size: int, critical: bool, kind: str) -> int:
+    def make_room(self, conn: sqlite3.Connection, size: int, critical: bool, kind: str) -> None:
         if not self.over_cap(size):
             if "capacity" in self.stats.alarms and self.stats.bytes < 0.9 * self.config.max_bytes:
                 self._alarm("capacity", None)
-            return 0
+            return
         evicted = 0
         while self.over_cap(size):
             # Oldest telemetry first, from where the last search stopped (no index: a rowid range scan).
@@ -185,6 +191,7 @@ class OutboxRows:
                 if not self.over_cap(size):
                     break
                 conn.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+                self.evictions.note(conn, seq)
                 self.evict_from = seq + 1
                 self.stats.depth -= 1
                 self.stats.bytes -= length
@@ -197,7 +204,18 @@ class OutboxRows:
             self._alarm("capacity", "outbox over its cap with critical events; telemetry refused")
         elif evicted:
             self._alarm("capacity", "outbox at its cap: oldest telemetry is being evicted")
-        return evicted
+
+    def report_evictions(self, conn: sqlite3.Connection, event_id: str) -> None:
+        """One outbox.evicted event with the runs not yet reported. Critical, so never evicted itself; it may put the
+        outbox a little over its cap, which the next put evicts back."""
+        data = self.evictions.take_report(conn)
+        if data is None:
+            return
+        row = self.row(PendingEvent(event_id, time.time(), EVICTION_KIND, "gateway", safe_json.dumps_text(data), True))
+        conn.execute("INSERT INTO outbox(seq, id, kind, critical, ts, payload) VALUES (?,?,?,?,?,?)", row)
+        self.count(1, len(row[5]), 1)
+        log.info("outbox at its cap: %d telemetry event(s) evicted since the last report (seq %d-%d); reported",
+                 data["count"], data["ranges"][0][0], data["ranges"][-1][1])
 
     def delete(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
         deleted = 0

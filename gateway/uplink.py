@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from storelink import __version__
 from storelink.config import MqttConfig
-from storelink.contract import OFFLINE, StatusPayload, Topics
+from storelink.contract import OUTBOX_REPORT_EVERY, OutboxStatePayload, StatusPayload, Topics
 from storelink.downlink import HANDLER_TIMEOUT, Downlink, DownlinkRouter, Handler, Route
 from storelink.mqtt_loop import LoopNetwork
 from storelink.mqtt_problems import (
@@ -59,8 +59,10 @@ def backoff_delay(attempt: int, low: float, high: float) -> float:
 
 
 class Uplink:
-    def __init__(self, cfg: MqttConfig, store_id: str, outbox: Outbox, *, started_at: float | None = None):
+    def __init__(self, cfg: MqttConfig, store_id: str, outbox: Outbox, *, started_at: float | None = None,
+                 groups: tuple[str, ...] = ()):
         self.cfg = cfg
+        self.groups = list(groups)  # in the birth and the Last Will: head office matches group price batches by it
         self.topics = Topics(store_id, cfg.topic_prefix)
         self.outbox = outbox
         self.started_at = started_at or time.time()
@@ -73,6 +75,7 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected_evt = asyncio.Event()
         self._window_evt = asyncio.Event()
+        self._report_now = asyncio.Event()
         self._awaiting_acks = False  # the drain waits for PUBACKs to free the window
         self._pubacks: list[tuple[int, bool, str]] = []  # taken once per burst read from the socket
         # Events the broker refused (an ACL, a quota): seq -> refusals. They stay in the outbox and are sent again
@@ -122,7 +125,7 @@ class Uplink:
             )
             if t.insecure_skip_verify:
                 client.tls_insecure_set(True)
-        client.will_set(self.topics.status, OFFLINE, qos=1, retain=True)
+        client.will_set(self.topics.status, self._offline_payload(), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
         client.manual_ack_set(True)  # downlink QoS 1 is acknowledged only after its handler ran
@@ -208,7 +211,12 @@ class Uplink:
     # -- loop side ------------------------------------------------------------------------------------------
     def _birth_payload(self) -> bytes:
         return StatusPayload(state="online", store_id=self.topics.store_id, version=__version__,
-                             started_at=iso_ts(self.started_at), protocol=self.cfg.protocol).encode()
+                             started_at=iso_ts(self.started_at), protocol=self.cfg.protocol,
+                             groups=self.groups).encode()
+
+    def _offline_payload(self) -> bytes:
+        """The Last Will and the goodbye; with the store's groups: head office may never have seen its birth."""
+        return StatusPayload(state="offline", store_id=self.topics.store_id, groups=self.groups).encode()
 
     def _set_connected(self, session_present: bool, subscribe_mids: dict[int | None, str]) -> None:
         # Republished here on the loop, not in paho's on_connect: publish_state() runs on the loop too, so a state
@@ -223,6 +231,7 @@ class Uplink:
         self.last_error = None
         self.problem = None
         self._connected_evt.set()
+        self._report_now.set()  # a fresh outbox report on every connect
         log.info("uplink connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, session_present)
 
     def _set_disconnected(self, problem: LinkProblem) -> None:
@@ -354,7 +363,29 @@ class Uplink:
         """Connect and drain until cancelled."""
         self._loop = asyncio.get_running_loop()
         self._start_client()
-        await self._drain()
+        reporter = asyncio.ensure_future(self._report_outbox())
+        try:
+            await self._drain()
+        finally:
+            reporter.cancel()
+
+    async def _report_outbox(self) -> None:
+        """Retained ``outbox/state``: head office's fleet view shows the backlog, and its gap tracking learns
+        from ``evicted_total`` when every eviction has been reported (docs/mqtt.md). Made fresh on every connect
+        and every OUTBOX_REPORT_EVERY seconds, never republished from memory like the other retained states: a
+        report from before an outage, sent again at reconnect, would tell head office a stale eviction count as
+        news."""
+        while True:
+            await self._connected_evt.wait()
+            try:
+                report = OutboxStatePayload.model_validate(await asyncio.to_thread(self.outbox.report))
+                self.publish_direct(self.topics.outbox_state, report.model_dump_json().encode(), retain=True)
+            except Exception as err:  # a closed outbox at shutdown; never let the report stop the uplink
+                log.debug("outbox report: %s", err)
+            self._report_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OUTBOX_REPORT_EVERY):
+                    await self._report_now.wait()
 
     def _start_client(self) -> None:
         assert self._loop is not None
@@ -411,7 +442,7 @@ class Uplink:
         if old_link is not None:
             old_link.cancel()
         if was_connected:
-            old.publish(self.topics.status, OFFLINE, qos=0, retain=True)
+            old.publish(self.topics.status, self._offline_payload(), qos=0, retain=True)
         await self._hang_up(old, old_net)
 
     async def _hang_up(self, client: mqtt.Client, net: LoopNetwork | None, grace: float = 2.0) -> None:
@@ -484,7 +515,7 @@ class Uplink:
         if self._link is not None:
             self._link.cancel()
         if self.connected:
-            info = self._client.publish(self.topics.status, OFFLINE, qos=1, retain=True)
+            info = self._client.publish(self.topics.status, self._offline_payload(), qos=1, retain=True)
             deadline = time.monotonic() + 2.0
             while not info.is_published() and self.connected and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)

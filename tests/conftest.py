@@ -16,6 +16,7 @@ import pytest_timeout
 from storelink.remote.signing import KeyPair, keygen
 from tests import contract_check
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, write_config
+from tests.pg_helpers import Postgres
 from tests.release_helpers import ReleaseKit
 
 _thread_stacks = pytest_timeout.dump_stacks
@@ -131,6 +132,20 @@ def _fuzz_summary(terminalreporter: pytest.TerminalReporter, stats: dict[str, tu
             terminalreporter.write_line(f"{name:<22} {cases:>6} cases {seconds:>7.1f} s")
         total = sum(s for _c, s in stats.values())
         terminalreporter.write_line(f"{'total':<22} {sum(c for c, _s in stats.values()):>6} cases {total:>7.1f} s")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """One real PostgreSQL per session (per xdist worker; start-up costs ~2 s, each on its own port and directory);
+    tests take a fresh database each."""
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: Postgres) -> str:
+    return postgres_server.new_database()
 
 
 @pytest.fixture(scope="session")

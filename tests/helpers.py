@@ -137,7 +137,28 @@ def write_config(path: Path, store_id: str, broker_port: int, http_port: int, ex
     return path
 
 
-class GatewayProcess:
+class ChildProcess:
+    """A real process the test started: kill -9 it, stop it cleanly, or make sure it is gone."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class GatewayProcess(ChildProcess):
     """A real `storelink run` process (so tests can kill -9 it)."""
 
     def __init__(self, config: Path, http_port: int, env: dict[str, str] | None = None):
@@ -193,18 +214,3 @@ class GatewayProcess:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read() or b"null")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def terminate(self, timeout: float = 15) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()

@@ -11,7 +11,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from storelink.contract import OFFLINE, EventPayload, StatusPayload
+from storelink.contract import EventPayload, StatusPayload
 from tests import contract_check
 from tests.helpers import Mosquitto, Subscriber, wait_for
 
@@ -31,7 +31,8 @@ def test_the_outbox_wire_form_of_an_event_is_an_event_payload() -> None:
     parsed = EventPayload.model_validate_json(wire)
     assert (parsed.id, parsed.seq, parsed.kind, parsed.device, parsed.data) == (
         "0a1b2c", 42, "kiosk.session_ended", "kiosk-1.a_b", data)
-    assert StatusPayload.model_validate_json(OFFLINE).state == "offline"
+    will = StatusPayload(state="offline", store_id="store-0042", groups=["north"]).encode()  # the uplink's Last Will
+    assert StatusPayload.model_validate_json(will).groups == ["north"]
 
 
 def test_the_suite_checker_catches_what_breaks_the_contract(mosquitto: Mosquitto) -> None:

@@ -57,6 +57,8 @@ def _load(tmp_path: Path, text: str, **env: str) -> str:
     ('[database]\nurl = "postgresql://u@db"\n', "names no database"),
     ('[database]\nurl = "postgresql://u@db:99999/x"\n', "database.url"),
     ("[database]\n", "database.url: required key is missing"),
+    ('[database]\nurl = "sqlite:///"\n', "database.url: names no file"),
+    ('[database]\nurl = "sqlite:///hq.db"\npassword_env = "X"\n', "an SQLite file has no password"),
     ('[pki]\ncert_days = 0\n', "pki.cert_days"),
     ('[enroll]\nbroker = "nope"\n', "enroll.broker: expected HOST:PORT"),
     ("not toml ===", "not valid TOML"),
@@ -97,12 +99,26 @@ def test_paths_are_relative_to_the_file_and_flags_override(tmp_path: Path) -> No
     finally:
         del os.environ["STORELINK_HQ_CONFIG"]
     assert load_hq_config().broker.address == "127.0.0.1:1883"  # no file: the defaults
+    assert load_hq_config().database_url is None  # the ingest and the dashboard then use the embedded default
+
+
+def test_the_database_url_is_the_file_s_or_the_flag_s(tmp_path: Path) -> None:
+    path = tmp_path / "hq.toml"
+    path.write_text('[database]\nurl = "sqlite:///data/hq.db"\n')
+    assert load_hq_config(path).database_url == f"sqlite:///{tmp_path / 'data/hq.db'}"  # relative to the file
+    flag = load_hq_config(path, HqOverrides(database="sqlite:///here.db")).database_url
+    assert flag == f"sqlite:///{Path.cwd() / 'here.db'}"  # a flag's path: relative to the working directory
+    path.write_text('[database]\nurl = "postgresql://ingest@db/storelink"\npassword_env = "DB_PW"\n')
+    over = load_hq_config(path, HqOverrides(database="postgresql://ingest@db2/storelink"))
+    assert over.database_url == "postgresql://ingest@db2/storelink" and over.database is not None
+    assert over.database.password_env == "DB_PW"  # the file's password source stays with another server
+    assert load_hq_config(path, HqOverrides(database="sqlite:///x.db")).database_password() is None
 
 
 def test_every_topic_of_the_contract_has_a_broker_rule() -> None:
     t = Topics("%u", "p")
-    uplink = [t.status, t.event("sale"), t.device_state("till-1"), t.prices_state, t.config_reported, t.update_state,
-              t.command_reply("ping"), t.cart_request]
+    uplink = [t.status, t.event("sale"), t.device_state("till-1"), t.prices_state, t.outbox_state, t.config_reported,
+              t.update_state, t.command_reply("ping"), t.cart_request]
     downlink = [t.prices_batch, t.prices_desired, t.config_desired, t.command("ping"), t.cart_response]
     for topic in uplink:
         assert any(topic_matches(f"p/%u/{r}", topic) for r in STORE_WRITES), topic
@@ -210,7 +226,7 @@ def test_hq_help_lists_every_command() -> None:
 
     out = subprocess.run([STORELINK, "hq", "--help"], capture_output=True, text=True, check=True).stdout
     for name in ("keygen", "publish-prices", "status", "push-config", "cmd", "ca", "enroll", "revoke",
-                 "broker-config", "release"):
+                 "broker-config", "release", "ingest", "serve"):
         assert name in out
 
 

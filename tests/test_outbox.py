@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from storelink.config import StorageConfig
+from storelink.contract import EvictionReport, OutboxStatePayload
 from storelink.outbox import EventRejected, Outbox, OutboxError, OutboxFull
 from storelink.outbox_rows import PendingEvent
 
@@ -63,12 +64,51 @@ async def test_cap_evicts_telemetry_oldest_first_and_never_sales(tmp_path: Path)
     assert ob.stats.depth == 100 and not ob.stats.alarms
     newer = [await ob.put("telemetry", "pi", {"n": 100 + i}) for i in range(10)]
     more_sales = [await ob.put("sale", "till-1", {"n": 100 + i}) for i in range(20)]
-    left = {e.seq for e in ob.read_after(0, 1000)}
+    rows = ob.read_after(0, 1000)
+    left = {e.seq for e in rows}
     assert {a.seq for a in sales + more_sales} <= left  # no sale is ever dropped
-    assert {a.seq for a in tele[:30]}.isdisjoint(left)  # the oldest telemetry went first
-    assert {a.seq for a in tele[30:] + newer} <= left
-    assert ob.stats.evicted_total == 30 and ob.stats.depth == 100
+    # The first eviction is reported at once, in an outbox.evicted event that is critical and takes a place too:
+    # so one more telemetry event (31, not 30) made room, the oldest first.
+    [report] = [json.loads(e.payload) for e in rows if e.kind == "outbox.evicted"]
+    assert report["data"] == {"ranges": [[tele[0].seq, tele[0].seq]], "count": 1, "evicted_total": 1}
+    assert {a.seq for a in tele[:31]}.isdisjoint(left)
+    assert {a.seq for a in tele[31:] + newer} <= left
+    assert ob.stats.evicted_total == 31 and ob.stats.depth == 100
     assert "capacity" in ob.status()["alarms"]
+    ob.close()
+
+
+async def test_evictions_are_reported_exactly_and_survive_a_restart(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every evicted seq is in exactly one outbox.evicted report (interleaved with sales, so in several runs),
+    reports are spaced by NOTICE_EVERY, and runs evicted but not yet reported at a restart are reported after it."""
+    import storelink.evictions
+
+    monkeypatch.setattr(storelink.evictions, "NOTICE_EVERY", 0.3)
+    ob = make(tmp_path, max_events=100)
+    accepted = []
+    for i in range(80):  # a sale after every second scan: evicted scans come in runs of two
+        accepted.append((await ob.put("scan", "s1", {"n": i}), "scan"))
+        if i % 2:
+            accepted.append((await ob.put("sale", "till-1", {"n": i}), "sale"))
+    for i in range(40):
+        accepted.append((await ob.put("scan", "s1", {"n": 100 + i}), "scan"))
+    ob.close()  # some runs are evicted but not reported yet: the table keeps them across the restart
+    ob = make(tmp_path, max_events=100)
+    await asyncio.sleep(0.6)  # the writer reports what the last run left once NOTICE_EVERY has passed
+    rows = ob.read_after(0, 1000)
+    reports = [json.loads(e.payload)["data"] for e in rows if e.kind == "outbox.evicted"]
+    left = {e.seq for e in rows}
+    evicted = {a.seq for a, kind in accepted if a.seq not in left}
+    assert evicted and all(kind == "scan" for a, kind in accepted if a.seq in evicted)  # only telemetry
+    reported = [s for r in reports for a, b in r["ranges"] for s in range(a, b + 1)]
+    assert sorted(reported) == sorted(evicted)  # each exactly once
+    assert sum(r["count"] for r in reports) == len(evicted) == ob.stats.evicted_total
+    assert reports[-1]["evicted_total"] == len(evicted)
+    assert any(b > a for r in reports for a, b in r["ranges"])  # consecutive seqs merged into runs
+    report = OutboxStatePayload.model_validate(ob.report())  # the retained outbox/state payload of the contract
+    assert report.evicted_total == len(evicted) and report.depth == len(rows)
+    assert all(EvictionReport.model_validate(r) for r in reports)
     ob.close()
 
 

@@ -114,7 +114,10 @@ def test_price_change_rolls_across_tills_esl_and_printer(rig: Rig, subscriber: S
     assert rig.floor.lookup("2", "SKU000002")["price"] == 150  # type: ignore[index]
     _status, state = rig.gw.get("/api/v1/prices/state")  # type: ignore[union-attr]
     assert state["active_version"] == 2 and state["transition"] == []
-    assert {d["state"] for d in state["devices"].values()} == {"current"}
+    # FINAL goes to the tills that hold the transition prices after price.confirmed (docs/prices.md): a till is
+    # `holding` until it has taken it
+    wait_for(lambda: {d["state"] for d in rig.gw.get("/api/v1/prices/state")[1]["devices"].values()}  # type: ignore[index]
+             == {"current"}, 10, what="every device current after FINAL")
 
 
 def test_a_refusing_till_aborts_everywhere(tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber) -> None:

@@ -32,10 +32,10 @@ DemoExtension = tuple[Callable[[dict[str, Any], Path], None], Callable[[Any], Co
 
 def demo_extensions() -> list[DemoExtension]:
     """The demo's simulated parts, in order; imported here because they pull in the device libraries."""
-    from storelink.drivers.sim import input_demo, labels_demo, prices_demo, till_demo
+    from storelink.drivers.sim import hq_demo, input_demo, labels_demo, prices_demo, till_demo
 
     return [(labels_demo.prepare, labels_demo.run), (till_demo.prepare, till_demo.run),
-            (prices_demo.prepare, None), (input_demo.prepare, input_demo.run)]
+            (prices_demo.prepare, None), (input_demo.prepare, input_demo.run), (hq_demo.prepare, hq_demo.run)]
 
 
 STORE_ID = "store-demo"

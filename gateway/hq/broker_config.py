@@ -29,8 +29,8 @@ from storelink.system.files import write_atomically
 
 # The store's side of the contract (gateway/contract.py), as topic levels below {prefix}/{store}/; a test checks
 # that every topic of storelink.contract.Topics has its rule.
-STORE_WRITES = ("status", "events/#", "devices/+/state", "prices/state", "config/reported", "update/state",
-                "cmd-reply/#", "cart/request")
+STORE_WRITES = ("status", "events/#", "devices/+/state", "prices/state", "outbox/state", "config/reported",
+                "update/state", "cmd-reply/#", "cart/request")
 STORE_READS = ("prices/batch", "prices/desired", "config/desired", "cmd/+", "cart/response")
 
 

@@ -1,7 +1,8 @@
 """`storelink hq`: the head-office command group. Each command reads hq.toml (storelink.hq.config), flags override it.
 
 Errors are one line on stderr and a non-zero exit: 1 for a bad input or setting (it names the file and key),
-69 (EX_UNAVAILABLE) when the broker cannot be used (unreachable, refused us or a message; the reason says which).
+69 (EX_UNAVAILABLE) when the broker or head office's database cannot be used (unreachable, refused us or a
+message; the reason says which).
 Commands that wait for a store have their own codes (docs/head-office.md).
 """
 
@@ -11,15 +12,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from storelink.hq import broker_config, enroll, prices, release, remote
+from storelink.hq import broker_config, enroll, fleet_cli, prices, release, remote
 from storelink.hq.config import CONFIG_ENV, HqConfig, HqConfigError, HqOverrides, load_hq_config, parse_address
 from storelink.hq.connect import HqLinkError
+from storelink.hq.db import DEFAULT_DATABASE, DatabaseError
 from storelink.hq.pki import PkiError
 
 EXIT_UNAVAILABLE = 69
 
 
-def _parents() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+def _parents() -> tuple[argparse.ArgumentParser, ...]:
     local = argparse.ArgumentParser(add_help=False)
     local.add_argument("--config", type=Path, metavar="HQ.TOML", help=f"head office's settings (default: "
                                                                       f"${CONFIG_ENV}, else built-in defaults)")
@@ -35,17 +37,22 @@ def _parents() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
     g.add_argument("--tls-key", type=Path, metavar="PEM", help="broker.tls.key")
     signing = argparse.ArgumentParser(add_help=False)
     signing.add_argument("--key", type=Path, metavar="FILE", help="signing key (overrides signing.key)")
-    return local, connection, signing
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument("--database", metavar="URL", help=f"head office's database, postgresql://USER@HOST/DB or "
+                                                            f"sqlite:///PATH (overrides database.url; default "
+                                                            f"{DEFAULT_DATABASE.removeprefix('sqlite:///')} here)")
+    return local, connection, signing, database
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    local, connection, signing = _parents()
+    local, connection, signing, database = _parents()
     sub = p.add_subparsers(dest="hq_command", required=True)
-    prices.add_parsers(sub, connection, signing, local)
+    prices.add_parsers(sub, connection, signing, local, database)
     remote.add_parsers(sub, connection, signing)
     enroll.add_parsers(sub, connection, local)
     broker_config.add_parsers(sub, local)
     release.add_parsers(sub, connection, signing, local)  # release build/publish/status/resume/rollback
+    fleet_cli.add_parsers(sub, connection, local, database)  # ingest, serve
 
 
 def settings(args: argparse.Namespace) -> HqConfig:
@@ -60,7 +67,7 @@ def settings(args: argparse.Namespace) -> HqConfig:
         broker=broker, protocol=getattr(args, "protocol", None), username=getattr(args, "username", None),
         tls_ca=getattr(args, "tls_ca", None), tls_cert=getattr(args, "tls_cert", None),
         tls_key=getattr(args, "tls_key", None), topic_prefix=getattr(args, "topic_prefix", None),
-        signing_key=getattr(args, "key", None),
+        signing_key=getattr(args, "key", None), database=getattr(args, "database", None),
     )
     return load_hq_config(args.config, overrides)
 
@@ -72,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     except (HqConfigError, PkiError) as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 1
-    except HqLinkError as err:
+    except (HqLinkError, DatabaseError) as err:
         print(f"{name}: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except OSError as err:  # a file head office named cannot be read or written
@@ -88,4 +95,4 @@ def main(argv: list[str]) -> int:
 
 
 SUBCOMMAND = ("hq", "head-office tools: status, publish-prices, push-config, cmd, keys, the store CA and "
-                    "enrolment, broker-config, release", _add_args, _run)
+                    "enrolment, broker-config, release, ingest, serve", _add_args, _run)

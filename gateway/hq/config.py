@@ -6,7 +6,8 @@ never come from the command line: the broker and database passwords come from an
 defaults are a plain-text broker on 127.0.0.1:1883, which is what the demo and a developer's laptop run.
 
 Every `storelink hq` command and the services built on it (ingest, fleet updates) take their settings from
-`HqConfig`; `storelink.hq.connect.connect()` turns it into a connected MQTT client.
+`HqConfig`; `storelink.hq.connect.connect()` turns it into a connected MQTT client, `storelink.hq.db.open_configured()`
+into an open database.
 """
 
 from __future__ import annotations
@@ -161,16 +162,22 @@ class EnrollSettings(StrictModel):
 
 
 class DatabaseSettings(_Secret):
-    """For `storelink hq ingest` (head office's event store); only validated here."""
+    """Head office's event store (`storelink hq ingest`, `hq serve`, and `hq publish-prices` records there)."""
 
-    url: str = Field(description="postgresql://USER@HOST[:PORT]/DATABASE (the password: password_env/_file)")
+    url: str = Field(description="postgresql://USER@HOST[:PORT]/DATABASE (the password: password_env/_file) or "
+                                 "sqlite:///PATH (relative to this file)")
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, v: str) -> str:
+    def _check_url(cls, v: str, info: ValidationInfo) -> str:
+        if v.startswith("sqlite:///"):
+            path = Path(v.removeprefix("sqlite:///"))
+            if not path.name:
+                raise ValueError("names no file (sqlite:///PATH/TO/FILE.db)")
+            return f"sqlite:///{_relative_to_file(path, info)}"
         parts = urlsplit(v)
         if parts.scheme not in ("postgresql", "postgres"):
-            raise ValueError(f"must start with postgresql://, got {parts.scheme or 'no scheme'}")
+            raise ValueError(f"must start with postgresql:// or sqlite:///, got {parts.scheme or 'no scheme'}")
         if parts.password:
             raise ValueError("must not contain the password: use password_env or password_file")
         if not parts.path.strip("/"):
@@ -180,6 +187,12 @@ class DatabaseSettings(_Secret):
         except ValueError as err:
             raise ValueError(str(err)) from None
         return v
+
+    @model_validator(mode="after")
+    def _no_sqlite_password(self) -> DatabaseSettings:
+        if self.url.startswith("sqlite:") and (self.password_env or self.password_file):
+            raise ValueError("an SQLite file has no password (password_env/password_file are for PostgreSQL)")
+        return self
 
 
 class HqConfig(StrictModel):
@@ -202,6 +215,12 @@ class HqConfig(StrictModel):
     def database_password(self) -> str | None:
         """The [database] password (password_env / password_file); None without one or without [database]."""
         return self.database.read_password(f"{self.source}: database") if self.database is not None else None
+
+    @property
+    def database_url(self) -> str | None:
+        """[database] url (``--database`` overrides it); None when neither names one (storelink.hq.db's
+        open_configured then uses the embedded default)."""
+        return self.database.url if self.database is not None else None
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The private key that signs prices, configs and commands (signing.key, or --key)."""
@@ -232,6 +251,7 @@ class HqOverrides:
     tls_key: Path | None = None
     topic_prefix: str | None = None
     signing_key: Path | None = None
+    database: str | None = None  # --database: [database] url
 
     def apply(self, data: dict[str, Any]) -> dict[str, Any]:
         out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
@@ -250,6 +270,13 @@ class HqOverrides:
             out["topic_prefix"] = self.topic_prefix
         if self.signing_key is not None:
             out["signing"] = {**(out.get("signing") or {}), "key": str(self.signing_key.absolute())}
+        if self.database is not None:
+            url = self.database
+            if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_absolute():
+                url = f"sqlite:///{Path(url.removeprefix('sqlite:///')).absolute()}"
+            section = out.get("database")
+            keep = isinstance(section, dict) and not url.startswith("sqlite:")  # a file has no password to keep
+            out["database"] = {**(section if keep and isinstance(section, dict) else {}), "url": url}
         return out
 
 

@@ -7,6 +7,10 @@ shared with the store's uplink: storelink.mqtt_problems). `HqClient` is a paho `
 ``subscribe_confirmed()`` (waits for the SUBACK, raises on a refused filter, and subscribes again after a
 reconnect). Set ``on_message`` as usual; ``on_connect``, ``on_disconnect``, ``on_publish`` and ``on_subscribe``
 belong to this class.
+
+A service that must not lose a message across its own crash (`storelink hq ingest`) connects with a
+`PersistentSession`: a fixed client id, manual acknowledgement and a session the broker keeps (MQTT 5 clean start
+false with a session expiry, 3.1.1 clean session false), so whatever it had not acknowledged comes again.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -63,12 +69,29 @@ def tls_context(cfg: HqConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+@dataclass(frozen=True)
+class PersistentSession:
+    """A session the broker keeps for this client id while the client is away, with manual acknowledgement: the
+    caller acknowledges each message (``client.ack(mid, qos)``) once it is safe, the rest comes again."""
+
+    client_id: str
+    expiry: int  # seconds the broker keeps the session (and queues for it) after a disconnect (MQTT 5)
+    receive_maximum: int  # MQTT 5: unacknowledged messages the broker may send at once
+
+
 class HqClient(mqtt.Client):
-    def __init__(self, cfg: HqConfig, role: str):
+    def __init__(self, cfg: HqConfig, role: str, session: PersistentSession | None = None):
         self.cfg = cfg
+        self.session = session
         b = cfg.broker
-        super().__init__(CallbackAPIVersion.VERSION2, client_id=f"storelink-hq-{role}-{os.getpid()}-"
-                         f"{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5 if b.protocol == "5" else mqtt.MQTTv311)
+        v5 = b.protocol == "5"
+        client_id = session.client_id if session else f"storelink-hq-{role}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        super().__init__(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+                         clean_session=None if v5 or session is None else False, manual_ack=session is not None)
+        # Called from paho's thread on every connect (None) and disconnect (why), before any message of the new
+        # connection is handed to on_message: a mid means nothing on another connection.
+        self.on_link_change: Callable[[LinkProblem | None], None] | None = None
         self.endpoint = Endpoint(b.host, b.port, "broker", b.tls is not None, b.tls.ca if b.tls else None,
                                  b.tls.cert if b.tls else None, b.connect_timeout, b.protocol, "broker.address")
         self._trap = SocketErrorTrap()
@@ -93,8 +116,15 @@ class HqClient(mqtt.Client):
         if b.username:
             self.username_pw_set(b.username, self.cfg.broker_password())
         self.connect_timeout = b.connect_timeout
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        props = None
+        if self.session is not None and b.protocol == "5":
+            clean_start = False
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.session.expiry
+            props.ReceiveMaximum = self.session.receive_maximum
         try:
-            self.connect(b.host, b.port, b.keepalive)
+            self.connect(b.host, b.port, b.keepalive, clean_start=clean_start, properties=props)
         except OSError as err:  # DNS, TCP, the TLS handshake (ssl errors are OSErrors)
             raise HqLinkError(problem_from_exception(err, self.endpoint)) from None
         # Until the CONNACK, paho's loop runs here: its own thread would sleep out a reconnect delay before a
@@ -124,6 +154,8 @@ class HqClient(mqtt.Client):
                                                     "broker?)"))
 
     def _connected(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+        if self.on_link_change is not None and not reason.is_failure:
+            self.on_link_change(None)
         with self._cond:
             self._connack = reason
             if not reason.is_failure:
@@ -134,11 +166,15 @@ class HqClient(mqtt.Client):
 
     def _disconnected(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         with self._cond:
+            was_up = self._connack is not None and not self._connack.is_failure  # not a first attempt's failure
             if self._connack is None:
                 self._lost = problem_closed_before_connack(self.endpoint, self._trap.take())
             else:
                 self._lost = problem_from_disconnect(reason, self._trap.take())
+            lost = self._lost
             self._cond.notify_all()
+        if self.on_link_change is not None and was_up:  # open() raises the first attempt's failure instead
+            self.on_link_change(lost)
 
     # -- publishing -----------------------------------------------------------------------------------------
     # paho may answer before publish()/subscribe() has returned the mid, and our lock must never be held around
@@ -225,12 +261,18 @@ class HqClient(mqtt.Client):
         self.loop_stop()
 
 
-def connect(cfg: HqConfig, role: str) -> HqClient:
+def connect(cfg: HqConfig, role: str, *, session: PersistentSession | None = None,
+            on_message: Callable[[Any, Any, Any], None] | None = None,
+            on_link_change: Callable[[LinkProblem | None], None] | None = None) -> HqClient:
     """A client connected to the configured broker, its network loop running; `close()` it when done.
 
     Raises HqLinkError (cannot connect, refused) or HqConfigError (unreadable TLS files, password source).
-    `role` names the client in the broker's log (client id ``storelink-hq-{role}-{pid}-{random}``).
+    `role` names the client in the broker's log (client id ``storelink-hq-{role}-{pid}-{random}``, or the
+    session's). With a session, pass `on_message` here: the session's messages come right after the CONNACK.
     """
-    client = HqClient(cfg, role)
+    client = HqClient(cfg, role, session)
+    if on_message is not None:
+        client.on_message = on_message
+    client.on_link_change = on_link_change
     client.open()
     return client

@@ -104,6 +104,9 @@ def cmd_publish(args: argparse.Namespace, cfg: HqConfig) -> int:
             topic = Topics("-", cfg.topic_prefix).group_prices_batch(args.group)
         client.publish_confirmed(topic, b.messages)
         print(f"published to {topic}")
+        from storelink.hq.published import record_published
+
+        print(record_published(cfg, b, items))
         if args.store:
             client.publish_confirmed(store.prices_desired, [json.dumps({"version": version, "batch_id": batch_id})],
                                      retain=True)
@@ -200,13 +203,14 @@ def cmd_status(args: argparse.Namespace, cfg: HqConfig) -> int:
 
 # -- argparse -------------------------------------------------------------------------------------------------
 def add_parsers(sub: Any, connection: argparse.ArgumentParser, signing: argparse.ArgumentParser,
-                local: argparse.ArgumentParser) -> None:
-    """Parent parsers: `connection` --config and the broker flags, `signing` --key, `local` --config alone."""
+                local: argparse.ArgumentParser, database: argparse.ArgumentParser) -> None:
+    """Parent parsers: `connection` --config and the broker flags, `signing` --key, `local` --config alone,
+    `database` --database (where publish-prices records its batch)."""
     k = sub.add_parser("keygen", parents=[local], help="create a head-office Ed25519 signing key")
     k.add_argument("--out", type=Path, default=Path("hq-prices.key"))
     k.add_argument("--force", action="store_true")
     k.set_defaults(hq_handler=cmd_keygen)
-    pub = sub.add_parser("publish-prices", parents=[connection, signing],
+    pub = sub.add_parser("publish-prices", parents=[connection, signing, database],
                          help="validate, sign, chunk and publish a price list; follow the store")
     pub.add_argument("file", type=Path, help="CSV: sku,price[,gtin,unit_price,unit_basis,description,promo_*]")
     to = pub.add_mutually_exclusive_group(required=True)

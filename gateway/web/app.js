@@ -1,8 +1,7 @@
 // StoreLink status page: renders the gateway's status, pushed as server-sent events. No build step, no
-// framework; every value goes in through textContent, never innerHTML.
+// framework; every value goes in through textContent, never innerHTML. $, el and duration: dom.js.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 let last = null;
 
 function ago(iso) {
@@ -15,25 +14,10 @@ function ago(iso) {
   return new Date(iso).toLocaleString();
 }
 
-function duration(seconds) {
-  if (seconds == null) return "–";
-  if (seconds < 60) return `${Math.round(seconds)} s`;
-  if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
-  if (seconds < 86400) return `${(seconds / 3600).toFixed(1)} h`;
-  return `${(seconds / 86400).toFixed(1)} days`;
-}
-
 function setText(id, text, cls) {
   const el = $(id);
   el.textContent = text;
   if (cls !== undefined) el.className = el.className.replace(/\b(good|warning|problem)\b/g, "").trim() + " " + cls;
-}
-
-function el(tag, text, cls) {
-  const e = document.createElement(tag);
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  if (cls) e.className = cls;
-  return e;
 }
 
 function verdict(s) {

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).parent
 TICK = 0.5
 RECENT = 30
-STATIC = {"app.js": "text/javascript", "style.css": "text/css", "page.html": "text/html"}
+STATIC = {"app.js": "text/javascript", "dom.js": "text/javascript", "style.css": "text/css", "page.html": "text/html"}
 ACTION_STATUS = {"unknown_command": 404, "bad_args": 422, "bad_request": 400, "unavailable": 409, "failed": 502}
 
 
