@@ -14,12 +14,12 @@ All methods are blocking; the driver calls them through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from storelink.drivers.base import LabelShows
+from storelink.system.sqlite import Synchronous, open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -78,13 +78,9 @@ class Push:
 
 
 class EslState:
-    def __init__(self, path: Path, synchronous: str = "FULL"):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, synchronous: Synchronous = "FULL"):
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+        self._db = open_db(path, synchronous=synchronous)
         self._db.executescript(SCHEMA)
         have = {r[1] for r in self._db.execute("PRAGMA table_info(pushes)")}
         for column in ADDED_COLUMNS:
@@ -112,17 +108,12 @@ class EslState:
         failed still counts as unconfirmed. Returns the MACs the AP already took (a repeated prepare skips them)."""
         now = time.time()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
+            with transaction(self._db) as db:
+                db.executemany(
                     "INSERT OR IGNORE INTO pushes (version, mac, sku, content, hash_before, state, pushed_at) "
                     "VALUES (?, ?, ?, ?, '', 'planned', ?)", [(version, mac, sku, c, now) for mac, sku, c in tags])
-                rows = self._db.execute("SELECT mac FROM pushes WHERE version=? AND uploaded_at IS NOT NULL",
+                rows = db.execute("SELECT mac FROM pushes WHERE version=? AND uploaded_at IS NOT NULL",
                                         (version,)).fetchall()
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         return {r[0] for r in rows}
 
     def record_pushes(self, version: int, pushes: list[tuple[str, str, str, str, str | None]]) -> None:
@@ -132,9 +123,8 @@ class EslState:
         for it: found_on_ap) is kept for that abort. A tag already pushed keeps its first hash_before."""
         now = time.time()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
+            with transaction(self._db) as db:
+                db.executemany(
                     "INSERT INTO pushes (version, mac, sku, content, hash_before, previous_content, "
                     "previous_version, state, pushed_at) SELECT ?, ?, ?, ?, ?, COALESCE(s.content, ?), s.version, "
                     "'pushed', ? FROM (SELECT 1) LEFT JOIN shown s ON s.mac=? WHERE true "
@@ -144,10 +134,6 @@ class EslState:
                     "WHERE pushes.state='planned'",
                     [(version, mac, sku, content, before, found, now, mac)
                      for mac, sku, content, before, found in pushes])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     def mark_uploaded(self, version: int, macs: list[str]) -> None:
         with self._lock:
@@ -169,23 +155,18 @@ class EslState:
         """The tag shows this push: remember it as the content to restore if a later version is aborted."""
         now = time.time()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT sku, content FROM pushes WHERE version=? AND mac=? AND state='pushed'",
+            with transaction(self._db) as db:
+                row = db.execute("SELECT sku, content FROM pushes WHERE version=? AND mac=? AND state='pushed'",
                                        (version, mac)).fetchone()
                 if row:
-                    self._db.execute("UPDATE pushes SET state='confirmed', hash_after=?, confirmed_at=? "
+                    db.execute("UPDATE pushes SET state='confirmed', hash_after=?, confirmed_at=? "
                                      "WHERE version=? AND mac=?", (new_hash, now, version, mac))
-                    self._db.execute(
+                    db.execute(
                         "INSERT INTO shown (mac, sku, version, content, hash) VALUES (?, ?, ?, ?, ?) "
                         "ON CONFLICT (mac) DO UPDATE SET sku=excluded.sku, version=excluded.version, "
                         "content=excluded.content, hash=excluded.hash WHERE shown.version IS NULL "
                         "OR shown.version <= excluded.version",
                         (mac, row[0], version, row[1], new_hash))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     def all_confirmed(self, version: int) -> bool:
         with self._lock:
@@ -215,25 +196,20 @@ class EslState:
         """Mark the version aborted and every tag it touched as needing its previous content back."""
         now = time.time()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("INSERT INTO versions (version, state, updated) VALUES (?, 'aborted', ?) "
+            with transaction(self._db) as db:
+                db.execute("INSERT INTO versions (version, state, updated) VALUES (?, 'aborted', ?) "
                                  "ON CONFLICT (version) DO UPDATE SET state='aborted', updated=excluded.updated",
                                  (version, now))
-                self._db.execute("UPDATE pushes SET state='cancelled' WHERE version=? AND state='planned'",
+                db.execute("UPDATE pushes SET state='cancelled' WHERE version=? AND state='planned'",
                                  (version,))
                 # a tag that confirmed a later version since shows that: nothing of this one to put back
-                self._db.execute("UPDATE pushes SET state='restored' WHERE version=? AND state IN ('pushed', "
+                db.execute("UPDATE pushes SET state='restored' WHERE version=? AND state IN ('pushed', "
                                  "'confirmed') AND EXISTS (SELECT 1 FROM shown s WHERE s.mac=pushes.mac "
                                  "AND s.version > pushes.version)", (version,))
-                self._db.execute("UPDATE pushes SET state='restore_pending' WHERE version=? "
+                db.execute("UPDATE pushes SET state='restore_pending' WHERE version=? "
                                  "AND state IN ('pushed', 'confirmed') AND previous_content IS NOT NULL", (version,))
-                self._db.execute("UPDATE pushes SET state='no_restore' WHERE version=? "
+                db.execute("UPDATE pushes SET state='no_restore' WHERE version=? "
                                  "AND state IN ('pushed', 'confirmed') AND previous_content IS NULL", (version,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     def planned(self, version: int) -> list[tuple[str, str, str]]:
         """(mac, sku, content) of a scheduled version's tags not yet pushed."""
@@ -265,19 +241,14 @@ class EslState:
         """The tag shows the previous content again: it is again what the tag should show (its hash is the one
         the tag had before the aborted push)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
+            with transaction(self._db) as db:
+                row = db.execute(
                     "SELECT previous_content, hash_before, previous_version FROM pushes "
                     "WHERE version=? AND mac=? AND state='restore_pending'", (version, mac)).fetchone()
                 if row:
-                    self._db.execute("UPDATE pushes SET state='restored' WHERE version=? AND mac=?", (version, mac))
-                    self._db.execute("UPDATE shown SET content=?, hash=?, version=? WHERE mac=?",
+                    db.execute("UPDATE pushes SET state='restored' WHERE version=? AND mac=?", (version, mac))
+                    db.execute("UPDATE shown SET content=?, hash=?, version=? WHERE mac=?",
                                      (row[0], row[1], row[2], mac))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     def label_states(self, version: int) -> dict[str, LabelShows]:
         """SKU -> what the tag of each item of `version` is known to show: "new" (this version or a later one

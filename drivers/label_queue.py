@@ -23,9 +23,11 @@ import dataclasses
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from storelink.drivers.base import LabelShows
+from storelink.system.sqlite import Synchronous, open_db, transaction
 
 JOBS_DDL = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -111,14 +113,10 @@ class Job:
 
 
 class LabelQueue:
-    def __init__(self, path: Path, synchronous: str = "FULL"):
+    def __init__(self, path: Path, synchronous: Synchronous = "FULL"):
         self.path = path
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+        self._db = open_db(path, synchronous=synchronous)
         self._db.executescript(SCHEMA)
         _migrate(self._db)
 
@@ -126,43 +124,33 @@ class LabelQueue:
         with self._lock:
             self._db.close()
 
-    def _tx(self) -> sqlite3.Connection:
-        self._db.execute("BEGIN IMMEDIATE")
-        return self._db
-
     # recovery -----------------------------------------------------------------------------------------------
     def recover(self) -> int:
         """After a restart: jobs whose fate is unknown are sent again (at-least-once). Returns how many."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 n = db.execute("UPDATE jobs SET state='queued', updated=?, note='re-sent after restart' "
                                "WHERE state='sent'", (now,)).rowcount
                 db.execute("DELETE FROM jobs WHERE state IN ('printed', 'cancelled') AND updated < ?",
                            (now - KEEP_DONE_S,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return n
 
     # the price change's phases ---------------------------------------------------------------------------
-    def prepare(self, version: int, labels: list[NewLabel], valid_from: float | None = None) -> int:
-        """Queue `labels` for `version` (idempotent: a repeated prepare adds nothing). Returns jobs added.
+    def prepare(self, version: int, labels: Iterable[NewLabel], valid_from: float | None = None) -> int:
+        """Queue `labels` for `version` (idempotent: a repeated prepare adds nothing), all in one transaction,
+        taking them one at a time (a generator keeps 100,000 rendered labels out of memory). Returns jobs added.
         `valid_from`: the labels are printed ahead of that time (marked with it). Raises ValueError for a version
         that was already aborted here."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 row = db.execute("SELECT state FROM versions WHERE version=?", (version,)).fetchone()
                 if row and row[0] == "aborted":
                     raise ValueError(f"price version {version} was aborted on this printer")
-                db.execute("INSERT OR IGNORE INTO versions (version, state, items, updated, valid_from) "
-                           "VALUES (?, 'prepared', ?, ?, ?)", (version, len(labels), now, valid_from))
-                added = 0
+                added = items = 0
                 for label in labels:
+                    items += 1
                     prev = db.execute("SELECT payload, version FROM shown WHERE sku=?", (label.sku,)).fetchone()
                     added += db.execute(
                         "INSERT OR IGNORE INTO jobs (version, sku, kind, payload, previous, previous_version, "
@@ -170,10 +158,8 @@ class LabelQueue:
                         (version, label.sku, label.payload, prev[0] if prev else None, prev[1] if prev else None,
                          now, now, label.note),
                     ).rowcount
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                db.execute("INSERT OR IGNORE INTO versions (version, state, items, updated, valid_from) "
+                           "VALUES (?, 'prepared', ?, ?, ?)", (version, items, now, valid_from))
         return added
 
     def commit(self, version: int) -> None:
@@ -188,8 +174,7 @@ class LabelQueue:
         queued, SKUs with no earlier label to restore, void). Idempotent."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 db.execute("INSERT INTO versions (version, state, items, updated, aborted_at) "
                            "VALUES (?, 'aborted', 0, ?, ?) ON CONFLICT (version) DO UPDATE SET state='aborted', "
                            "updated=excluded.updated, aborted_at=COALESCE(versions.aborted_at, excluded.aborted_at)",
@@ -212,10 +197,6 @@ class LabelQueue:
                         "updated, note) VALUES (?, ?, 'restore', ?, ?, 'queued', ?, ?, 'abort: old price again')",
                         (version, sku, previous, previous_version, now, now),
                     ).rowcount
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return cancelled, restored, unknown, void
 
     @staticmethod
@@ -258,18 +239,13 @@ class LabelQueue:
         where that label was printed before (idempotent per request). Returns how many were queued."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 n = 0
                 for label in labels:
                     n += db.execute(
                         "INSERT OR IGNORE INTO jobs (version, sku, kind, payload, state, created, updated, note, "
                         "request) VALUES (?, ?, 'reprint', ?, 'queued', ?, ?, 'reprint', ?)",
                         (version, label.sku, label.payload, now, now, request)).rowcount
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return n
 
     def confirmed(self, version: int, swap_seconds: float = 0.0) -> bool:
@@ -303,16 +279,11 @@ class LabelQueue:
         """The oldest queued jobs, marked `sent` (durably) before a single byte goes to the printer."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 rows = db.execute("SELECT id, version, sku, kind, payload FROM jobs WHERE state='queued' "
                                   "ORDER BY id LIMIT ?", (limit,)).fetchall()
                 db.executemany("UPDATE jobs SET state='sent', attempts=attempts+1, updated=? WHERE id=?",
                                [(now, r[0]) for r in rows])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return [Job(*r) for r in rows]
 
     def has_sent(self) -> bool:
@@ -330,8 +301,7 @@ class LabelQueue:
         """Every `sent` job is on paper: record it, and remember each label as the one the shelf now shows."""
         now = time.time()
         with self._lock:
-            db = self._tx()
-            try:
+            with transaction(self._db) as db:
                 rows = db.execute("SELECT id, version, sku, kind, payload, previous_version FROM jobs "
                                   "WHERE state='sent' ORDER BY id").fetchall()
                 for job_id, version, sku, kind, payload, previous_version in rows:
@@ -340,10 +310,6 @@ class LabelQueue:
                     db.execute("INSERT INTO shown (sku, version, payload) VALUES (?, ?, ?) ON CONFLICT (sku) "
                                "DO UPDATE SET version=excluded.version, payload=excluded.payload",
                                (sku, shown_version, payload))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return [Job(*r[:5]) for r in rows]
 
     def counts(self) -> dict[str, int]:

@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import Field
@@ -189,17 +190,20 @@ def iso_time(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def prepare_messages(change: Any, holds: bool, per_part: int) -> list[dict[str, Any]]:
+def prepare_messages(change: Any, holds: bool, per_part: int) -> Iterator[dict[str, Any]]:
     """A PriceChange (drivers.base) as the PREPARE parts of at most `per_part` items each; a till that keeps holds
-    (protocol 2) is also told each item's `transition_price` and the change's `effective_at`."""
+    (protocol 2) is also told each item's `transition_price` and the change's `effective_at`. Each part's wire form
+    is built when it is taken: v1 of a 100,000-item book is one part in memory per till, not the book."""
     caps = change.transition_prices
-    items = [item_to_wire(i, caps.get(i.sku) if holds else None) for i in change.changed]
-    parts = [items[i:i + per_part] for i in range(0, len(items), per_part)] or [[]]
+    parts = max(1, -(-len(change.changed) // per_part))
     extra: dict[str, Any] = {}
     if holds:
         extra["effective_at"] = iso_time(change.effective_at) if change.effective_at else None
-    return [{"type": "PREPARE", "version": change.version, "batch_id": change.batch_id, "currency": change.currency,
-             "part": k, "parts": len(parts), "items": chunk, **extra} for k, chunk in enumerate(parts, 1)]
+    for k in range(parts):
+        chunk = [item_to_wire(i, caps.get(i.sku) if holds else None)
+                 for i in change.changed[k * per_part:(k + 1) * per_part]]
+        yield {"type": "PREPARE", "version": change.version, "batch_id": change.batch_id,
+               "currency": change.currency, "part": k + 1, "parts": parts, "items": chunk, **extra}
 
 
 def negotiate(hello: dict[str, Any]) -> int:

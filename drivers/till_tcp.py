@@ -362,6 +362,7 @@ class TillTcpDriver(Driver):
 
     async def price_prepare(self, change: PriceChange) -> None:
         try:
+            # each part's wire form built when it is sent: one part in memory, not the whole book per till
             for message in tp.prepare_messages(change, bool(self.price_can_hold), self.cfg.prepare_chunk):
                 await self._request(message)
         except TillRejected as err:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -302,17 +303,30 @@ class ZplPrinter(Driver):
     async def price_prepare(self, change: PriceChange) -> None:
         ahead = change.effective_at is not None and change.effective_at > time.time()
         valid_from = _local_time(change.effective_at) if ahead and change.effective_at is not None else None
-        labels, problems = await asyncio.to_thread(self._render, change, valid_from)
+        problems: list[str] = []  # the first 50 (reported); each label keeps its own in its note
+        count = 0
+
+        def labels() -> Iterator[NewLabel]:
+            # Rendered one at a time in the worker thread as the queue stores them: 100,000 labels (v1 of a big
+            # book) never sit in memory together, and the loop does not render.
+            nonlocal count
+            for item in change.changed:
+                payload, item_problems = render_label(item, change.currency, change.version, self.cfg.layout,
+                                                      valid_from)
+                count += len(item_problems)
+                problems.extend(item_problems[:50 - len(problems)])
+                yield NewLabel(item.sku, payload, "; ".join(item_problems) or None)
+
         queue = await self.queue()
         try:
-            added = await asyncio.to_thread(queue.prepare, change.version, labels,
+            added = await asyncio.to_thread(queue.prepare, change.version, labels(),
                                             change.effective_at if ahead else None)
         except (ValueError, sqlite3.Error) as err:
             raise PrepareFailed(f"{self.cfg.id}: cannot queue labels for version {change.version}: {err}") from err
         if problems:
             log.warning("version %d: %s", change.version, "; ".join(problems[:10]), extra={"device": self.cfg.id})
             await self.ctx.emit("label", {"event": "render_problems", "version": change.version,
-                                          "problems": problems[:50], "count": len(problems)})
+                                          "problems": problems, "count": count})
         log.info("version %d: %d label(s) queued", change.version, added, extra={"device": self.cfg.id})
         self._wake.set()
 

@@ -82,7 +82,7 @@ def standard_parts(core: Core) -> list[Part]:
     parts: list[Part] = [prices, RemoteConfig(core.config, core.uplink, core.devices, core.http, core.emit),
                          commands, update]
     if wants_kiosk_sessions(config, core.devices):
-        kiosk = KioskSessions(config.storage.path.parent / "kiosk", core.emit)
+        kiosk = KioskSessions(config.storage.path.parent / "kiosk", core.emit, config.storage.synchronous)
         core.device_services.kiosk = kiosk
         parts.append(kiosk)
         if config.cart.enabled:
@@ -105,7 +105,7 @@ class Gateway:
                              groups=tuple(config.groups))
         self.topics = self.uplink.topics
         self.rejections: Rejections = collections.Counter()
-        self.uplink.rejections = self.rejections
+        self.uplink.downlink.rejections = self.rejections
         # systemd's watchdog (WatchdogSec=30s) is pinged only while the loop turns and these parts make progress.
         self.watchdog = ProgressWatchdog()
         self.watchdog.watch("outbox-writer", 25, self.outbox.progress_probe)

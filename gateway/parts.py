@@ -25,8 +25,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from storelink.downlink import HANDLER_TIMEOUT, Downlink, Handler
 from storelink.outbox import iso_ts
-from storelink.uplink import HANDLER_TIMEOUT, Downlink, Handler, backoff_delay
+from storelink.uplink import backoff_delay
 
 log = logging.getLogger(__name__)
 

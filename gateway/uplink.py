@@ -1,27 +1,25 @@
 """The MQTT uplink: drains the outbox to head office and dispatches downlink messages.
 
-paho-mqtt runs its network loop in its own thread (``loop_start``); everything it reports is handed to the
-asyncio loop with ``call_soon_threadsafe`` and never under a lock of ours (FIELD-NOTES: a lock held around
-``publish()`` that ``on_publish`` also takes deadlocks). The drain keeps its own in-flight window, well below
+paho-mqtt's socket is driven from the asyncio loop (gateway/mqtt_loop.py), so paho's callbacks run on the loop
+and no message crosses a thread; nothing of ours is locked around ``publish()`` (FIELD-NOTES: a lock that
+``on_publish`` also takes deadlocks). Connecting runs in a worker thread; after a lost or refused connection the
+uplink connects again with jittered exponential backoff. The drain keeps its own in-flight window, well below
 paho's 65,535-message ceiling, and deletes an outbox row only on the PUBACK for that exact message. Messages in
 flight when the link drops stay in paho's session and are resent (DUP) first on reconnect, so order holds; after
-a restart the outbox replays from its oldest row, so duplicates can only be events that were in flight.
+a restart the outbox replays from its oldest row, so duplicates can only be events that were in flight (or
+delivered moments before a crash, whose lazy delete was lost: head office drops them by id).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
 import math
 import random
 import ssl
-import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -34,6 +32,8 @@ from pydantic import BaseModel
 from storelink import __version__
 from storelink.config import MqttConfig
 from storelink.contract import OUTBOX_REPORT_EVERY, OutboxStatePayload, StatusPayload, Topics
+from storelink.downlink import HANDLER_TIMEOUT, Downlink, DownlinkRouter, Handler, Route
+from storelink.mqtt_loop import LoopNetwork
 from storelink.mqtt_problems import (
     SPECIFIC_CERT_PROBLEMS,
     Endpoint,
@@ -45,25 +45,11 @@ from storelink.mqtt_problems import (
     problem_from_exception,
 )
 from storelink.outbox import Outbox, StoredEvent, iso_ts
-from storelink.system.logs import exception_summary, loggable_id
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Downlink:
-    topic: str
-    payload: bytes
-    retain: bool
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-
-
-Handler = Callable[[Downlink], Awaitable[None]]
 StatePayload = BaseModel | dict[str, Any] | bytes  # a contract model (storelink.contract); bytes b"" clears
-# How long one handler may take with one message before it is cancelled and the message acknowledged anyway
-# (a subscription that legitimately takes longer says so: remote config waits for its [mqtt] trial).
-HANDLER_TIMEOUT = 60.0
 
 
 def backoff_delay(attempt: int, low: float, high: float) -> float:
@@ -91,8 +77,7 @@ class Uplink:
         self._window_evt = asyncio.Event()
         self._report_now = asyncio.Event()
         self._awaiting_acks = False  # the drain waits for PUBACKs to free the window
-        self._pubacks: collections.deque[tuple[int, bool, str]] = collections.deque()  # from paho's thread
-        self._pubacks_scheduled = False
+        self._pubacks: list[tuple[int, bool, str]] = []  # taken once per burst read from the socket
         # Events the broker refused (an ACL, a quota): seq -> refusals. They stay in the outbox and are sent again
         # on their own with backoff; the cursor is not rewound, which would resend every event in flight after them.
         self._refused: dict[int, int] = {}
@@ -100,14 +85,14 @@ class Uplink:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._cursor = 0  # highest seq handed to paho
         self._attempt = 0
-        self._handlers: list[tuple[str, int, Handler, float | None]] = []
-        self.downlink_counts = {"handled": 0, "failed": 0, "timed_out": 0}
-        self.rejections: collections.Counter[tuple[str, str]] = collections.Counter()  # the gateway's, once built
+        self.downlink = DownlinkRouter(outbox)
         self._retained_state: dict[str, bytes] = {}
         self._unacked_subs: dict[int, str] = {}  # SUBSCRIBE mid -> filter, sent on this connection, not answered
         self._refused_subs: set[str] = set()  # filters the broker refused on this connection
-        self._handler_tasks: set[asyncio.Future[None]] = set()
+        self._stopping = False
         self._client = self._make_client()
+        self._net: LoopNetwork | None = None  # the client's socket on the loop, from run() on
+        self._link: asyncio.Task[None] | None = None  # connects self._client and keeps it connected
 
     # -- setup ----------------------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -116,13 +101,13 @@ class Uplink:
         t = cfg.tls
         self._endpoint = Endpoint(cfg.host, cfg.port, "mqtt", t is not None, t.ca if t else None,
                                   t.cert if t else None, 5.0, cfg.protocol)
-        self._connack_seen = False  # paho's thread: did the broker answer CONNECT on this connection?
+        self._connack_seen = False  # did the broker answer CONNECT on this connection? (paho's callbacks, on the loop)
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id or f"storelink-{self.topics.store_id}",
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else False,
-            reconnect_on_failure=True,
+            reconnect_on_failure=False,  # paho reconnects only in its own loop; _stay_connected() does it here
         )
         # paho logs an ERROR per reconnect attempt (ours says why, once); the trap keeps its socket errors, which
         # are the only trace of a broker hanging up on our certificate (storelink.mqtt_problems).
@@ -143,11 +128,9 @@ class Uplink:
         client.will_set(self.topics.status, self._offline_payload(), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_min)  # type: ignore[arg-type]
         client.manual_ack_set(True)  # downlink QoS 1 is acknowledged only after its handler ran
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
@@ -157,68 +140,55 @@ class Uplink:
                   timeout: float | None = HANDLER_TIMEOUT) -> None:
         """Register before run(); subscriptions are renewed on every connect. ``timeout`` bounds one call (None: the
         handler bounds itself, and raises TimeoutError when it gives up)."""
-        self._handlers.append((topic_filter, qos, handler, timeout))
+        self.downlink.add(Route(topic_filter, qos, handler, timeout))
         if self.connected:
             mid = self._client.subscribe(topic_filter, qos)[1]
             if mid is not None:
                 self._unacked_subs[mid] = topic_filter
 
-    # -- paho callbacks (network thread) --------------------------------------------------------------------
-    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _next_delay(self) -> None:
+    # -- paho callbacks (on the loop, from inside loop_read/loop_write/loop_misc) ------------------------------
+    def _next_delay(self) -> float:
         delay = backoff_delay(self._attempt, self.cfg.reconnect_min, self.cfg.reconnect_max)
         self._attempt += 1
-        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]  # paho accepts floats
+        return delay
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
             return  # a client replaced by reconfigure(): its news is stale
         self._connack_seen = True
         if reason.is_failure:
-            self._next_delay()
-            self._call(self._set_disconnected, problem_from_connack(reason, self._endpoint))
-            return
+            self._set_disconnected(problem_from_connack(reason, self._endpoint))
+            return  # the broker closes the connection; _stay_connected() tries again after a backoff
         self._attempt = 0
         client.publish(self.topics.status, self._birth_payload(), qos=1, retain=True)
-        mids = {client.subscribe(topic_filter, qos)[1]: topic_filter for topic_filter, qos, _h, _t in self._handlers}
-        self._call(self._set_connected, bool(getattr(flags, "session_present", False)), mids)
+        mids = {client.subscribe(r.topic_filter, r.qos)[1]: r.topic_filter for r in self.downlink.routes}
+        self._set_connected(bool(getattr(flags, "session_present", False)), mids)
 
     def _on_subscribe(self, client: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any) -> None:
         if client is self._client:
-            self._call(self._subscribed, mid, [str(c) for c in codes if c.is_failure])
+            self._subscribed(mid, [str(c) for c in codes if c.is_failure])
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
-        if client is not self._client:
+        if client is not self._client or self._stopping:
             return
-        self._next_delay()
         socket_error = self._socket_errors.take()
         if self._connack_seen:
             problem = problem_from_disconnect(reason, socket_error)
         else:  # hung up before answering CONNECT: a refused client certificate, a TLS or protocol mismatch
             problem = problem_closed_before_connack(self._endpoint, socket_error)
         self._connack_seen = False
-        self._call(self._set_disconnected, problem)
+        self._set_disconnected(problem)
 
-    def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
-        if client is not self._client:
-            return
-        self._next_delay()
-        # paho calls this while handling the exception of the failed connect: DNS, TCP, the TLS handshake.
-        self._call(self._set_disconnected, problem_from_exception(sys.exc_info()[1], self._endpoint))
+    def _connect_failed(self, client: mqtt.Client, err: BaseException) -> None:
+        """DNS, TCP or the TLS handshake failed: connecting runs in a worker thread, which hands its exception here."""
+        if client is self._client and not self._stopping:
+            self._set_disconnected(problem_from_exception(err, self._endpoint))
 
     def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         if client is not self._client:
             return  # its mids mean nothing to the new client; reconfigure() rewound those events
         failed = reason.is_failure
-        self._pubacks.append((mid, failed, str(reason) if failed else ""))
-        # One wake-up of the loop per burst of PUBACKs, not one each. The flag is cleared by the loop before it
-        # empties the deque, so a PUBACK appended meanwhile is either taken by that pass or schedules the next.
-        if not self._pubacks_scheduled:
-            self._pubacks_scheduled = True
-            self._call(self._take_pubacks)
+        self._pubacks.append((mid, failed, str(reason) if failed else ""))  # taken after the read, in one go
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if client is not self._client:
@@ -231,7 +201,12 @@ class Uplink:
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
         )
-        self._call(self._dispatch, down, msg.mid, msg.qos, client)
+
+        def ack() -> None:
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)  # the client that received it: a mid belongs to one connection
+
+        self.downlink.dispatch(down, ack)
 
     # -- loop side ------------------------------------------------------------------------------------------
     def _birth_payload(self) -> bytes:
@@ -284,11 +259,13 @@ class Uplink:
             log.error("uplink %s", self.last_error)
 
     def _take_pubacks(self) -> None:
-        self._pubacks_scheduled = False
+        """After each read from the socket: one outbox ack and one wake-up of the drain per burst of PUBACKs."""
+        if not self._pubacks:
+            return
+        pubacks, self._pubacks = self._pubacks, []
         delivered: list[int] = []
         refused = False
-        while self._pubacks:
-            mid, failed, reason = self._pubacks.popleft()
+        for mid, failed, reason in pubacks:
             seq = self._inflight.pop(mid, None)
             if seq is None:
                 continue  # a birth/state message, not an outbox event
@@ -336,46 +313,6 @@ class Uplink:
         self._inflight[info.mid] = ev.seq
         return True
 
-    def _dispatch(self, down: Downlink, mid: int, qos: int, client: mqtt.Client) -> None:
-        handlers = [(h, t) for f, _q, h, t in self._handlers if mqtt.topic_matches_sub(f, down.topic)]
-        task = asyncio.ensure_future(self._run_handlers(down, handlers, mid, qos, client))
-        self._handler_tasks.add(task)
-        task.add_done_callback(self._handler_tasks.discard)
-
-    async def _run_handlers(self, down: Downlink, handlers: list[tuple[Handler, float | None]], mid: int, qos: int,
-                            client: mqtt.Client) -> None:
-        """Run each handler, bounded in time; then acknowledge. A handler that raises or overruns costs that one
-        message (reported to head office as ``downlink.failed``), never a redelivery loop: a QoS 1 message left
-        unacknowledged would come back after every restart. Only a stop (cancellation) leaves it unacknowledged,
-        so the broker delivers it again to the next run."""
-        failures: list[str] = []
-        for handler, timeout in handlers:
-            try:
-                async with asyncio.timeout(timeout):
-                    await handler(down)
-            except TimeoutError as err:
-                self.downlink_counts["timed_out"] += 1
-                self.rejections["downlink", "timed_out"] += 1
-                failures.append(str(err) or "handler timed out")
-            except Exception as err:
-                # The handler reports what it can to head office itself; what escapes is a bug. The log gets the
-                # code location, not the exception's text (it may quote the payload).
-                self.downlink_counts["failed"] += 1
-                self.rejections["downlink", "failed"] += 1
-                failures.append(f"handler failed ({type(err).__name__})")
-                log.error("handler for %s failed: %s", loggable_id(down.topic), exception_summary(err))
-        self.downlink_counts["handled"] += 1
-        if qos > 0:
-            client.ack(mid, qos)  # the client that received it: a mid belongs to one connection
-        if failures:
-            log.error("downlink message on %s: %s; acknowledged and dropped", loggable_id(down.topic),
-                      "; ".join(failures))
-            try:
-                await self.outbox.put("downlink.failed", "gateway", {
-                    "topic": down.topic[:256], "bytes": len(down.payload), "errors": failures})
-            except Exception as err:  # the log line above is the record that matters
-                log.error("cannot record downlink.failed: %s", err)
-
     # -- public API -----------------------------------------------------------------------------------------
     def publish_state(self, topic: str, payload: StatePayload) -> None:
         """Retained latest-state message; remembered and republished on every reconnect. Build it from a model of
@@ -417,7 +354,7 @@ class Uplink:
             # Connected and every subscription granted: from here on, head office's commands reach this store.
             "subscribed": self.connected and not self._unacked_subs and not self._refused_subs,
             "refused_subscriptions": sorted(self._refused_subs),
-            "downlink": dict(self.downlink_counts),
+            "downlink": dict(self.downlink.counts),
             "last_error": self.last_error,
             "problem": self.problem,
         }
@@ -451,6 +388,7 @@ class Uplink:
                     await self._report_now.wait()
 
     def _start_client(self) -> None:
+        assert self._loop is not None
         props = None
         if self.cfg.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -460,7 +398,26 @@ class Uplink:
             clean_start=False if self.cfg.protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
         )
-        self._client.loop_start()  # stop() ends the network thread, after saying goodbye
+        self._net = LoopNetwork(self._client, self._loop, self._take_pubacks)
+        self._link = asyncio.create_task(self._stay_connected(self._client, self._net), name="uplink-link")
+
+    async def _stay_connected(self, client: mqtt.Client, net: LoopNetwork) -> None:
+        """Connect now; whenever the connection fails or is lost, connect again after a jittered backoff."""
+        while client is self._client and not self._stopping:
+            try:
+                await net.connect()
+            except Exception as err:  # whatever paho raises, this loop must go on connecting
+                if not isinstance(err, OSError):  # refused, unreachable, TLS: expected; anything else is a bug
+                    log.exception("uplink: connecting raised")
+                self._connect_failed(client, err)
+            else:
+                if client is not self._client:  # reconfigured while connecting: this one is not wanted
+                    client.disconnect()
+                    return
+                await net.closed.wait()
+            if client is not self._client or self._stopping:
+                return
+            await asyncio.sleep(self._next_delay())
 
     async def reconfigure(self, cfg: MqttConfig) -> None:
         """Switch to new broker settings while running (remote config): say goodbye on the old connection,
@@ -469,7 +426,7 @@ class Uplink:
         """
         if cfg.topic_prefix != self.cfg.topic_prefix:
             raise ValueError("mqtt.topic_prefix cannot change while running (every topic would move)")
-        old, was_connected = self._client, self.connected
+        old, old_net, old_link, was_connected = self._client, self._net, self._link, self.connected
         self.cfg = cfg
         if self._inflight:
             self._cursor = min(self._cursor, min(self._inflight.values()) - 1)
@@ -482,18 +439,24 @@ class Uplink:
         self._window_evt.set()
         if self._loop is not None:
             self._start_client()
+        if old_link is not None:
+            old_link.cancel()
+        if was_connected:
+            old.publish(self.topics.status, self._offline_payload(), qos=0, retain=True)
+        await self._hang_up(old, old_net)
 
-        def retire() -> None:
-            if was_connected:
-                old.publish(self.topics.status, self._offline_payload(), qos=0, retain=True)
-            old.disconnect()
-            old.loop_stop()
-
-        await asyncio.to_thread(retire)
+    async def _hang_up(self, client: mqtt.Client, net: LoopNetwork | None, grace: float = 2.0) -> None:
+        """DISCONNECT (after what is queued, the offline status included) and wait for the socket to close."""
+        client.disconnect()
+        if net is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await net.closed.wait()
+            net.close()
 
     async def _drain(self) -> None:
-        # paho keeps at most max_inflight unacknowledged on the wire; we hand it twice that, so its network thread
-        # refills the wire from its own queue on each PUBACK instead of waiting for a round trip through the loop.
+        # paho keeps at most max_inflight unacknowledged on the wire; we hand it twice that, so it refills the wire
+        # from its own queue on each PUBACK (inside loop_read) instead of waiting for the drain's next turn.
         window = 2 * self.cfg.max_inflight
         while True:
             if not self.connected:
@@ -548,12 +511,12 @@ class Uplink:
             drain_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await drain_task
+        self._stopping = True
+        if self._link is not None:
+            self._link.cancel()
         if self.connected:
             info = self._client.publish(self.topics.status, self._offline_payload(), qos=1, retain=True)
-            try:
-                async with asyncio.timeout(2.5):
-                    await asyncio.to_thread(info.wait_for_publish, 2.0)
-            except (TimeoutError, RuntimeError, ValueError):
-                pass
-        self._client.disconnect()
-        self._client.loop_stop()
+            deadline = time.monotonic() + 2.0
+            while not info.is_published() and self.connected and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        await self._hang_up(self._client, self._net)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
 import time
@@ -12,7 +13,8 @@ import pytest
 
 from storelink.config import StorageConfig
 from storelink.contract import EvictionReport, OutboxStatePayload
-from storelink.outbox import EventRejected, Outbox, OutboxError, OutboxFull, _Pending
+from storelink.outbox import EventRejected, Outbox, OutboxError, OutboxFull
+from storelink.outbox_rows import PendingEvent
 
 
 def make(tmp_path: Path, **kw: object) -> Outbox:
@@ -150,6 +152,44 @@ async def test_group_commit_batches_concurrent_callers(tmp_path: Path) -> None:
     ob.close()
 
 
+def _wal_size(tmp_path: Path) -> int:
+    return (tmp_path / "ob.db-wal").stat().st_size
+
+
+async def test_a_lone_event_commit_writes_one_page_of_wal(tmp_path: Path) -> None:
+    # What keeps flash wear at its floor (docs/appliance.md): a lone event, with the delete of the one delivered
+    # before it riding along, appends one 1 KiB page frame to the WAL; no index page, no seq counter row.
+    ob = make(tmp_path)
+    prev = await ob.put("sale", "till-1", {"n": 0})
+    sizes = [_wal_size(tmp_path)]
+    for i in range(1, 21):
+        ob.ack([prev.seq])
+        prev = await ob.put("sale", "till-1", {"n": i, "basket": "x" * 200})
+        sizes.append(_wal_size(tmp_path))
+    assert {b - a for a, b in itertools.pairwise(sizes)} == {24 + 1024}
+    assert ob.stats.depth == 1 and ob.stats.delivered_total == 20
+    ob.close()
+    conn = sqlite3.connect(tmp_path / "ob.db")
+    assert conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 0  # the rows carry the highest seq
+
+
+async def test_deletes_wait_for_company_but_not_forever(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    accepted = [await ob.put("sale", "till-1", {"n": i}) for i in range(5)]
+    commits = ob.stats.commits_total
+    ob.ack([a.seq for a in accepted])
+    await asyncio.sleep(0.2)
+    assert ob.stats.depth == 5 and ob.stats.commits_total == commits  # no commit of its own yet
+    for _ in range(40):
+        if ob.stats.depth == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert ob.stats.depth == 0 and ob.stats.commits_total == commits + 1  # one delete commit after the delay
+    ob.close()
+    ob = make(tmp_path)  # the newest row was deleted: the meta row keeps the next seq
+    assert (await ob.put("sale", "till-1", {})).seq == 6
+
+
 async def test_an_event_that_cannot_be_stored_is_refused_before_it_is_queued(tmp_path: Path) -> None:
     ob = make(tmp_path)
     deep: object = 1
@@ -169,7 +209,7 @@ async def test_the_writer_survives_a_row_it_cannot_store(tmp_path: Path) -> None
     the writer thread goes on."""
     ob = make(tmp_path)
     loop = asyncio.get_running_loop()
-    bad = _Pending("f" * 32, time.time(), "sale", "till-\ud800", b"{}", True)  # cannot be encoded as UTF-8
+    bad = PendingEvent("f" * 32, time.time(), "sale", "till-\ud800", b"{}", True)  # cannot be encoded as UTF-8
     calls = [([ob._pending("sale", "till-1", {"n": 1})], loop.create_future()), ([bad], loop.create_future()),
              ([ob._pending("sale", "till-1", {"n": 2})], loop.create_future())]
     for pending, fut in calls:  # one batch: queued before the writer takes any of them
@@ -180,4 +220,26 @@ async def test_the_writer_survives_a_row_it_cannot_store(tmp_path: Path) -> None
     assert ob._thread is not None and ob._thread.is_alive()
     assert (await ob.put("sale", "till-1", {"n": 3})).seq == 3
     assert ob.stats.refused_total == 1 and [e.seq for e in ob.read_after(0, 10)] == [1, 2, 3]
+    ob.close()
+
+
+async def test_a_bad_row_costs_neither_the_waiting_deletes_nor_the_next_seq(tmp_path: Path) -> None:
+    """Lazy deletes wait in the writer for the next insert commit; when that batch fails on a row, the deletes are
+    committed on their own and the good calls one by one, with the seq the failed batch had taken given back."""
+    ob = make(tmp_path)
+    delivered = [await ob.put("sale", "till-1", {"n": i}) for i in range(3)]
+    ob.ack([a.seq for a in delivered])
+    loop = asyncio.get_running_loop()
+    bad = PendingEvent("e" * 32, time.time(), "sale", "till-\ud800", b"{}", True)  # cannot be encoded as UTF-8
+    calls = [([bad], loop.create_future()), ([ob._pending("sale", "till-1", {"n": 3})], loop.create_future())]
+    for pending, fut in calls:
+        ob._queue.put(("put", (pending, fut, loop)))
+    results = await asyncio.gather(*(fut for _p, fut in calls), return_exceptions=True)
+    assert isinstance(results[0], OutboxError) and not isinstance(results[0], OutboxFull)
+    assert results[1][0].seq == 4  # type: ignore[index]
+    assert ob.stats.depth == 1 and ob.stats.delivered_total == 3 and ob.stats.refused_total == 1
+    assert [e.seq for e in ob.read_after(0, 10)] == [4]
+    ob.close()
+    ob = make(tmp_path)
+    assert ob.stats.depth == 1 and (await ob.put("sale", "till-1", {})).seq == 5
     ob.close()

@@ -16,9 +16,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from storelink.app import Core, standard_parts
 from storelink.config import parse_config
+from storelink.downlink import Downlink
 from storelink.drivers.sim.till import TillSimulator, make_sale
 from storelink.parts import BasePart, Part, Subscription
-from storelink.uplink import Downlink
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 from tests.till_fixtures import STORE, gateway_config, running, until
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -13,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from storelink.app import Gateway
 from storelink.config import parse_config
-from storelink.uplink import Downlink
+from storelink.downlink import Downlink
 from tests.helpers import GatewayProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
 from tests.tls_certs import make_pki
 
@@ -67,7 +68,21 @@ async def test_tls_with_client_certificate_and_password(tmp_path: Path, tls_brok
     broker, pki = tls_broker
     tls = {"ca": str(pki["ca"]), "cert": str(pki["client_cert"]), "key": str(pki["client_key"])}
     gw = Gateway(parse_config(_base_cfg(tmp_path, broker.port, username=STORE, password="s3cret-pass", tls=tls)))
-    await _run_until(gw, lambda: gw.uplink.connected)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run(stop))
+    try:
+        await asyncio.wait_for(gw.ready.wait(), 10)
+        # 2,000 events and their PUBACKs in bursts over TLS: paho's socket is read from the loop, and records
+        # that hold several packets must all be read (the SSL object's pending bytes are invisible to epoll).
+        await gw.outbox.put_many([("sale", "till-1", {"n": i}) for i in range(2000)])
+        deadline = asyncio.get_running_loop().time() + 20
+        while gw.outbox.stats.delivered_total < 2000:
+            assert asyncio.get_running_loop().time() < deadline, (gw.outbox.status(), gw.uplink.status())
+            await asyncio.sleep(0.05)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("paho")]  # no paho thread
+    finally:
+        stop.set()
+        await task
 
     (tmp_path / "bad").mkdir()
     bad_cfg = _base_cfg(tmp_path / "bad", broker.port, username=STORE, password="wrong-password", tls=tls)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from storelink.hq.config import HqConfig
+from storelink.system.sqlite import DatabaseSettingsError, open_db
 
 Row = tuple[Any, ...]
 DEFAULT_DATABASE = "sqlite:///storelink-hq.db"  # a pilot: one file in the working directory
@@ -83,14 +84,9 @@ class SqliteDatabase:
         self._depth = 0
         self._lock = threading.RLock()  # one connection; the dashboard's threads take turns on it
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise DatabaseError(f"{path}: SQLite refused WAL mode (got {mode!r})")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            if self.conn.execute("PRAGMA synchronous").fetchone()[0] != 2:
-                raise DatabaseError(f"{path}: SQLite refused synchronous=FULL")
+            self.conn = open_db(path, synchronous="FULL")  # WAL and FULL, both checked (storelink.system.sqlite)
+        except DatabaseSettingsError as err:
+            raise DatabaseError(str(err)) from None
         except sqlite3.Error as err:
             raise DatabaseError(f"{path}: {err}") from None
 

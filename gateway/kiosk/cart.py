@@ -36,10 +36,11 @@ from storelink import safe_json
 from storelink.config import RunningConfig
 from storelink.contract import CartAnswer, CartRequest
 from storelink.devices.supervisor import DeviceSupervisor
+from storelink.downlink import Downlink
 from storelink.kiosk.sessions import KioskEvent, KioskSessions
 from storelink.outbox import iso_ts
 from storelink.parts import BasePart, Subscription
-from storelink.uplink import Downlink, Uplink
+from storelink.uplink import Uplink
 from storelink.validation import StrictModel, is_identifier
 from storelink.web import sse
 from storelink.web.server import BadRequestBody, error, read_json

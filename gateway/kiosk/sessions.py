@@ -36,6 +36,7 @@ from typing import Any, Literal
 from storelink.outbox import iso_ts
 from storelink.parts import BasePart
 from storelink.system.schema import ensure_schema
+from storelink.system.sqlite import Synchronous, open_db, transaction
 from storelink.validation import is_identifier
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,10 @@ class KioskSessions(BasePart):
 
     name = "kiosk"
 
-    def __init__(self, data_dir: Path, emit: EmitFn):
+    def __init__(self, data_dir: Path, emit: EmitFn, synchronous: Synchronous = "FULL"):
         self.data_dir = data_dir
         self.db_path = data_dir / "kiosk.db"
+        self.synchronous: Synchronous = synchronous
         self._emit = emit
         self._sessions: dict[str, _Session] = {}
         self._listeners: list[Listener] = []
@@ -281,11 +283,8 @@ class KioskSessions(BasePart):
 
     def _open_db(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
         # Deleted content is overwritten with zeros instead of left in free pages for a forensic tool.
-        conn.execute("PRAGMA secure_delete=ON")
+        conn = open_db(self.db_path, synchronous=self.synchronous, secure_delete="ON")
         ensure_schema(conn, "kiosk", lambda c: c.executescript(_SCHEMA))  # versioned: see storelink.system.schema
         with self._db_lock:
             self._db = conn
@@ -306,11 +305,10 @@ class KioskSessions(BasePart):
         with self._db_lock:
             if self._db is None:
                 raise sqlite3.ProgrammingError("kiosk sessions are closed")
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM session_data WHERE kiosk_id=?", (kiosk_id,))
-            self._db.execute("DELETE FROM session_files WHERE kiosk_id=?", (kiosk_id,))
-            self._db.execute("DELETE FROM sessions WHERE kiosk_id=?", (kiosk_id,))
-            self._db.execute("COMMIT")
+            with transaction(self._db) as db:
+                db.execute("DELETE FROM session_data WHERE kiosk_id=?", (kiosk_id,))
+                db.execute("DELETE FROM session_files WHERE kiosk_id=?", (kiosk_id,))
+                db.execute("DELETE FROM sessions WHERE kiosk_id=?", (kiosk_id,))
             # The WAL still holds the pages as they were before the delete: copy the zeroed pages into the
             # database and truncate the WAL so no earlier version of the rows is left in either file.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

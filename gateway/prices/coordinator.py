@@ -224,6 +224,7 @@ class Coordinator:
         first (staged, and held for an immediate change), then labels: no label changes before every till
         charges at most min(old, new)."""
         rows = await self.journal.targets_of(b.batch_id, ("preparing", "prepared"))
+        await asyncio.to_thread(release_memory)  # what staging a big batch left behind, before the Change is built
         change = await self.change_of(b)
         started = b.prepare_started or time.time()
         deadline = time.monotonic() + max(0.0, started + self.cfg.prepare_deadline - time.time())

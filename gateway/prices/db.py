@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from storelink.outbox import open_database
 from storelink.system.schema import ensure_schema
+from storelink.system.sqlite import Synchronous, open_db, transaction
 
 T = TypeVar("T")
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint (SQLite checkpoints at ~4 MB)
@@ -96,7 +96,7 @@ def _create(conn: sqlite3.Connection) -> None:
 
 
 class PriceDb:
-    def __init__(self, path: Path, synchronous: str = "FULL"):
+    def __init__(self, path: Path, synchronous: Synchronous = "FULL"):
         self.path = path
         self.synchronous = synchronous
         self._writer: sqlite3.Connection | None = None
@@ -109,9 +109,8 @@ class PriceDb:
         self._pool.submit(self._open).result()
 
     def _open(self) -> None:
-        conn = open_database(self.path, self.synchronous)
-        # A big transaction (a chunk of several MB) grows the WAL; without a limit it keeps that size for good.
-        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        # A big transaction (a chunk of several MB) grows the WAL; after a checkpoint it is cut back to this.
+        conn = open_db(self.path, synchronous=self.synchronous, journal_size_limit=WAL_SIZE_LIMIT)
         # versioned (storelink.system.schema): schema 2 adds ADDED_COLUMNS, which release 1 still reads and writes
         ensure_schema(conn, "prices", _create, {2: _add_columns})
         self._writer = conn
@@ -136,17 +135,10 @@ class PriceDb:
 
     # -- writes -------------------------------------------------------------------------------------------
     def _in_txn(self, fn: Callable[..., T], *args: Any) -> T:
-        conn = self._writer
-        if conn is None:
+        if self._writer is None:
             raise RuntimeError("price database is not open")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn, *args)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
+        with transaction(self._writer) as conn:
+            return fn(conn, *args)
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(conn, *args) on the writer thread inside one transaction; returns after COMMIT."""
@@ -161,8 +153,7 @@ class PriceDb:
             return conn
         if conn is not None:
             conn.close()  # opened before the last close(); this thread is its only user
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA query_only=1")
+        conn = open_db(self.path, synchronous=self.synchronous, read_only=True)
         self._local.conn, self._local.generation = conn, self._generation
         return conn
 

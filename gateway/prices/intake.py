@@ -24,11 +24,11 @@ from pydantic import ValidationError
 
 from storelink import safe_json
 from storelink.contract import ClockReport, Topics
+from storelink.downlink import Downlink
 from storelink.prices.book import PriceBook
 from storelink.prices.db import PriceDb
 from storelink.prices.models import IN_PROGRESS, ChunkMessage, Desired, Manifest, PricesConfig, Reason
 from storelink.prices.staging import Outcome, Rejected, Staging, _loads_object, decode_chunk
-from storelink.uplink import Downlink
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, dict[str, Any]], Awaitable[Any]]

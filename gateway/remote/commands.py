@@ -26,6 +26,7 @@ from storelink import __version__, safe_json
 from storelink.config import RunningConfig
 from storelink.contract import is_publish_topic
 from storelink.devices.supervisor import DeviceSupervisor
+from storelink.downlink import Downlink
 from storelink.outbox import iso_ts
 from storelink.parts import BasePart, Subscription
 from storelink.prices.part import PricesPart
@@ -33,7 +34,7 @@ from storelink.remote.models import CommandRequest, CommandResponse, SignedComma
 from storelink.remote.replay import Replayed, ReplayGuard
 from storelink.remote.signing import SignatureError, verify
 from storelink.system.logs import exception_summary, loggable_id
-from storelink.uplink import Downlink, Uplink
+from storelink.uplink import Uplink
 from storelink.validation import Identifier, Sku, StrictModel, describe_validation_error
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from storelink.config import ConfigError, GatewayConfig, RunningConfig, parse_config
 from storelink.devices.supervisor import DeviceSupervisor
+from storelink.downlink import Downlink
 from storelink.drivers.base import EventRef
 from storelink.outbox import iso_ts
 from storelink.parts import BasePart, Subscription
@@ -31,7 +32,7 @@ from storelink.remote.config_store import RemoteState, render_toml
 from storelink.remote.models import ConfigDesired, ConfigReported, ConfigStatus
 from storelink.remote.signing import SignatureError, canonical_json, load_public_key, verify
 from storelink.system.files import write_atomically
-from storelink.uplink import Downlink, Uplink
+from storelink.uplink import Uplink
 from storelink.validation import describe_validation_error
 from storelink.web.server import HttpServer
 
