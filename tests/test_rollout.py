@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from storelink.drivers.sim.update_store import SimulatedStore
+from storelink.hq.rollout import Rollout, run_rollout
 from storelink.remote.signing import KeyPair
 from tests.helpers import STORELINK, Mosquitto, wait_for
 from tests.release_helpers import IRREVERSIBLE, ReleaseKit
@@ -116,3 +118,25 @@ def test_publish_to_a_group_reaches_exactly_its_stores(tmp_path: Path, mosquitto
                  "north", "--key", str(key), "--listen", "1", "--allow-irreversible", "--ring-timeout", "30")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert all(fleet[s].commands[-1]["allow_irreversible"] for s in NORTH)
+
+
+def test_a_store_already_on_the_release_counts_as_healthy_at_once(tmp_path: Path) -> None:
+    """A store that already runs the published release answers `healthy` ("already running") and starts nothing,
+    so its update/state never names the rollout: it is healthy from its reply, not a timeout at the ring's end."""
+    rollout = Rollout(tmp_path / "r1.json", {
+        "id": "r1", "version": "1.2.0", "release": {"version": "1.2.0"}, "threshold": 0.0, "ring": 0,
+        "status": "running", "reason": None, "stores": {},
+        "rings": [{"name": "pilot", "stores": ["store-a"]}, {"name": "rest", "stores": ["store-b"]}]})
+    sent: list[str] = []
+
+    def send(store: str, _body: dict[str, Any]) -> dict[str, Any]:
+        sent.append(store)
+        return {"ok": True, "result": {"state": "healthy", "version": "1.2.0", "note": "already running"}}
+
+    def states() -> dict[str, dict[str, Any]]:
+        return {s: {"version": "1.2.0", "state": "idle", "rollout": None} for s in ("store-a", "store-b")}
+
+    started = time.monotonic()
+    assert run_rollout(rollout, send, states, ring_timeout=30, poll=0.05, say=lambda _line: None) == "done"
+    assert time.monotonic() - started < 5 and sent == ["store-a", "store-b"]
+    assert {s: r["state"] for s, r in rollout.data["stores"].items()} == {"store-a": "healthy", "store-b": "healthy"}

@@ -124,10 +124,15 @@ def run_rollout(rollout: Rollout, send: SendFn, states: StatesFn, *, ring_timeou
             reply = send(store, {"action": "install", "release": data["release"], "rollout": rollout.id,
                                  "allow_irreversible": data.get("allow_irreversible", False),
                                  "ignore_window": data.get("ignore_window", False)})
+            result = (reply or {}).get("result") or {}
             if reply is None:
                 row.update(state="timeout", reason="no reply to the update command")
             elif not reply.get("ok"):
                 row.update(state="refused", reason=str(reply.get("error")))
+            elif result.get("state") == "healthy" and result.get("version") == data["version"]:
+                # Already running this release: the store starts no update, so its update/state never names this
+                # rollout; waiting for it would only end in the ring's timeout.
+                row.update(state="healthy", reason=result.get("note"), version=data["version"])
         rollout.save()
         halted = _follow_ring(rollout, index, states, ring_timeout, say, poll)
         rollout.save()
