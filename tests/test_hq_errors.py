@@ -13,7 +13,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.fleet import Fleet
 from tests.helpers import STORELINK, GatewayProcess, Mosquitto, free_port, wait_for, write_config
@@ -221,3 +223,24 @@ def test_mosquitto_with_tls_client_certificates_and_acl(tmp_path: Path, inputs: 
                 "acme/store-a/cmd/ping")  # the broker's ACL is for the prefix it was made with
     finally:
         broker.stop()
+
+
+def test_hostile_retained_store_messages_do_not_break_hq_status(mosquitto: Mosquitto) -> None:
+    """What a store publishes is untrusted at head office too: a status nested deeper than any parser's stack, a
+    NaN and a lone surrogate, all retained, must not kill the tool's MQTT thread (it then lists nothing and hangs
+    or crashes); the good store is still listed."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+    try:
+        hostile = {"store-deep": b"[" * 200_000 + b"]" * 200_000, "store-nan": b'{"state": NaN}',
+                   "store-surrogate": b'{"state": "\\ud800"}', "store-good": b'{"state": "online", "version": "1"}'}
+        for store, payload in hostile.items():
+            client.publish(f"storelink/{store}/status", payload, qos=1, retain=True).wait_for_publish(10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    res = subprocess.run([STORELINK, "hq", "status", "--broker", f"127.0.0.1:{mosquitto.port}"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "store-good" in res.stdout

@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from storelink import safe_json
 from storelink.drivers.sim.demo_broker import BrokerError
 
 Message = tuple[str, dict[str, Any]]
@@ -65,7 +66,7 @@ class DemoHeadOffice:
             text = msg.payload.decode(errors="replace")
             self.say(f"[head office] {msg.topic}  {text[:157] + '...' if len(text) > 160 else text}")
         try:
-            body = json.loads(msg.payload) if msg.payload else None
+            body = safe_json.loads(msg.payload) if msg.payload else None
         except ValueError:
             return
         if not isinstance(body, dict):

@@ -19,6 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from storelink import safe_json
 from storelink.contract import Topics
 from storelink.hq.batch import CsvProblems, build_batch, read_csv
 from storelink.hq.config import HqConfig, HqConfigError
@@ -36,7 +37,7 @@ class Follower:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            body = json.loads(msg.payload) if msg.payload else {}
+            body = safe_json.loads(msg.payload) if msg.payload else {}
         except ValueError:
             return
         if isinstance(body, dict):

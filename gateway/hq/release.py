@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from storelink import safe_json
 from storelink.hq.config import HqConfig
 from storelink.hq.connect import connect
 from storelink.hq.rollout import Rollout, RolloutError, load_rings, run_rollout
@@ -122,7 +123,7 @@ class Fleet:
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         try:
-            body = json.loads(msg.payload) if msg.payload else None
+            body = safe_json.loads(msg.payload) if msg.payload else None
         except ValueError:
             return
         if not isinstance(body, dict):

@@ -25,6 +25,7 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from storelink import safe_json
 from storelink.contract import Topics
 from storelink.hq.config import HqConfig
 from storelink.hq.connect import HqClient, connect
@@ -41,7 +42,7 @@ class Replies:
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         try:
-            body = json.loads(msg.payload) if msg.payload else None
+            body = safe_json.loads(msg.payload) if msg.payload else None
         except ValueError:
             return
         if isinstance(body, dict):
