@@ -7,6 +7,7 @@ page lists them in pages, filters by group and problem, and a store's page shows
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,9 +17,11 @@ from pathlib import Path
 
 from storelink.drivers.sim.fleet import Fleet
 from storelink.hq.batch import build_batch
+from storelink.hq.dashboard import Dashboard
 from storelink.hq.db import open_database
 from storelink.remote.signing import keygen
 from tests.helpers import Mosquitto, wait_for
+from tests.hostile_helpers import raw_http
 from tests.ingest_helpers import IngestProcess, ServeProcess, one
 from tests.test_status_page import CHROMIUM, CHROMIUM_ARGS
 
@@ -139,3 +142,27 @@ def test_fleet_dashboard_in_headless_chromium(tmp_path: Path, mosquitto: Mosquit
         for shot in tmp_path.glob("*.png"):
             shutil.copy(shot, os.environ["STORELINK_SCREENSHOTS"])
     time.sleep(0)
+
+
+async def test_the_dashboard_answers_bad_expect_headers_and_unknown_paths_plainly(tmp_path: Path) -> None:
+    """Like the store's page (tests/test_hostile_input.py): an Expect header of non-UTF-8 bytes is a 417, never
+    aiohttp's 500, on a route and on an unknown path; a wrong method a 405; an unknown API path a JSON 404."""
+    dashboard = Dashboard(f"sqlite:///{tmp_path / 'hq.db'}", "127.0.0.1:0")
+    await dashboard.start()
+    try:
+        assert dashboard.bound is not None
+        port = dashboard.bound[1]
+
+        def ask(request: bytes) -> bytes:
+            return raw_http(port, request + b"Host: x\r\nConnection: close\r\n\r\n")
+
+        for path in (b"/healthz", b"/api/v1/fleet", b"/no/such/page"):
+            answer = await asyncio.to_thread(ask, b"GET " + path + b" HTTP/1.1\r\nExpect: \xff\xfe-continue\r\n")
+            assert answer.startswith(b"HTTP/1.1 417 "), (path, answer[:200])
+        assert (await asyncio.to_thread(ask, b"POST /api/v1/fleet HTTP/1.1\r\nContent-Length: 0\r\n")
+                ).startswith(b"HTTP/1.1 405 ")
+        missing = await asyncio.to_thread(ask, b"GET /api/v1/nothing HTTP/1.1\r\n")
+        assert missing.startswith(b"HTTP/1.1 404 ") and b'"error"' in missing
+        assert (await asyncio.to_thread(ask, b"GET /healthz HTTP/1.1\r\n")).startswith(b"HTTP/1.1 200 ")
+    finally:
+        await dashboard.stop()

@@ -132,20 +132,19 @@ async def database_errors(request: web.Request, handler: Any) -> web.StreamRespo
 
 
 def build_app(db: Database) -> web.Application:
-    from storelink.web.server import api_errors  # the store API's: HTTP errors under /api/ as JSON
+    # The store API's pieces: HTTP errors under /api/ as JSON, and an Expect handler that never turns a header of
+    # non-UTF-8 bytes into a 500 (on every route, the catch-all for unknown paths too).
+    from storelink.web.server import api_errors, expect_continue, no_route
 
     app = web.Application(middlewares=[api_errors, database_errors])
     app[DB_KEY] = db
     app[LOCK_KEY] = asyncio.Lock()
-    app.router.add_get("/", _page("fleet.html"))
-    app.router.add_get("/store", _page("store.html"))
-    app.router.add_get("/static/{name}", static)
-    app.router.add_get("/api/v1/fleet", api_fleet)
-    app.router.add_get("/api/v1/stores/{store}", api_store)
-    app.router.add_get("/api/v1/alerts", api_alerts)
-    app.router.add_get("/api/v1/groups", api_groups)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
+    for path, handler in (("/", _page("fleet.html")), ("/store", _page("store.html")), ("/static/{name}", static),
+                          ("/api/v1/fleet", api_fleet), ("/api/v1/stores/{store}", api_store),
+                          ("/api/v1/alerts", api_alerts), ("/api/v1/groups", api_groups), ("/metrics", metrics),
+                          ("/healthz", healthz)):
+        app.router.add_get(path, handler, expect_handler=expect_continue)
+    app.router.add_route("*", "/{path:.*}", no_route, expect_handler=expect_continue)
     return app
 
 
