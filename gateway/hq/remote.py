@@ -160,9 +160,10 @@ def add_parsers(sub: Any, connection: argparse.ArgumentParser, signing: argparse
     p.add_argument("--no-wait", action="store_true")
     p.set_defaults(hq_handler=cmd_push_config)
     c = sub.add_parser("cmd", parents=[connection, signing],
-                       help="send a command (ping, status, reprint-labels, resync-prices, restart-device)")
+                       help="send a command (ping, status, reprint-labels, resync-prices, restart-device, update)")
     c.add_argument("store")
-    c.add_argument("name")
+    c.add_argument("name", help="ping, status, reprint-labels, resync-prices, restart-device, or update (a release "
+                                "install or rollback; `storelink hq release` sends it for a rollout)")
     c.add_argument("--arg", action="append", type=_parse_arg, metavar="NAME=VALUE",
                    help='a command argument; JSON values allowed: --arg skus=\'["A1","B2"]\' --arg all=true')
     c.add_argument("--wait", type=float, default=15.0)
