@@ -106,6 +106,19 @@ def loads(data: bytes | bytearray | memoryview | str, *, max_bytes: int = MAX_BY
     return value
 
 
+def message_object(payload: bytes | bytearray, *, empty_as_object: bool = False) -> dict[str, Any] | None:
+    """A received MQTT message that should hold a JSON object: the object, or None for anything else (unsafe or
+    broken JSON, another JSON value), which a receiver that only listens drops. An empty payload (a retained
+    topic cleared) is None, or ``{}`` with ``empty_as_object``."""
+    if not payload:
+        return {} if empty_as_object else None
+    try:
+        body = loads(payload)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
     """Raise JsonRejected when ``value`` (built in Python) is nested deeper than ``max_depth``."""
     _check_tree(value, max_depth, strings=False)

@@ -65,11 +65,8 @@ class DemoHeadOffice:
         if self.verbose:
             text = msg.payload.decode(errors="replace")
             self.say(f"[head office] {msg.topic}  {text[:157] + '...' if len(text) > 160 else text}")
-        try:
-            body = safe_json.loads(msg.payload) if msg.payload else None
-        except ValueError:
-            return
-        if not isinstance(body, dict):
+        body = safe_json.message_object(msg.payload)
+        if body is None:
             return
         with self._lock:
             self.messages.append((msg.topic, body))

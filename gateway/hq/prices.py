@@ -36,11 +36,8 @@ class Follower:
         client.subscribe_confirmed(filters)
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            body = safe_json.loads(msg.payload) if msg.payload else {}
-        except ValueError:
-            return
-        if isinstance(body, dict):
+        body = safe_json.message_object(msg.payload, empty_as_object=True)
+        if body is not None:
             with self.lock:
                 self.messages.append((msg.topic, body))
 

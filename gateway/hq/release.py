@@ -122,11 +122,8 @@ class Fleet:
         time.sleep(listen)  # the retained states of every store arrive right after SUBSCRIBE
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        try:
-            body = safe_json.loads(msg.payload) if msg.payload else None
-        except ValueError:
-            return
-        if not isinstance(body, dict):
+        body = safe_json.message_object(msg.payload)
+        if body is None:
             return
         with self.lock:
             if msg.topic.endswith("/cmd-reply/update"):

@@ -41,11 +41,8 @@ class Replies:
         client.subscribe_confirmed([topic_filter])
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        try:
-            body = safe_json.loads(msg.payload) if msg.payload else None
-        except ValueError:
-            return
-        if isinstance(body, dict):
+        body = safe_json.message_object(msg.payload)
+        if body is not None:
             with self.lock:
                 self.got.append((getattr(getattr(msg, "properties", None), "CorrelationData", None), body))
 
